@@ -1,0 +1,29 @@
+"""medseg: lesion segmentation for CT/MR scans with masks in the exact source geometry.
+
+The public Python API (the CLI is a thin layer over it)::
+
+    from pipeline import load_config, synthesize, train, segment_folder, evaluate_folder
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_API = {
+    "load_config": "pipeline.config",
+    "synthesize": "pipeline.synth",
+    "train": "pipeline.train",
+    "segment_folder": "pipeline.infer",
+    "evaluate_folder": "pipeline.evaluate",
+}
+
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str):
+    # Heavy imports (torch, MONAI) happen only when the API is used, so `medseg --help` is instant.
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

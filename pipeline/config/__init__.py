@@ -1,0 +1,34 @@
+"""Configuration: typed sections (``schema``) loaded from YAML with dotted overrides (``load``)."""
+
+from pipeline.config.load import config_from_dict, config_to_dict, load_config, save_config
+from pipeline.config.schema import (
+    AugmentConfig,
+    Config,
+    DataConfig,
+    InferenceConfig,
+    IntensityConfig,
+    LossConfig,
+    ModelConfig,
+    PreprocessConfig,
+    SamplingConfig,
+    SynthConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "AugmentConfig",
+    "Config",
+    "DataConfig",
+    "InferenceConfig",
+    "IntensityConfig",
+    "LossConfig",
+    "ModelConfig",
+    "PreprocessConfig",
+    "SamplingConfig",
+    "SynthConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "save_config",
+]

@@ -1,0 +1,266 @@
+"""Typed configuration: one dataclass per section, every field with a default and a documented range.
+
+Validation lives beside the fields (``_check`` methods) so a bad value fails at load time with the key,
+the value and what is allowed. ``pipeline.config.load`` turns YAML + dotted overrides into these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pipeline.errors import ConfigError
+
+
+def _fail(key: str, value, allowed: str) -> None:
+    raise ConfigError(f"config key '{key}' has invalid value {value!r}: expected {allowed}")
+
+
+def _positive(key: str, value, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        _fail(key, value, "a number >= 0" if allow_zero else "a number > 0")
+
+
+def _in_range(key: str, value, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        _fail(key, value, f"a number in [{lo}, {hi}]")
+
+
+def _choice(key: str, value, options: tuple[str, ...]) -> None:
+    if value not in options:
+        _fail(key, value, "one of " + ", ".join(repr(o) for o in options))
+
+
+def _sizes(key: str, value, n: Optional[int] = None) -> None:
+    if not value or any((not isinstance(v, int)) or v <= 0 for v in value):
+        _fail(key, value, "a list of positive integers")
+    if n is not None and len(value) != n:
+        _fail(key, value, f"a list of {n} positive integers")
+
+
+@dataclass
+class DataConfig:
+    """Where the training data lives (nnU-Net / MSD raw layout) and how it is split."""
+
+    root: str = "data/demo"  # folder with dataset.json, imagesTr/, labelsTr/ (relative to the config's cwd)
+    labels: dict[str, int] = field(default_factory=lambda: {"background": 0, "lesion": 1})
+    val_fraction: float = 0.2  # fraction of training cases held out for validation
+    val_cases: list[str] = field(default_factory=list)  # explicit validation case ids (override fraction)
+
+    def _check(self) -> None:
+        values = sorted(self.labels.values())
+        if values != list(range(len(values))) or len(values) < 2:
+            _fail("data.labels", self.labels, "a mapping of >= 2 names to consecutive integers 0..N-1")
+        _in_range("data.val_fraction", self.val_fraction, 0.0, 0.9)
+
+
+@dataclass
+class SynthConfig:
+    """The synthetic dataset `medseg demo` generates into ``data.root`` (see `medseg synth`)."""
+
+    cases: int = 24
+    seed: int = 0
+    test_fraction: float = 0.25
+    dicom_test_cases: int = 2  # test cases written as DICOM CT series instead of NIfTI
+    shape: list[int] = field(default_factory=lambda: [160, 160, 48])
+    spacing: list[float] = field(default_factory=lambda: [0.8, 0.8, 2.5])
+
+    def _check(self) -> None:
+        _positive("synth.cases", self.cases)
+        _in_range("synth.test_fraction", self.test_fraction, 0.0, 0.9)
+        _positive("synth.dicom_test_cases", self.dicom_test_cases, allow_zero=True)
+        _sizes("synth.shape", self.shape, 3)
+        if len(self.spacing) != 3 or any(s <= 0 for s in self.spacing):
+            _fail("synth.spacing", self.spacing, "three positive numbers in mm")
+
+
+@dataclass
+class IntensityConfig:
+    """Intensity normalisation: a CT window (clip then scale to [0, 1]) or per-image z-score (MR)."""
+
+    mode: str = "ct_window"  # ct_window | zscore
+    window: list[float] = field(default_factory=lambda: [-150.0, 250.0])  # HU, for ct_window
+
+    def _check(self) -> None:
+        _choice("preprocess.intensity.mode", self.mode, ("ct_window", "zscore"))
+        if len(self.window) != 2 or self.window[0] >= self.window[1]:
+            _fail("preprocess.intensity.window", self.window, "[low, high] with low < high (in HU)")
+
+
+@dataclass
+class PreprocessConfig:
+    """The deterministic preprocessing shared by training, validation and inference."""
+
+    orientation: str = "RAS"
+    spacing: Optional[list[float]] = field(default_factory=lambda: [1.6, 1.6, 2.5])  # mm; null keeps native
+    intensity: IntensityConfig = field(default_factory=IntensityConfig)
+    crop_foreground: bool = True  # crop to the body (voxels above the intensity floor)
+    crop_margin: int = 4  # voxels kept around the foreground
+
+    def _check(self) -> None:
+        if len(self.orientation) != 3 or set(self.orientation.upper()) - set("RLAPSI"):
+            _fail("preprocess.orientation", self.orientation, "three axis codes such as 'RAS' or 'LPS'")
+        if self.spacing is not None:
+            if len(self.spacing) != 3 or any(s <= 0 for s in self.spacing):
+                _fail("preprocess.spacing", self.spacing, "null or three positive numbers in mm")
+        _positive("preprocess.crop_margin", self.crop_margin, allow_zero=True)
+
+
+@dataclass
+class ModelConfig:
+    """Our U-Net (``pipeline.model.UNet``); see its docstring for each option."""
+
+    name: str = "unet"
+    spatial_dims: int = 3  # 3: 3D patches; 2: axial slices
+    features: int = 16  # channels at the first level; doubled at each level
+    depth: int = 4  # resolution levels
+    norm: str = "instance"  # instance | batch
+    upsample: str = "transpose"  # transpose | interp
+    padding: str = "same"  # same | valid (original paper: unpadded convolutions)
+    deep_supervision: bool = False
+    dropout: float = 0.0
+
+    def _check(self) -> None:
+        _choice("model.spatial_dims", self.spatial_dims, (2, 3))
+        _positive("model.features", self.features)
+        _in_range("model.depth", self.depth, 2, 7)
+        _choice("model.norm", self.norm, ("instance", "batch"))
+        _choice("model.upsample", self.upsample, ("transpose", "interp"))
+        _choice("model.padding", self.padding, ("same", "valid"))
+        _in_range("model.dropout", self.dropout, 0.0, 0.9)
+
+
+@dataclass
+class SamplingConfig:
+    """How training samples are drawn: 3D patches or 2D axial slices, with lesions oversampled."""
+
+    patch_size: list[int] = field(default_factory=lambda: [96, 96, 32])  # 3D: [x, y, z]; 2D: [x, y]
+    pos_ratio: float = 2.0  # 3D: positive:negative patch centres = pos_ratio : 1
+    lesion_slice_ratio: float = 0.5  # 2D: fraction of slices drawn from lesion-containing slices
+    samples_per_volume: int = 4  # patches / slices taken from a volume each time it is loaded
+    batch_size: int = 2  # volumes per batch (x samples_per_volume patches each)
+    cache: bool = True  # keep preprocessed volumes in memory
+
+    def _check(self) -> None:
+        _positive("sampling.pos_ratio", self.pos_ratio, allow_zero=True)
+        _in_range("sampling.lesion_slice_ratio", self.lesion_slice_ratio, 0.0, 1.0)
+        _positive("sampling.samples_per_volume", self.samples_per_volume)
+        _positive("sampling.batch_size", self.batch_size)
+
+
+@dataclass
+class AugmentConfig:
+    """Random augmentation for training only; every probability 0 disables its transform."""
+
+    flip_prob: float = 0.5  # per axis (in-plane axes only for 2D)
+    rotate_prob: float = 0.2
+    rotate_deg: float = 15.0  # around the slice normal (and ±1/3 of it out of plane in 3D)
+    scale_prob: float = 0.2
+    scale_range: float = 0.1  # zoom factor drawn from 1 ± scale_range
+    elastic_prob: float = 0.0  # the U-Net paper's elastic deformation (slow in 3D on a CPU)
+    elastic_sigma: list[float] = field(default_factory=lambda: [5.0, 7.0])  # voxels
+    elastic_magnitude: list[float] = field(default_factory=lambda: [50.0, 150.0])  # voxels
+    intensity_scale_prob: float = 0.3
+    intensity_scale: float = 0.1
+    intensity_shift_prob: float = 0.3
+    intensity_shift: float = 0.1
+    noise_prob: float = 0.2
+    noise_std: float = 0.03
+
+    def _check(self) -> None:
+        for name in ("flip", "rotate", "scale", "elastic", "intensity_scale", "intensity_shift", "noise"):
+            _in_range(f"augment.{name}_prob", getattr(self, f"{name}_prob"), 0.0, 1.0)
+        _in_range("augment.rotate_deg", self.rotate_deg, 0.0, 180.0)
+        _in_range("augment.scale_range", self.scale_range, 0.0, 0.9)
+
+
+@dataclass
+class LossConfig:
+    """Dice + focal loss (MONAI ``DiceFocalLoss``)."""
+
+    dice_weight: float = 1.0
+    focal_weight: float = 1.0
+    gamma: float = 2.0
+    include_background: bool = False
+    deep_supervision_weights: Optional[list[float]] = None  # default: halves per level
+
+    def _check(self) -> None:
+        _positive("loss.dice_weight", self.dice_weight, allow_zero=True)
+        _positive("loss.focal_weight", self.focal_weight, allow_zero=True)
+        if self.dice_weight == 0 and self.focal_weight == 0:
+            _fail("loss.dice_weight", 0, "at least one of dice_weight and focal_weight > 0")
+        _positive("loss.gamma", self.gamma, allow_zero=True)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/train"
+    epochs: int = 100
+    steps_per_epoch: int = 50  # optimiser steps per epoch
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 2
+    schedule: str = "poly"  # poly | cosine
+    grad_clip: float = 12.0  # max gradient norm; 0 disables
+    val_every: int = 5  # epochs between validations (sliding-window on whole volumes)
+    amp: bool = True  # mixed precision, on CUDA only (never on a CPU)
+    seed: int = 0
+    num_workers: int = 0  # data loader worker processes
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def _check(self) -> None:
+        _positive("train.epochs", self.epochs)
+        _positive("train.steps_per_epoch", self.steps_per_epoch)
+        _positive("train.lr", self.lr)
+        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("train.warmup_epochs", self.warmup_epochs, allow_zero=True)
+        _choice("train.schedule", self.schedule, ("poly", "cosine"))
+        _positive("train.grad_clip", self.grad_clip, allow_zero=True)
+        _positive("train.val_every", self.val_every)
+        _positive("train.num_workers", self.num_workers, allow_zero=True)
+
+
+@dataclass
+class InferenceConfig:
+    roi_size: list[int] = field(default_factory=lambda: [96, 96, 32])  # network input window
+    overlap: float = 0.25
+    sw_batch_size: int = 2  # windows per forward pass (batch 1 takes slow CPU conv paths)
+    blend: str = "gaussian"  # gaussian | constant
+    threshold: Optional[float] = None  # binary models: lesion if p >= threshold; null: argmax
+    min_component_mm3: float = 0.0  # remove predicted components smaller than this
+    device: str = "auto"
+
+    def _check(self) -> None:
+        _in_range("inference.overlap", self.overlap, 0.0, 0.95)
+        _positive("inference.sw_batch_size", self.sw_batch_size)
+        _choice("inference.blend", self.blend, ("gaussian", "constant"))
+        if self.threshold is not None:
+            _in_range("inference.threshold", self.threshold, 0.0, 1.0)
+        _positive("inference.min_component_mm3", self.min_component_mm3, allow_zero=True)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.labels)
+
+    @property
+    def label_names(self) -> list[str]:
+        return [name for name, _ in sorted(self.data.labels.items(), key=lambda kv: kv[1])]
+
+    def _check(self) -> None:
+        """Checks that span sections."""
+        dims = self.model.spatial_dims
+        _sizes("sampling.patch_size", self.sampling.patch_size, dims)
+        _sizes("inference.roi_size", self.inference.roi_size, dims)

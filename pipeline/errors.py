@@ -1,0 +1,25 @@
+"""Errors a user can act on.
+
+Every error raised for bad input says what was expected, what was found, and how to fix it. The CLI
+prints ``str(error)`` on one line and exits non-zero; a traceback only appears with ``--debug``.
+"""
+
+from __future__ import annotations
+
+
+class MedsegError(Exception):
+    """Base class for errors caused by the user's input, config or environment."""
+
+    exit_code = 2
+
+
+class ConfigError(MedsegError):
+    """A config file or override is invalid (unknown key, bad value, wrong type)."""
+
+
+class InputError(MedsegError):
+    """An input path, scan or label is missing, unreadable or inconsistent."""
+
+
+class CheckpointError(MedsegError):
+    """A model checkpoint is missing, corrupt, or not one of ours."""

@@ -1,0 +1,1 @@
+"""Reading scans and writing masks: NIfTI, DICOM series and other ITK formats."""

@@ -1,0 +1,53 @@
+"""The geometry rules every reader and writer in the package share.
+
+Conventions
+-----------
+* Arrays are indexed ``[i, j, k]`` (x fastest in the file), affines map ``(i, j, k, 1)`` to world
+  millimetres in **RAS** (the NIfTI and MONAI convention). DICOM and ITK speak LPS; the conversion is
+  a flip of the first two world axes (:data:`LPS_TO_RAS`).
+* A DICOM series' *source geometry* is the one dcm2niix gives it: the slices stacked along their
+  normal (sorted by the projection of ImagePositionPatient on it), then re-oriented losslessly (axis
+  flips and permutations only, no resampling) to the closest canonical RAS frame. This was checked
+  against dcm2niix's output for axial (LPS) and sagittal (PIR) series.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import nibabel.orientations as nio
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def affine_from_sitk(image) -> np.ndarray:
+    """RAS affine of a SimpleITK image, for its array transposed to ``[i, j, k]``."""
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * spacing[None, :]
+    affine[:3, 3] = np.asarray(image.GetOrigin(), dtype=np.float64)
+    return LPS_TO_RAS @ affine
+
+
+def closest_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flip/permute ``array`` (spatial axes first) and ``affine`` to the closest RAS frame, losslessly.
+
+    The world position of every voxel is unchanged: ``new_affine @ new_index == affine @ old_index``.
+    """
+    ornt = nio.io_orientation(affine)
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return array, affine
+    shape = array.shape[:3]
+    new_array = nio.apply_orientation(array, ornt)
+    new_affine = affine @ nio.inv_ornt_aff(ornt, shape)
+    return np.ascontiguousarray(new_array), new_affine
+
+
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size in mm along each array axis."""
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+
+
+def voxel_volume_mm3(affine: np.ndarray) -> float:
+    """Volume of one voxel in mm³ (absolute determinant of the linear part)."""
+    return float(abs(np.linalg.det(np.asarray(affine)[:3, :3])))

@@ -1,0 +1,154 @@
+"""``ScanReader``: a MONAI ``ImageReader`` for every scan the pipeline accepts.
+
+* NIfTI (``.nii``, ``.nii.gz``) through nibabel: the file's own voxel grid and affine.
+* DICOM series (a folder, or an explicit list of slice files) through SimpleITK/GDCM, which applies
+  RescaleSlope/Intercept and decodes compressed transfer syntaxes; the stacked volume is then put in
+  the geometry dcm2niix gives the series (see :mod:`pipeline.io.geometry`).
+* Other ITK formats (``.nrrd``, ``.nha``, ``.mha``, ``.mhd``, single DICOM files) through SimpleITK.
+
+Metadata follows MONAI's conventions (``affine`` in RAS, ``spatial_shape``, ``original_channel_dim``)
+and adds ``source_format`` (``nifti`` | ``dicom`` | ``itk``) so writers can reproduce the source grid.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence, Union
+
+import nibabel as nib
+import numpy as np
+from monai.data import ImageReader
+from monai.utils import MetaKeys, SpaceKeys
+
+from pipeline.errors import InputError
+from pipeline.io.geometry import affine_from_sitk, closest_canonical
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+
+PathLike = Union[str, Path]
+
+
+def is_nifti(path: PathLike) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+class _Loaded:
+    """A scan read into memory: array ``[i, j, k]``, RAS affine, and where it came from."""
+
+    def __init__(self, array: np.ndarray, affine: np.ndarray, source: str, source_format: str):
+        self.array, self.affine, self.source, self.source_format = array, affine, source, source_format
+
+
+class ScanReader(ImageReader):
+    """Reads one scan per call: a NIfTI/ITK file, a DICOM series folder, or a list of DICOM files."""
+
+    def verify_suffix(self, filename: Union[Sequence[PathLike], PathLike]) -> bool:
+        return True  # every input the pipeline accepts goes through this reader
+
+    def read(self, data: Union[Sequence[PathLike], PathLike], **kwargs) -> _Loaded:
+        paths = [Path(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
+        for path in paths:
+            if not path.exists():
+                raise InputError(f"scan not found: '{path}'. Check the path (expected a NIfTI file or a DICOM folder)")
+        if len(paths) == 1 and paths[0].is_dir():
+            return _read_dicom_series(_series_files(paths[0]), str(paths[0]))
+        if len(paths) > 1:
+            return _read_dicom_series([str(p) for p in paths], str(paths[0].parent))
+        path = paths[0]
+        if is_nifti(path):
+            return _read_nifti(path)
+        return _read_itk_file(path)
+
+    def get_data(self, img: _Loaded) -> tuple[np.ndarray, dict]:
+        array = img.array
+        if array.ndim == 4 and array.shape[3] == 1:
+            array = array[..., 0]
+        if array.ndim != 3:
+            raise InputError(
+                f"scan '{img.source}' has shape {array.shape}: expected a single 3D volume. "
+                "Split 4D/multi-channel files into one 3D file per volume"
+            )
+        meta = {
+            MetaKeys.AFFINE: img.affine.copy(),
+            MetaKeys.ORIGINAL_AFFINE: img.affine.copy(),
+            MetaKeys.SPATIAL_SHAPE: np.asarray(array.shape),
+            MetaKeys.SPACE: SpaceKeys.RAS,
+            MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
+            "source_format": img.source_format,
+        }
+        return array, meta
+
+
+def _read_nifti(path: Path) -> _Loaded:
+    try:
+        image = nib.load(str(path))
+        array = np.asarray(image.dataobj)
+    except Exception as exc:  # nibabel raises many types for truncated or corrupt files
+        raise InputError(
+            f"cannot read NIfTI '{path}': {exc}. The file may be truncated or not a NIfTI; re-export it"
+        ) from None
+    return _Loaded(array, np.asarray(image.affine, dtype=np.float64), str(path), "nifti")
+
+
+def _sitk():
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    return sitk
+
+
+def _series_files(folder: Path) -> list[str]:
+    sitk = _sitk()
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise InputError(
+            f"no DICOM series found in '{folder}': expected a folder of DICOM slice files "
+            "(or a NIfTI file). Check the folder holds .dcm files or point at the right subfolder"
+        )
+    if len(series_ids) > 1:
+        raise InputError(
+            f"folder '{folder}' holds {len(series_ids)} DICOM series ({', '.join(series_ids)}): expected one. "
+            "Pass the folder to `medseg segment`, which splits series into cases"
+        )
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
+
+
+def _read_dicom_series(files: list[str], source: str) -> _Loaded:
+    sitk = _sitk()
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+        raise InputError(
+            f"cannot read DICOM series '{source}' ({len(files)} files): {reason}. "
+            "A file may be truncated or not an image; remove it or re-export the series"
+        ) from None
+    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+    array, affine = closest_canonical(array, affine_from_sitk(image))
+    log.debug("read DICOM series %s: %d files, shape %s", source, len(files), array.shape)
+    return _Loaded(array, affine, source, "dicom")
+
+
+def _read_itk_file(path: Path) -> _Loaded:
+    sitk = _sitk()
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+        raise InputError(
+            f"cannot read scan '{path}': {reason}. Expected a NIfTI, NRRD, MHA/MHD or DICOM file; "
+            "the file may be truncated or of another format"
+        ) from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"scan '{path}' is {image.GetDimension()}D with {image.GetNumberOfComponentsPerPixel()} "
+            "component(s): expected a single-channel 3D volume"
+        )
+    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+    return _Loaded(array, affine_from_sitk(image), str(path), "itk")

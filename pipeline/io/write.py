@@ -1,0 +1,68 @@
+"""Writing masks as NIfTI in the exact grid of their source scan, atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import nibabel as nib
+import numpy as np
+
+from pipeline.errors import InputError
+from pipeline.io.reader import is_nifti
+
+
+def write_mask(
+    mask: np.ndarray,
+    affine: np.ndarray,
+    out_path: Union[str, Path],
+    source: Optional[Union[str, Path]] = None,
+) -> Path:
+    """Write ``mask`` (uint8, the source's shape) as NIfTI with ``affine`` (RAS), atomically.
+
+    When ``source`` is a NIfTI file its header is reused, so the sform/qform and their codes are the
+    source's own; otherwise both are set to ``affine`` with code 1 (scanner).
+    """
+    out_path = Path(out_path)
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise InputError(f"a mask must be 3D to be written to '{out_path}', found shape {mask.shape}")
+    mask = mask.astype(np.uint8, copy=False)
+    image = _nifti_like_source(mask, affine, source)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(image, out_path)
+    return out_path
+
+
+def _nifti_like_source(mask: np.ndarray, affine: np.ndarray, source) -> nib.Nifti1Image:
+    if source is not None and is_nifti(source) and Path(source).is_file():
+        header = nib.load(str(source)).header.copy()
+        if tuple(header.get_data_shape()[:3]) == mask.shape:
+            image = nib.Nifti1Image(mask, None, header=header)
+            image.header.set_data_dtype(np.uint8)
+            image.header.set_slope_inter(1.0, 0.0)
+            image.header["cal_min"], image.header["cal_max"] = 0, 0
+            image.header["descrip"] = b"medseg mask"
+            if np.allclose(image.header.get_best_affine(), affine, atol=1e-4):
+                return image
+    image = nib.Nifti1Image(mask, affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    image.header.set_data_dtype(np.uint8)
+    image.header["descrip"] = b"medseg mask"
+    return image
+
+
+def atomic_save(image: nib.Nifti1Image, out_path: Path) -> None:
+    """Save to a temporary name in the same folder, then rename: readers never see half a file."""
+    suffix = ".nii.gz" if str(out_path).endswith(".gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=f".tmp{suffix}", dir=out_path.parent)
+    os.close(fd)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,227 @@
+"""``train(config)``: the training procedure as a skeleton of named steps.
+
+setup → for each epoch: train_epoch → (every ``val_every``) validate → save last/best → log row.
+Checkpoints are self-describing (:mod:`pipeline.model.checkpoint`); ``resume=True`` continues from
+``last.pt`` with the optimiser and schedule state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass
+from itertools import cycle
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pipeline.config import Config, save_config
+from pipeline.errors import InputError
+from pipeline.evaluate.metrics import dice
+from pipeline.infer.sliding import predict_logits
+from pipeline.model import build_model
+from pipeline.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from pipeline.runtime import resolve_device, seed_everything
+from pipeline.train.data import split_cases, train_loader, training_cases, validation_dataset
+from pipeline.train.loss import build_loss, centre_crop_to
+from pipeline.train.schedule import build_scheduler
+
+log = logging.getLogger(__name__)
+
+LOG_COLUMNS = ["epoch", "train_loss", "val_dice", "best_val_dice", "lr", "seconds", "data_seconds"]
+
+
+@dataclass
+class TrainResult:
+    best: Path
+    last: Path
+    log_csv: Path
+    best_metric: float
+    epochs: int
+
+
+def train(config: Config, resume: bool = False, progress: bool = False) -> TrainResult:
+    return Trainer(config, progress=progress).run(resume=resume)
+
+
+class Trainer:
+    def __init__(self, config: Config, progress: bool = False):
+        self.cfg = config
+        self.progress = progress
+        self.out_dir = Path(config.train.out_dir)
+        self.device = resolve_device(config.train.device)
+        self.amp_dtype = _amp_dtype(self.device) if config.train.amp else None
+
+    # --- the skeleton ----------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> TrainResult:
+        self.setup(resume)
+        for epoch in range(self.start_epoch, self.cfg.train.epochs):
+            start = time.perf_counter()
+            loss, data_seconds = self.train_epoch(epoch)
+            val = self.validate() if self._is_validation_epoch(epoch) else float("nan")
+            self.on_epoch_end(epoch, loss, val, time.perf_counter() - start, data_seconds)
+        return TrainResult(self.best_path, self.last_path, self.log_path, self.best_metric, self.cfg.train.epochs)
+
+    def setup(self, resume: bool) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.train.seed)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.best_path, self.last_path = self.out_dir / "best.pt", self.out_dir / "last.pt"
+        self.log_path = self.out_dir / "log.csv"
+        save_config(cfg, self.out_dir / "config.yaml")
+
+        items = training_cases(cfg.data.root)
+        self.train_items, self.val_items = split_cases(items, cfg)
+        if not self.train_items:
+            raise InputError(f"no training cases left after the validation split of {len(items)} cases")
+        log.info("training on %d cases, validating on %d", len(self.train_items), len(self.val_items))
+        self.loader = train_loader(self.train_items, cfg)
+        self.val_data = validation_dataset(self.val_items, cfg) if self.val_items else None
+
+        self.model = build_model(cfg.model, in_channels=1, out_channels=cfg.num_classes).to(self.device)
+        self.loss_fn = build_loss(cfg.loss, cfg.model.deep_supervision)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        steps = cfg.train.epochs * cfg.train.steps_per_epoch
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.train.schedule, steps, cfg.train.warmup_epochs * cfg.train.steps_per_epoch
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.start_epoch, self.best_metric = 0, -math.inf
+        if resume:
+            self._restore()
+        elif self.log_path.exists():
+            self.log_path.unlink()
+        self._batches = cycle(self.loader) if len(self.loader) else None
+
+    def train_epoch(self, epoch: int) -> tuple[float, float]:
+        self.model.train()
+        losses, data_seconds = [], 0.0
+        steps = range(self.cfg.train.steps_per_epoch)
+        bar = _progress(steps, self.progress, f"epoch {epoch + 1}/{self.cfg.train.epochs}")
+        for _ in bar:
+            t0 = time.perf_counter()
+            batch = next(self._batches)
+            data_seconds += time.perf_counter() - t0
+            losses.append(self.train_step(batch))
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+        return float(np.mean(losses)), data_seconds
+
+    def train_step(self, batch: dict) -> float:
+        image = batch["image"].to(self.device, non_blocking=True)
+        label = batch["label"].to(self.device, non_blocking=True).round().long()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            output = self.model(image)
+            first = output[0] if isinstance(output, (list, tuple)) else output
+            label = centre_crop_to(label, first.shape[2:])
+            loss = self.loss_fn(output, label)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()}: lower train.lr or check the input intensities")
+        self.scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def validate(self) -> float:
+        """Mean foreground Dice over validation volumes (sliding window on whole volumes)."""
+        if self.val_data is None:
+            return float("nan")
+        self.model.eval()
+        scores = []
+        with torch.no_grad(), self._autocast():
+            for item in self.val_data:
+                logits = predict_logits(self.model, item["image"], self.cfg.inference, self.cfg.model.spatial_dims)
+                pred = logits.argmax(0).cpu().numpy()
+                truth = np.asarray(item["label"][0]).round().astype(np.int64)
+                per_class = [dice(pred == c, truth == c) for c in range(1, self.cfg.num_classes) if (truth == c).any()]
+                if per_class:
+                    scores.append(float(np.mean(per_class)))
+        self.model.train()
+        return float(np.mean(scores)) if scores else float("nan")
+
+    def on_epoch_end(self, epoch: int, loss: float, val: float, seconds: float, data_seconds: float) -> None:
+        improved = not math.isnan(val) and val > self.best_metric
+        if improved:
+            self.best_metric = val
+        last = self._checkpoint(epoch + 1)
+        save_checkpoint(self.last_path, last)
+        # best.pt: the best validated weights; until a first validation (or without any), the latest.
+        if improved or self.val_data is None or math.isinf(self.best_metric):
+            save_checkpoint(self.best_path, Checkpoint(self.cfg, last.state_dict, epoch + 1, self.best_metric))
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": f"{loss:.5f}",
+            "val_dice": "" if math.isnan(val) else f"{val:.4f}",
+            "best_val_dice": "" if math.isinf(self.best_metric) else f"{self.best_metric:.4f}",
+            "lr": f"{self.scheduler.get_last_lr()[0]:.3g}",
+            "seconds": f"{seconds:.1f}",
+            "data_seconds": f"{data_seconds:.1f}",
+        }
+        self._append_log(row)
+        log.info("epoch %d: loss %.4f val dice %s (%.1f s)", epoch + 1, loss, row["val_dice"] or "-", seconds)
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _is_validation_epoch(self, epoch: int) -> bool:
+        return (epoch + 1) % self.cfg.train.val_every == 0 or epoch + 1 == self.cfg.train.epochs
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    def _checkpoint(self, epoch: int) -> Checkpoint:
+        extra = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        return Checkpoint(self.cfg, self.model.state_dict(), epoch, self.best_metric, extra=extra)
+
+    def _restore(self) -> None:
+        if not self.last_path.is_file():
+            raise InputError(f"--resume: no checkpoint to resume from at '{self.last_path}'; run without --resume")
+        ckpt = load_checkpoint(self.last_path, map_location=str(self.device))
+        self.model.load_state_dict(ckpt.state_dict)
+        if ckpt.extra:
+            self.optimizer.load_state_dict(ckpt.extra["optimizer"])
+            self.scheduler.load_state_dict(ckpt.extra["scheduler"])
+            torch.set_rng_state(ckpt.extra["torch_rng"].cpu())
+        self.start_epoch = ckpt.epoch
+        self.best_metric = ckpt.best_metric if not math.isnan(ckpt.best_metric) else -math.inf
+        seed_everything(self.cfg.train.seed + self.start_epoch)
+        log.info("resuming from %s at epoch %d", self.last_path, self.start_epoch)
+
+    def _append_log(self, row: dict) -> None:
+        new = not self.log_path.exists()
+        with open(self.log_path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+def _amp_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """Mixed precision only on CUDA (bf16 where supported, else fp16); never on a CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, unit="step")

@@ -1,0 +1,77 @@
+"""The one definition of deterministic preprocessing, shared by training, validation and inference.
+
+load → channel-first → orientation → resample to the configured spacing → intensity normalisation →
+crop to the body. Each spatial step is recorded on the MetaTensor, so inference can invert it exactly
+(``pipeline.postprocess.invert``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureTyped,
+    NormalizeIntensityd,
+    Orientationd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+
+from pipeline.config import PreprocessConfig
+from pipeline.transforms.load import CheckLabelsd, LoadScand
+
+
+def preprocess_transforms(
+    cfg: PreprocessConfig,
+    image_key: str = "image",
+    label_key: str | None = None,
+    num_classes: int | None = None,
+) -> Compose:
+    """Deterministic transforms for an image (and optionally its label map)."""
+    keys: Sequence[str] = [image_key] if label_key is None else [image_key, label_key]
+    steps = [LoadScand(keys)]
+    if label_key is not None and num_classes is not None:
+        steps.append(CheckLabelsd([label_key], num_classes))
+    steps += [
+        EnsureTyped(keys, track_meta=True),
+        Orientationd(keys, axcodes=cfg.orientation.upper()),
+    ]
+    if cfg.spacing is not None:
+        modes = ["bilinear"] if label_key is None else ["bilinear", "nearest"]
+        steps.append(Spacingd(keys, pixdim=list(cfg.spacing), mode=modes, padding_mode="border"))
+    steps.append(_intensity(cfg, image_key))
+    if cfg.crop_foreground:
+        steps.append(
+            CropForegroundd(
+                keys,
+                source_key=image_key,
+                select_fn=_foreground_fn(cfg),
+                margin=cfg.crop_margin,
+                allow_smaller=True,
+            )
+        )
+    return Compose(steps)
+
+
+def _intensity(cfg: PreprocessConfig, key: str):
+    if cfg.intensity.mode == "ct_window":
+        low, high = cfg.intensity.window
+        return ScaleIntensityRanged([key], a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+    return NormalizeIntensityd([key], nonzero=False, channel_wise=True)
+
+
+def _foreground_fn(cfg: PreprocessConfig):
+    if cfg.intensity.mode == "ct_window":
+        return _above_window_floor
+    return _above_minimum
+
+
+def _above_window_floor(x: torch.Tensor) -> torch.Tensor:
+    return x > 0.0
+
+
+def _above_minimum(x: torch.Tensor) -> torch.Tensor:
+    return x > x.min()
