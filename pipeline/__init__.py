@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _API = {
     "load_config": "pipeline.config",
     "synthesize": "pipeline.synth",
-    "train": "pipeline.train",
+    "train": "pipeline.training",
     "segment_folder": "pipeline.infer",
     "evaluate_folder": "pipeline.evaluate",
 }

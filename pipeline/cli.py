@@ -54,7 +54,7 @@ def cmd_synth(args) -> int:
 
 def cmd_train(args) -> int:
     from pipeline.config import load_config
-    from pipeline.train import train
+    from pipeline.training import train
 
     config = load_config(args.config, args.overrides)
     result = train(config, resume=args.resume, progress=not args.quiet)

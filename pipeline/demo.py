@@ -18,7 +18,7 @@ from pipeline.config import Config
 from pipeline.evaluate import CaseMetrics, evaluate_folder
 from pipeline.infer import CaseResult, segment_folder
 from pipeline.synth import synthesize
-from pipeline.train import train
+from pipeline.training import train
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The one definition of deterministic preprocessing, shared by training, validation and inference.
 
-load → channel-first → orientation → resample to the configured spacing → intensity normalisation →
+load → channel-first → orientation → (low-pass) resample to the configured spacing → intensity normalisation →
 crop to the body. Each spatial step is recorded on the MetaTensor, so inference can invert it exactly
 (``pipeline.postprocess.invert``).
 """
@@ -21,6 +21,7 @@ from monai.transforms import (
 )
 
 from pipeline.config import PreprocessConfig
+from pipeline.transforms.antialias import AntiAliasd
 from pipeline.transforms.load import CheckLabelsd, LoadScand
 
 
@@ -41,6 +42,7 @@ def preprocess_transforms(
     ]
     if cfg.spacing is not None:
         modes = ["bilinear"] if label_key is None else ["bilinear", "nearest"]
+        steps.append(AntiAliasd([image_key], pixdim=cfg.spacing))
         steps.append(Spacingd(keys, pixdim=list(cfg.spacing), mode=modes, padding_mode="border"))
     steps.append(_intensity(cfg, image_key))
     if cfg.crop_foreground:

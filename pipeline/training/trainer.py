@@ -13,7 +13,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from itertools import cycle
 from pathlib import Path
 from typing import Optional
 
@@ -27,9 +26,9 @@ from pipeline.infer.sliding import predict_logits
 from pipeline.model import build_model
 from pipeline.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from pipeline.runtime import resolve_device, seed_everything
-from pipeline.train.data import split_cases, train_loader, training_cases, validation_dataset
-from pipeline.train.loss import build_loss, centre_crop_to
-from pipeline.train.schedule import build_scheduler
+from pipeline.training.data import split_cases, train_loader, training_cases, validation_dataset
+from pipeline.training.loss import build_loss, centre_crop_to
+from pipeline.training.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ class Trainer:
             self._restore()
         elif self.log_path.exists():
             self.log_path.unlink()
-        self._batches = cycle(self.loader) if len(self.loader) else None
+        self._batches = _endless(self.loader)
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         self.model.train()
@@ -210,6 +209,17 @@ class Trainer:
             if new:
                 writer.writeheader()
             writer.writerow(row)
+
+
+def _endless(loader):
+    """Batches forever, re-iterating the loader so every pass draws new patches and augmentations.
+
+    (``itertools.cycle`` would replay the first pass's batches.)
+    """
+    if len(loader) == 0:
+        raise InputError("the training loader yields no batch: add training cases or lower sampling.batch_size")
+    while True:
+        yield from loader
 
 
 def _amp_dtype(device: torch.device) -> Optional[torch.dtype]:

@@ -1,0 +1,37 @@
+"""Low-pass filtering before downsampling, so resampling averages voxels instead of dropping them.
+
+Without it, resampling 0.8 mm to 1.6 mm with linear interpolation at coinciding voxel centres keeps
+one voxel in four and all of its noise. The Gaussian's sigma per axis is ``(zoom - 1) / 2`` voxels
+(the rule scikit-image uses), zero where the axis is not downsampled.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.transforms import MapTransform
+from scipy import ndimage
+
+from pipeline.io.geometry import voxel_spacing
+
+
+class AntiAliasd(MapTransform):
+    """Smooth ``keys`` (images, not labels) ahead of resampling to ``pixdim`` (mm)."""
+
+    def __init__(self, keys, pixdim: Sequence[float], allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.pixdim = np.asarray(pixdim, dtype=np.float64)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            spacing = voxel_spacing(np.asarray(image.affine, dtype=np.float64))
+            sigma = np.maximum(0.0, (self.pixdim / spacing - 1.0) / 2.0)
+            if np.any(sigma > 0.05):
+                array = image.detach().cpu().numpy()
+                smoothed = np.stack([ndimage.gaussian_filter(c, sigma, mode="nearest") for c in array])
+                d[key] = image.clone().copy_(torch.from_numpy(smoothed))
+        return d
