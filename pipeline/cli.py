@@ -27,16 +27,17 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from pipeline.errors import MedsegError
-
         if args.debug:
             raise
-        if isinstance(exc, MedsegError):
-            print(f"error: {exc}", file=sys.stderr)
-            return exc.exit_code
-        from pipeline.infer.batch import describe_error
+        from pipeline.errors import find_medseg_error
 
-        print(f"error: {describe_error(exc)} (run with --debug for the traceback)", file=sys.stderr)
+        known = find_medseg_error(exc)  # MONAI wraps errors raised inside transforms
+        if known is not None:
+            print(f"error: {known}", file=sys.stderr)
+            return known.exit_code
+        text = str(exc).strip().splitlines()
+        print(f"error: {type(exc).__name__}: {text[0] if text else ''} (run with --debug for the traceback)",
+              file=sys.stderr)
         return 1
 
 

@@ -23,3 +23,15 @@ class InputError(MedsegError):
 
 class CheckpointError(MedsegError):
     """A model checkpoint is missing, corrupt, or not one of ours."""
+
+
+def find_medseg_error(exc: BaseException) -> "MedsegError | None":
+    """The first :class:`MedsegError` in an exception chain (libraries wrap what they call)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, MedsegError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from pipeline.errors import InputError, MedsegError
+from pipeline.errors import InputError, find_medseg_error
 from pipeline.infer.segmenter import Segmenter
 from pipeline.io.discover import Case, discover_cases
 from pipeline.io.write import write_mask
@@ -86,10 +86,8 @@ def _segment_case(segmenter: Segmenter, case: Case, output_dir: Path) -> CaseRes
 
 def describe_error(exc: BaseException) -> str:
     """The most useful one-line message in an exception chain (MONAI wraps transform errors)."""
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, MedsegError):
-            return str(seen)
-        seen = seen.__cause__ or seen.__context__
+    known = find_medseg_error(exc)
+    if known is not None:
+        return str(known)
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -124,7 +124,7 @@ def _read_dicom_series(files: list[str], source: str) -> _Loaded:
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+        reason = _itk_reason(exc)
         raise InputError(
             f"cannot read DICOM series '{source}' ({len(files)} files): {reason}. "
             "A file may be truncated or not an image; remove it or re-export the series"
@@ -140,7 +140,7 @@ def _read_itk_file(path: Path) -> _Loaded:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+        reason = _itk_reason(exc)
         raise InputError(
             f"cannot read scan '{path}': {reason}. Expected a NIfTI, NRRD, MHA/MHD or DICOM file; "
             "the file may be truncated or of another format"
@@ -152,3 +152,9 @@ def _read_itk_file(path: Path) -> _Loaded:
         )
     array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
     return _Loaded(array, affine_from_sitk(image), str(path), "itk")
+
+
+def _itk_reason(exc: RuntimeError) -> str:
+    """ITK's exceptions span many lines; the last one says what went wrong."""
+    lines = str(exc).strip().splitlines()
+    return lines[-1].strip() if lines else "unknown error"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -11,6 +9,7 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.io.atomic import atomic_path
 from pipeline.io.reader import is_nifti
 
 
@@ -31,7 +30,6 @@ def write_mask(
         raise InputError(f"a mask must be 3D to be written to '{out_path}', found shape {mask.shape}")
     mask = mask.astype(np.uint8, copy=False)
     image = _nifti_like_source(mask, affine, source)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(image, out_path)
     return out_path
 
@@ -57,12 +55,6 @@ def _nifti_like_source(mask: np.ndarray, affine: np.ndarray, source) -> nib.Nift
 
 def atomic_save(image: nib.Nifti1Image, out_path: Path) -> None:
     """Save to a temporary name in the same folder, then rename: readers never see half a file."""
-    suffix = ".nii.gz" if str(out_path).endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=f".tmp{suffix}", dir=out_path.parent)
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    suffix = ".tmp.nii.gz" if str(out_path).endswith(".gz") else ".tmp.nii"
+    with atomic_path(out_path, suffix=suffix) as tmp:
+        nib.save(image, str(tmp))

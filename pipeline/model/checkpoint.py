@@ -7,9 +7,7 @@ reads it: loading a checkpoint never executes pickled code.
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -18,6 +16,7 @@ import torch
 
 from pipeline.config import Config, config_from_dict, config_to_dict
 from pipeline.errors import CheckpointError, ConfigError
+from pipeline.io.atomic import atomic_path
 
 FORMAT = "medseg-checkpoint"
 FORMAT_VERSION = 1
@@ -57,7 +56,6 @@ def versions() -> dict[str, str]:
 def save_checkpoint(path: Union[str, Path], ckpt: Checkpoint) -> Path:
     """Write atomically (temporary file + rename), so a killed run never leaves a broken file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -71,14 +69,8 @@ def save_checkpoint(path: Union[str, Path], ckpt: Checkpoint) -> Path:
     }
     if ckpt.extra:
         payload["extra"] = ckpt.extra
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
