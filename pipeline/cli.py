@@ -20,6 +20,8 @@ log = logging.getLogger("medseg")
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.debug = getattr(args, "debug", False)  # flags default to SUPPRESS (see _parser)
+    args.quiet = getattr(args, "quiet", False)
     _setup_logging(args)
     try:
         return args.func(args)
@@ -141,9 +143,12 @@ def _fraction(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # The flags work before or after the command; SUPPRESS keeps a subcommand's copy from resetting
+    # a flag given before the command.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars, warnings and errors only")
 
     parser = argparse.ArgumentParser(
         prog="medseg",

@@ -114,7 +114,8 @@ class Trainer:
 
     def train_step(self, batch: dict) -> float:
         image = batch["image"].to(self.device, non_blocking=True)
-        label = batch["label"].to(self.device, non_blocking=True).round().long()
+        # Float class indices: DeepSupervisionLoss resizes labels with F.interpolate (no integer support).
+        label = batch["label"].to(self.device, non_blocking=True).round()
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             output = self.model(image)

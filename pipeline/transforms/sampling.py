@@ -24,9 +24,10 @@ def sampling_transforms(cfg: SamplingConfig, spatial_dims: int, image_key="image
         per_crop = 1
     else:
         per_crop = cfg.samples_per_volume
+    crop = RandCropByPosNegLabeld if spatial_dims == 3 else _OneCropByPosNegLabeld
     steps += [
         SpatialPadd(keys, spatial_size=patch, mode="constant"),
-        RandCropByPosNegLabeld(
+        crop(
             keys,
             label_key=label_key,
             spatial_size=patch,
@@ -38,6 +39,13 @@ def sampling_transforms(cfg: SamplingConfig, spatial_dims: int, image_key="image
         ),
     ]
     return steps
+
+
+class _OneCropByPosNegLabeld(RandCropByPosNegLabeld):
+    """One crop per sample (a dict, not a list of one), for slices that are already a list."""
+
+    def __call__(self, data, lazy=None):
+        return super().__call__(data, lazy=lazy)[0]
 
 
 class RandAxialSliced(Randomizable, MapTransform):
