@@ -98,3 +98,30 @@ def test_demo_command_writes_summary(tmp_path, capsys):
     assert summary["n_cases"] == 2
     assert list((tmp_path / "run" / "model").glob("*.pt"))
     assert len(list((tmp_path / "run" / "masks").glob("*_seg.nii.gz"))) == 2
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["model.spatial_dims=2", "sampling.patch_size=[32, 32]", "inference.roi_size=[32, 32]",
+         "sampling.samples_per_volume=2", "model.deep_supervision=true", "augment.elastic_prob=0.5"],
+        ["model.padding=valid", "model.depth=2", "sampling.patch_size=[28, 28, 28]", "inference.roi_size=[28, 28, 28]",
+         "model.upsample=interp", "model.norm=batch"],
+        ["model.deep_supervision=true", "model.depth=3"],
+    ],
+    ids=["2d-deep-supervision-elastic", "3d-valid-interp-batchnorm", "3d-deep-supervision"],
+)
+def test_every_variant_trains_and_segments_on_the_source_grid(tiny, tmp_path, variant):
+    config, root = tiny
+    config = load_config("configs/demo.yaml", TINY + variant + [
+        f"data.root={root}", f"train.out_dir={tmp_path / 'variant'}", "train.epochs=1", "train.val_every=1"])
+
+    result = train(config)
+    results = segment_folder(root / "imagesTs", tmp_path / "masks", result.best, device="cpu")
+
+    assert [r.status for r in results] == ["done", "done"]
+    for r in results:
+        truth = nib.load(str(root / "labelsTs" / f"{r.case_id}.nii.gz"))
+        mask = nib.load(r.output)
+        assert mask.shape == truth.shape
+        np.testing.assert_allclose(mask.affine, truth.affine, atol=1e-4)

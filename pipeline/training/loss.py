@@ -22,7 +22,18 @@ def build_loss(cfg: LossConfig, deep_supervision: bool) -> torch.nn.Module:
     )
     if not deep_supervision:
         return base
-    return DeepSupervisionLoss(base, weight_mode="exp", weights=cfg.deep_supervision_weights)
+    return _FloatTarget(DeepSupervisionLoss(base, weight_mode="exp", weights=cfg.deep_supervision_weights))
+
+
+class _FloatTarget(torch.nn.Module):
+    """Class-index targets as float: DeepSupervisionLoss resizes them with F.interpolate (no integers)."""
+
+    def __init__(self, loss: torch.nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, output, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(output, target.float())
 
 
 def centre_crop_to(label: torch.Tensor, spatial: torch.Size) -> torch.Tensor:

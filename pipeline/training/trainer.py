@@ -75,6 +75,10 @@ class Trainer:
         self.log_path = self.out_dir / "log.csv"
         save_config(cfg, self.out_dir / "config.yaml")
 
+        self.model = build_model(cfg.model, in_channels=1, out_channels=cfg.num_classes).to(self.device)
+        # Fail now, not after caching the data, if the patch or window does not fit the network.
+        self.model.output_size(tuple(cfg.sampling.patch_size))
+        self.model.output_size(tuple(cfg.inference.roi_size))
         items = training_cases(cfg.data.root)
         self.train_items, self.val_items = split_cases(items, cfg)
         if not self.train_items:
@@ -83,7 +87,6 @@ class Trainer:
         self.loader = train_loader(self.train_items, cfg)
         self.val_data = validation_dataset(self.val_items, cfg) if self.val_items else None
 
-        self.model = build_model(cfg.model, in_channels=1, out_channels=cfg.num_classes).to(self.device)
         self.loss_fn = build_loss(cfg.loss, cfg.model.deep_supervision)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         steps = cfg.train.epochs * cfg.train.steps_per_epoch
@@ -114,8 +117,7 @@ class Trainer:
 
     def train_step(self, batch: dict) -> float:
         image = batch["image"].to(self.device, non_blocking=True)
-        # Float class indices: DeepSupervisionLoss resizes labels with F.interpolate (no integer support).
-        label = batch["label"].to(self.device, non_blocking=True).round()
+        label = batch["label"].to(self.device, non_blocking=True).round().long()
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             output = self.model(image)
