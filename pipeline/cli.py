@@ -31,15 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        from pipeline.errors import find_medseg_error
+        from pipeline.errors import describe_error, find_medseg_error
 
         known = find_medseg_error(exc)  # MONAI wraps errors raised inside transforms
         if known is not None:
             print(f"error: {known}", file=sys.stderr)
             return known.exit_code
-        text = str(exc).strip().splitlines()
-        print(f"error: {type(exc).__name__}: {text[0] if text else ''} (run with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"error: {describe_error(exc)} (run with --debug for the traceback)", file=sys.stderr)
         return 1
 
 

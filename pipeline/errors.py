@@ -35,3 +35,12 @@ def find_medseg_error(exc: BaseException) -> "MedsegError | None":
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for the user: our own message if one is in the chain, else the exception's first line."""
+    known = find_medseg_error(exc)
+    if known is not None:
+        return str(known)
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"

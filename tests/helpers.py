@@ -110,3 +110,14 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def assert_corners_at_same_world_position(volume, affine, read_array, read_affine) -> None:
+    """Each corner voxel of ``volume`` is found, with its value, at the same world position after reading."""
+    shape = np.array(volume.shape)
+    for corner in np.ndindex(2, 2, 2):
+        index = np.array(corner) * (shape - 1)
+        world = affine @ [*index, 1]
+        read_index = np.rint(np.linalg.solve(read_affine, world)[:3]).astype(int)
+        np.testing.assert_allclose(read_affine @ [*read_index, 1], world, atol=1e-4)
+        assert read_array[tuple(read_index)] == volume[tuple(index)]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from pipeline.errors import InputError, find_medseg_error
+from pipeline.errors import InputError, describe_error
 from pipeline.infer.segmenter import Segmenter
 from pipeline.io.discover import Case, discover_cases
 from pipeline.io.write import write_mask
@@ -82,12 +82,3 @@ def _segment_case(segmenter: Segmenter, case: Case, output_dir: Path) -> CaseRes
     log.info("case %s done in %.1f s -> %s", case.case_id, seconds, out_path)
     return CaseResult(case.case_id, case.display_source, "done", output=str(out_path), seconds=seconds,
                       shape=tuple(int(s) for s in seg.labels.shape))
-
-
-def describe_error(exc: BaseException) -> str:
-    """The most useful one-line message in an exception chain (MONAI wraps transform errors)."""
-    known = find_medseg_error(exc)
-    if known is not None:
-        return str(known)
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

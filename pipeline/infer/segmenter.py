@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -49,12 +49,9 @@ class Segmenter:
         self.to_source = ToSourceGrid(self.preprocess)
 
     @classmethod
-    def from_checkpoint(cls, path: Union[str, Path], device: str = "auto",
-                        inference_overrides: Optional[dict] = None) -> "Segmenter":
+    def from_checkpoint(cls, path: Union[str, Path], device: str = "auto") -> "Segmenter":
         ckpt = load_checkpoint(path)
         config = ckpt.config
-        for key, value in (inference_overrides or {}).items():
-            setattr(config.inference, key, value)
         network = build_model(config.model, in_channels=1, out_channels=config.num_classes)
         network.load_state_dict(ckpt.state_dict)
         return cls(network, config, device=device, model_sha256=ckpt.sha256)

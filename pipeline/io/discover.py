@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -30,7 +30,11 @@ class Case:
     source: Union[str, list[str]]
     kind: str  # nifti | itk | dicom
     series_uid: str = ""
-    files: list[str] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[str]:
+        """Every file the case reads."""
+        return list(self.source) if isinstance(self.source, list) else [self.source]
 
     @property
     def display_source(self) -> str:
@@ -103,7 +107,7 @@ def _dicom_cases(files: list[Path], folder: Path, root: Path) -> list[Case]:
     for uid, members in sorted(series.items(), key=lambda kv: _series_number(kv[1][0][1])):
         case_id = base if len(series) == 1 else f"{base}_s{_series_number(members[0][1])}"
         paths = [str(p) for p, _ in members]
-        cases.append(Case(case_id=_safe(case_id), source=paths, kind="dicom", series_uid=uid, files=paths))
+        cases.append(Case(case_id=_safe(case_id), source=paths, kind="dicom", series_uid=uid))
     return cases
 
 

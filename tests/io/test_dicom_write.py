@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from pipeline.errors import InputError
 from pipeline.io.dicom_write import write_dicom_series
 from pipeline.io.geometry import LPS_TO_RAS, affine_from_sitk, closest_canonical
+from tests.helpers import assert_corners_at_same_world_position
 
 SHAPE = (12, 10, 6)
 
@@ -70,12 +71,7 @@ def test_world_position_of_every_corner_voxel(tmp_path):
     volume, affine = _volume(1), AFFINES["oblique"]
     write_dicom_series(volume, affine, tmp_path / "s")
     array, read_affine = _read(tmp_path / "s")
-    for corner in np.ndindex(2, 2, 2):
-        index = np.array(corner) * (np.array(SHAPE) - 1)
-        world = affine @ [*index, 1]
-        read_index = np.rint(np.linalg.solve(read_affine, world)[:3]).astype(int)
-        np.testing.assert_allclose(read_affine @ [*read_index, 1], world, atol=1e-4)
-        assert array[tuple(read_index)] == volume[tuple(index)]
+    assert_corners_at_same_world_position(volume, affine, array, read_affine)
 
 
 def test_header_fields(tmp_path):

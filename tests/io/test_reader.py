@@ -18,7 +18,7 @@ from pipeline.io.reader import ScanReader
 from pipeline.io.write import write_mask
 from pipeline.transforms.load import LoadScand
 from tests.conftest import make_affine, save_nifti
-from tests.helpers import hu_volume, merge_series
+from tests.helpers import assert_corners_at_same_world_position, hu_volume, merge_series
 
 SHAPE = (24, 20, 12)
 ORIENTATIONS = ["RAS", "LPS", "oblique", "feet_first"]
@@ -101,12 +101,7 @@ def test_dicom_voxels_sit_at_the_same_world_position(tmp_path, orientation):
     write_dicom_series(volume, affine, tmp_path / "series")
     array, meta = read_direct(tmp_path / "series")
     read_affine = meta["affine"]
-    for corner in np.ndindex(2, 2, 2):
-        index = np.array(corner) * (np.array(SHAPE) - 1)
-        world = affine @ [*index, 1]
-        read_index = np.rint(np.linalg.solve(read_affine, world)[:3]).astype(int)
-        np.testing.assert_allclose(read_affine @ [*read_index, 1], world, atol=1e-4)
-        assert array[tuple(read_index)] == volume[tuple(index)]
+    assert_corners_at_same_world_position(volume, affine, array, read_affine)
 
 
 def test_dicom_hu_values_survive_the_intercept(tmp_path):
