@@ -41,6 +41,30 @@ class Case:
         return self.source if isinstance(self.source, str) else str(Path(self.source[0]).parent)
 
 
+@dataclass
+class Skipped:
+    """Something found under the input folder that will not be segmented, and why."""
+
+    source: str  # a file or folder path
+    reason: str
+    case_id: str = ""
+    series_uid: str = ""
+
+
+@dataclass
+class Discovery:
+    """What an input folder holds: the cases to segment and what was skipped (with reasons)."""
+
+    cases: list[Case]
+    skipped: list[Skipped]
+
+
+def discover(input_dir: Union[str, Path]) -> Discovery:
+    """Cases under ``input_dir`` plus everything skipped with its reason."""
+    skipped: list[Skipped] = []
+    return Discovery(cases=discover_cases(input_dir), skipped=skipped)
+
+
 def discover_cases(input_dir: Union[str, Path]) -> list[Case]:
     """All scans under ``input_dir`` (recursive), sorted by case id; case ids are unique."""
     root = Path(input_dir)
