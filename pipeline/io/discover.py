@@ -37,6 +37,11 @@ class Case:
         return list(self.source) if isinstance(self.source, list) else [self.source]
 
     @property
+    def reader_input(self):
+        """What the loading step reads for this case (``ScanReader``/``LoadScand`` accept it)."""
+        return self.source
+
+    @property
     def display_source(self) -> str:
         return self.source if isinstance(self.source, str) else str(Path(self.source[0]).parent)
 
