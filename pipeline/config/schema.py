@@ -240,8 +240,44 @@ class InferenceConfig:
 
 
 @dataclass
+class InputConfig:
+    """Which scans under an input folder are read (selection), and what to do with inconsistent DICOM series.
+
+    Used the same way by ``segment`` and ``convert``. A volume that is not selected is listed with the
+    reason. For inconsistent geometry the default refuses the series with an error; ``drop``/``resample``
+    repair it with a warning.
+    """
+
+    modalities: list[str] = field(default_factory=list)  # e.g. [CT]; empty: any modality
+    min_slices: int = 1  # volumes with fewer slices are skipped
+    require_image_type: list[str] = field(default_factory=list)  # values ImageType must hold, e.g. [ORIGINAL]
+    exclude_image_type: list[str] = field(default_factory=lambda: ["LOCALIZER"])  # skip when any is present
+    series_description: str = ""  # regular expression the description must contain (case-insensitive)
+    exclude_series_description: str = ""  # regular expression: skip series whose description contains it
+    on_duplicate_slices: str = "error"  # error | drop: keep the first acquired frame at a repeated position
+    on_missing_slices: str = "error"  # error | resample: gaps / uneven spacing, linear onto a regular grid
+    on_gantry_tilt: str = "error"  # error | resample: shift each slice onto a grid orthogonal to the slices
+    slice_tolerance: float = 0.05  # mm (or 2 % of the spacing if larger) a slice may sit off a regular grid
+
+    def _check(self) -> None:
+        _positive("input.min_slices", self.min_slices)
+        _choice("input.on_duplicate_slices", self.on_duplicate_slices, ("error", "drop"))
+        _choice("input.on_missing_slices", self.on_missing_slices, ("error", "resample"))
+        _choice("input.on_gantry_tilt", self.on_gantry_tilt, ("error", "resample"))
+        _positive("input.slice_tolerance", self.slice_tolerance)
+        import re
+
+        for key in ("series_description", "exclude_series_description"):
+            try:
+                re.compile(getattr(self, key))
+            except re.error as exc:
+                _fail(f"input.{key}", getattr(self, key), f"a valid regular expression ({exc})")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    input: InputConfig = field(default_factory=InputConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -1,7 +1,15 @@
-"""Finding the scans under an input folder: NIfTI/ITK volume files and DICOM series.
+"""Finding the scans under an input folder: NIfTI/NRRD/MHA volume files and DICOM volumes.
 
-DICOM files are recognised by content (the ``DICM`` marker), not by extension, and grouped into
-series by SeriesInstanceUID per folder; only headers are read while scanning.
+* The folder is walked recursively. DICOM files are recognised by content, not extension (GE writes
+  ``i184.MRDC.23``); DICOMDIR files are ignored; non-image objects (SR, RTSTRUCT, SEG, presentation
+  states, raw data) are skipped with their reason. Only headers are read (no pixel data).
+* DICOM frames are grouped by SeriesInstanceUID across the whole tree, then split into volumes by
+  orientation, echo, image type and repeated positions (:mod:`pipeline.io.dicom_series`).
+* Case ids are stable and free of patient identifiers: built from the folder/file names relative to
+  the input folder (a path component holding the patient's name or ID is replaced by ``patient``),
+  plus ``_s<SeriesNumber>`` when a folder holds several series, plus the split suffix.
+* Selection rules (``input.*`` in the config) choose what is segmented; everything else is returned in
+  :attr:`Discovery.skipped` with a reason.
 """
 
 from __future__ import annotations
@@ -9,27 +17,39 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
+from pipeline.config.schema import InputConfig
 from pipeline.errors import InputError
+from pipeline.io.dicom_scan import Frame, looks_like_dicom, scan_file
+from pipeline.io.dicom_series import DicomVolume, group_volumes
+from pipeline.io.dicom_stack import StackPolicy
 from pipeline.io.reader import ITK_SUFFIXES, NIFTI_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 VOLUME_SUFFIXES = tuple(s for s in NIFTI_SUFFIXES + ITK_SUFFIXES if s != ".dcm")
-_CHANNEL_SUFFIX = re.compile(r"_\d{4}$")  # nnU-Net's image channel suffix: case_0000.nii.gz
+_COMPANION_SUFFIXES = (".raw", ".zraw", ".raw.gz")  # pixel files of .mhd / .nhdr headers
+_CHANNEL_SUFFIX = re.compile(r"_000\d$")  # nnU-Net's image channel suffix: case_0000.nii.gz
 
 
 @dataclass
 class Case:
-    """One scan to segment. ``source`` is a file path or the list of a DICOM series' files."""
+    """One scan to segment. ``source`` is a file path or the list of a DICOM volume's files."""
 
     case_id: str
     source: Union[str, list[str]]
     kind: str  # nifti | itk | dicom
     series_uid: str = ""
+    series_number: Optional[int] = None
+    series_description: str = ""
+    modality: str = ""
+    echo_number: str = ""
+    image_type: str = ""
+    volume: Optional[DicomVolume] = field(default=None, repr=False)
 
     @property
     def files(self) -> list[str]:
@@ -39,10 +59,12 @@ class Case:
     @property
     def reader_input(self):
         """What the loading step reads for this case (``ScanReader``/``LoadScand`` accept it)."""
-        return self.source
+        return self.volume if self.volume is not None else self.source
 
     @property
     def display_source(self) -> str:
+        if self.volume is not None:
+            return self.volume.folder
         return self.source if isinstance(self.source, str) else str(Path(self.source[0]).parent)
 
 
@@ -64,34 +86,94 @@ class Discovery:
     skipped: list[Skipped]
 
 
-def discover(input_dir: Union[str, Path]) -> Discovery:
-    """Cases under ``input_dir`` plus everything skipped with its reason."""
-    skipped: list[Skipped] = []
-    return Discovery(cases=discover_cases(input_dir), skipped=skipped)
-
-
-def discover_cases(input_dir: Union[str, Path]) -> list[Case]:
-    """All scans under ``input_dir`` (recursive), sorted by case id; case ids are unique."""
+def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None) -> Discovery:
+    """Cases under ``input_dir`` (recursive, sorted by case id, ids unique) and what was skipped, with why."""
+    select = select or InputConfig()
     root = Path(input_dir)
     if not root.exists():
         raise InputError(f"input folder not found: '{root}'. Pass a folder holding NIfTI files or DICOM series")
     if root.is_file():
-        return [_volume_case(root, root.parent)]
+        if root.name.lower().endswith(VOLUME_SUFFIXES):
+            return Discovery([_volume_case(root, root.parent)], [])
+        root_files, base = [root], root.parent
+    else:
+        root_files, base = None, root
     cases: list[Case] = []
-    for folder, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        folder_path = Path(folder)
-        dicom_files = []
-        for name in sorted(filenames):
-            path = folder_path / name
-            if name.lower().endswith(VOLUME_SUFFIXES):
-                cases.append(_volume_case(path, root))
-            elif name.upper() != "DICOMDIR" and _is_dicom(path):
-                dicom_files.append(path)
-        if dicom_files:
-            cases.extend(_dicom_cases(dicom_files, folder_path, root))
+    skipped: list[Skipped] = []
+    frames: list[Frame] = []
+    for folder, files, has_subfolders in _walk(root) if root_files is None else [(root.parent, root_files, False)]:
+        if not files and not has_subfolders and folder != root:
+            skipped.append(Skipped(str(folder), "empty folder"))
+            continue
+        unknown: list[str] = []
+        not_scans: dict[str, list[str]] = {}
+        names = {p.name.lower() for p in files}
+        for path in files:
+            lower = path.name.lower()
+            if lower.endswith(VOLUME_SUFFIXES):
+                cases.append(_volume_case(path, base))
+            elif lower.endswith(_COMPANION_SUFFIXES) and _has_header_beside(lower, names):
+                continue
+            elif path.name.upper() == "DICOMDIR":
+                log.info("ignoring DICOMDIR %s (the folder is scanned directly)", path)
+            elif looks_like_dicom(path):
+                result = scan_file(path)
+                if result.frames:
+                    frames.extend(result.frames)
+                elif result.is_dicom:
+                    not_scans.setdefault(result.skip_reason, []).append(path.name)
+                else:
+                    unknown.append(path.name)
+            else:
+                unknown.append(path.name)
+        for reason, names_ in not_scans.items():
+            skipped.append(Skipped(str(folder), f"{_count(names_)}: {reason}"))
+            log.info("skipping %s in %s: %s", _count(names_), folder, reason)
+        if unknown:
+            skipped.append(Skipped(str(folder), f"{_count(unknown)} not recognised as a scan "
+                                                f"(expected DICOM, NIfTI, NRRD or MHA/MHD)"))
+    volumes = group_volumes(frames)
+    policy = StackPolicy.from_config(select)
+    for volume in volumes:
+        volume.policy = policy
+    dicom_cases = _dicom_cases(volumes, base)
+    for case in dicom_cases:
+        reason = _not_selected(case, select)
+        if reason:
+            skipped.append(Skipped(case.display_source, reason, case.case_id, case.series_uid))
+            log.info("not segmenting %s (%s): %s", case.case_id, case.volume.describe(), reason)
+        else:
+            cases.append(case)
     _make_unique(cases)
-    return sorted(cases, key=lambda c: c.case_id)
+    for case in cases:
+        if case.volume is not None:
+            case.volume.case_id = case.case_id
+    return Discovery(sorted(cases, key=lambda c: c.case_id), skipped)
+
+
+def discover_cases(input_dir: Union[str, Path], select: Optional[InputConfig] = None) -> list[Case]:
+    """The cases of :func:`discover` alone."""
+    return discover(input_dir, select).cases
+
+
+def _walk(root: Path):
+    for folder, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield Path(folder), [Path(folder) / n for n in sorted(filenames) if not n.startswith(".")], bool(dirnames)
+
+
+def _has_header_beside(lower_name: str, names: set[str]) -> bool:
+    stem = lower_name
+    for suffix in _COMPANION_SUFFIXES:
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return any(f"{stem}{s}" in names for s in (".mhd", ".nhdr"))
+
+
+def _count(names: list[str]) -> str:
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"{len(names)} file{'s' if len(names) != 1 else ''} ({shown})"
 
 
 def _volume_case(path: Path, root: Path) -> Case:
@@ -107,44 +189,64 @@ def _volume_case(path: Path, root: Path) -> Case:
     return Case(case_id=_safe(case_id), source=str(path), kind=kind)
 
 
-def _is_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
-def _dicom_cases(files: list[Path], folder: Path, root: Path) -> list[Case]:
-    import pydicom
-
-    series: dict[str, list[tuple[Path, object]]] = {}
-    for path in files:
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception as exc:  # pydicom raises several types for broken files
-            log.warning("skipping unreadable DICOM file %s: %s", path, exc)
-            continue
-        if "PixelData" not in header and "ImagePositionPatient" not in header:
-            log.info("skipping non-image DICOM object %s (SOP class %s)", path, header.get("SOPClassUID", "?"))
-            continue
-        series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append((path, header))
-    rel = folder.relative_to(root) if folder != root else Path(root.name)
-    base = "_".join(rel.parts) or "dicom"
+def _dicom_cases(volumes: list[DicomVolume], root: Path) -> list[Case]:
+    bases = [_folder_id(Path(v.folder), root, v.frames[0].private) for v in volumes]
+    series_per_base = Counter()
+    for base in set(zip(bases, ((v.series.series_uid, v.series.series_number) for v in volumes))):
+        series_per_base[base[0]] += 1
     cases = []
-    for uid, members in sorted(series.items(), key=lambda kv: _series_number(kv[1][0][1])):
-        case_id = base if len(series) == 1 else f"{base}_s{_series_number(members[0][1])}"
-        paths = [str(p) for p, _ in members]
-        cases.append(Case(case_id=_safe(case_id), source=paths, kind="dicom", series_uid=uid))
+    for volume, base in zip(volumes, bases):
+        case_id = base if series_per_base[base] == 1 else f"{base}_s{volume.series.series_number}"
+        cases.append(Case(
+            case_id=_safe(case_id + volume.suffix),
+            source=volume.files,
+            kind="dicom",
+            series_uid=volume.series.series_uid,
+            series_number=volume.series.series_number,
+            series_description=volume.series.series_description,
+            modality=volume.series.modality,
+            echo_number=volume.echo,
+            image_type=volume.image_type,
+            volume=volume,
+        ))
     return cases
 
 
-def _series_number(header) -> int:
-    try:
-        return int(header.get("SeriesNumber", 0) or 0)
-    except (TypeError, ValueError):
-        return 0
+def _folder_id(folder: Path, root: Path, names: dict) -> str:
+    """Case id base: the folder relative to the input root, patient identifiers replaced."""
+    rel = folder.relative_to(root) if folder != root and root in folder.parents else Path(root.name)
+    identifiers = [_normalise(v) for v in names.values() if len(_normalise(v)) >= 3]
+    parts = []
+    for part in rel.parts or (root.name,):
+        normalised = _normalise(part)
+        parts.append("patient" if any(i in normalised for i in identifiers) else part)
+    return "_".join(parts) or "dicom"
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(text).lower())
+
+
+def _not_selected(case: Case, select: InputConfig) -> str:
+    """Why a DICOM volume is not selected by the ``input.*`` rules ("" when it is)."""
+    volume = case.volume
+    image_type = set(volume.frames[0].image_type)
+    if select.modalities and case.modality.upper() not in {m.upper() for m in select.modalities}:
+        return f"modality {case.modality or '(none)'} not in input.modalities {select.modalities}"
+    if volume.n_slices < select.min_slices:
+        return f"{volume.n_slices} slice(s), fewer than input.min_slices={select.min_slices}"
+    missing = [t for t in select.require_image_type if t.upper() not in image_type]
+    if missing:
+        return f"ImageType {case.image_type} lacks {missing} (input.require_image_type)"
+    excluded = [t for t in select.exclude_image_type if t.upper() in image_type]
+    if excluded:
+        return f"ImageType {case.image_type} holds {excluded} (input.exclude_image_type)"
+    if select.series_description and not re.search(select.series_description, case.series_description, re.I):
+        return f"description '{case.series_description}' does not match input.series_description"
+    if select.exclude_series_description and re.search(select.exclude_series_description,
+                                                       case.series_description, re.I):
+        return f"description '{case.series_description}' matches input.exclude_series_description"
+    return ""
 
 
 def _safe(case_id: str) -> str:
@@ -153,7 +255,7 @@ def _safe(case_id: str) -> str:
 
 def _make_unique(cases: list[Case]) -> None:
     seen: dict[str, int] = {}
-    for case in cases:
+    for case in sorted(cases, key=lambda c: (c.case_id, c.display_source, c.series_uid)):
         count = seen.get(case.case_id, 0)
         seen[case.case_id] = count + 1
         if count:

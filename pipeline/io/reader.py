@@ -1,9 +1,10 @@
 """``ScanReader``: a MONAI ``ImageReader`` for every scan the pipeline accepts.
 
 * NIfTI (``.nii``, ``.nii.gz``) through nibabel: the file's own voxel grid and affine.
-* DICOM series (a folder, or an explicit list of slice files) through SimpleITK/GDCM, which applies
-  RescaleSlope/Intercept and decodes compressed transfer syntaxes; the stacked volume is then put in
-  the geometry dcm2niix gives the series (see :mod:`pipeline.io.geometry`).
+* DICOM: a :class:`~pipeline.io.dicom_series.DicomVolume` found by discovery, or a folder / list of
+  files holding exactly one volume. Slices are stacked by :mod:`pipeline.io.dicom_stack` (sorted along
+  the normal, geometry checked, decoded by GDCM with rescale applied) and put in the geometry dcm2niix
+  gives the series (see :mod:`pipeline.io.geometry`).
 * Other ITK formats (``.nrrd``, ``.nha``, ``.mha``, ``.mhd``, single DICOM files) through SimpleITK.
 
 Metadata follows MONAI's conventions (``affine`` in RAS, ``spatial_shape``, ``original_channel_dim``)
@@ -22,6 +23,9 @@ from monai.data import ImageReader
 from monai.utils import MetaKeys, SpaceKeys
 
 from pipeline.errors import InputError
+from pipeline.io.dicom_scan import looks_like_dicom, scan_file
+from pipeline.io.dicom_series import DicomVolume, group_volumes
+from pipeline.io.dicom_stack import stack
 from pipeline.io.geometry import affine_from_sitk, closest_canonical
 
 log = logging.getLogger(__name__)
@@ -49,18 +53,22 @@ class ScanReader(ImageReader):
     def verify_suffix(self, filename: Union[Sequence[PathLike], PathLike]) -> bool:
         return True  # every input the pipeline accepts goes through this reader
 
-    def read(self, data: Union[Sequence[PathLike], PathLike], **kwargs) -> _Loaded:
+    def read(self, data: Union[Sequence[PathLike], PathLike, DicomVolume], **kwargs) -> _Loaded:
+        if isinstance(data, DicomVolume):
+            return _read_dicom_volume(data)
         paths = [Path(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
         for path in paths:
             if not path.exists():
                 raise InputError(f"scan not found: '{path}'. Check the path (expected a NIfTI file or a DICOM folder)")
         if len(paths) == 1 and paths[0].is_dir():
-            return _read_dicom_series(_series_files(paths[0]), str(paths[0]))
+            return _read_dicom_volume(_one_volume(sorted(p for p in paths[0].iterdir() if p.is_file()), str(paths[0])))
         if len(paths) > 1:
-            return _read_dicom_series([str(p) for p in paths], str(paths[0].parent))
+            return _read_dicom_volume(_one_volume(paths, str(paths[0].parent)))
         path = paths[0]
         if is_nifti(path):
             return _read_nifti(path)
+        if looks_like_dicom(path):
+            return _read_dicom_volume(_one_volume([path], str(path)))
         return _read_itk_file(path)
 
     def get_data(self, img: _Loaded) -> tuple[np.ndarray, dict]:
@@ -101,38 +109,32 @@ def _sitk():
     return sitk
 
 
-def _series_files(folder: Path) -> list[str]:
-    sitk = _sitk()
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series_ids:
+def _one_volume(paths: list[Path], source: str) -> DicomVolume:
+    """The single DICOM volume in ``paths`` (a folder's files or a file list), else a clear error."""
+    frames = []
+    for path in paths:
+        if looks_like_dicom(path):
+            frames.extend(scan_file(path).frames)
+    volumes = group_volumes(frames)
+    if not volumes:
         raise InputError(
-            f"no DICOM series found in '{folder}': expected a folder of DICOM slice files "
-            "(or a NIfTI file). Check the folder holds .dcm files or point at the right subfolder"
+            f"no DICOM images found in '{source}' ({len(paths)} files): expected DICOM slice files "
+            "(or a NIfTI file). Check the folder holds DICOM images or point at the right subfolder"
         )
-    if len(series_ids) > 1:
+    if len(volumes) > 1:
+        listed = "; ".join(f"{v.describe()}{v.suffix}" for v in volumes[:4])
         raise InputError(
-            f"folder '{folder}' holds {len(series_ids)} DICOM series ({', '.join(series_ids)}): expected one. "
-            "Pass the folder to `medseg segment`, which splits series into cases"
+            f"'{source}' holds {len(volumes)} DICOM volumes ({listed}): expected one. "
+            "Pass the folder to `medseg segment` or `medseg convert`, which split series into cases"
         )
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
+    return volumes[0]
 
 
-def _read_dicom_series(files: list[str], source: str) -> _Loaded:
-    sitk = _sitk()
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        reason = _itk_reason(exc)
-        raise InputError(
-            f"cannot read DICOM series '{source}' ({len(files)} files): {reason}. "
-            "A file may be truncated or not an image; remove it or re-export the series"
-        ) from None
-    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
-    array, affine = closest_canonical(array, affine_from_sitk(image))
-    log.debug("read DICOM series %s: %d files, shape %s", source, len(files), array.shape)
-    return _Loaded(array, affine, source, "dicom")
+def _read_dicom_volume(volume: DicomVolume) -> _Loaded:
+    array, affine = stack(volume)
+    array, affine = closest_canonical(array, affine)
+    log.debug("read %s: shape %s", volume.describe(), array.shape)
+    return _Loaded(array, affine, volume.folder, "dicom")
 
 
 def _read_itk_file(path: Path) -> _Loaded:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from monai.transforms import LoadImaged, MapTransform
+import torch
+from monai.data import MetaTensor
+from monai.transforms import EnsureChannelFirst, LoadImaged, MapTransform
+from monai.utils import MetaKeys
 
 from pipeline.errors import InputError
+from pipeline.io.dicom_series import DicomVolume
 from pipeline.io.reader import ScanReader
 
 
@@ -22,7 +26,22 @@ class LoadScand(LoadImaged):
         self._scan_reader = ScanReader()
 
     def __call__(self, data, reader=None):
-        return super().__call__(data, reader or self._scan_reader)
+        reader = reader or self._scan_reader
+        volumes = {k: v for k, v in data.items() if k in self.keys and isinstance(v, DicomVolume)}
+        if not volumes:
+            return super().__call__(data, reader)
+        # LoadImage turns its input into path strings; a discovered DICOM volume is read directly.
+        d = dict(data)
+        for key, volume in volumes.items():
+            array, meta = reader.get_data(reader.read(volume))
+            meta[MetaKeys.FILENAME_OR_OBJ] = volume.folder
+            image = MetaTensor(torch.as_tensor(np.asarray(array, dtype=np.float32)), meta=meta)
+            d[key] = EnsureChannelFirst()(image)
+        others = {k: v for k, v in d.items() if k in self.keys and k not in volumes}
+        if others:
+            loaded = super().__call__({k: d[k] for k in others}, reader)
+            d.update({k: loaded[k] for k in others})
+        return d
 
 
 class CheckLabelsd(MapTransform):

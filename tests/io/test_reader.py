@@ -129,7 +129,7 @@ def test_two_series_in_one_folder_is_refused(tmp_path):
     merge_series([tmp_path / "a", tmp_path / "b"], tmp_path / "both")
     with pytest.raises(InputError) as info:
         read_direct(tmp_path / "both")
-    assert "2 DICOM series" in str(info.value) and str(tmp_path / "both") in str(info.value)
+    assert "2 DICOM volumes" in str(info.value) and str(tmp_path / "both") in str(info.value)
 
 
 # --- errors ----------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def _missing(tmp_path):
         (_truncated, "cannot read NIfTI"),
         (_garbage, "cannot read NIfTI"),
         (_plain_garbage, "cannot read NIfTI"),
-        (_empty_folder, "no DICOM series found"),
+        (_empty_folder, "no DICOM images found"),
         (_four_d, "expected a single 3D volume"),
     ],
 )

@@ -1,0 +1,316 @@
+"""Header-only scanning of DICOM files: is it DICOM, is it an image, and one record per 2D frame.
+
+A record (:class:`Frame`) holds what grouping and stacking need — geometry, series identity, echo,
+image type, acquisition order — read with ``stop_before_pixels``, so scanning thousands of files never
+decodes pixel data. Classic single-frame files give one record; enhanced multi-frame files give one
+per frame (per-frame functional groups); a Siemens mosaic gives one record for the whole file (it is
+one volume, unpacked when read).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# SOP classes that hold pixel data but are not scans to segment.
+_NOT_SCANS = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "a segmentation (SEG) object, not a scan",
+    "1.2.840.10008.5.1.4.1.1.481.2": "an RT dose grid, not a scan",
+    "1.2.840.10008.1.3.10": "a DICOMDIR (media directory), not a scan",
+}
+_FALLBACK_SPACING = (1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """What identifies and describes a series; shared by all its frames (no patient identifiers)."""
+
+    series_uid: str
+    series_number: int
+    series_description: str
+    modality: str
+    study_uid: str
+    frame_of_reference_uid: str
+    sop_class_uid: str
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One 2D image: a classic file, one frame of a multi-frame file, or a whole mosaic file."""
+
+    path: str
+    frame: Optional[int]  # index in a multi-frame file (0-based); None for single-frame files
+    n_frames_in_file: int
+    series: SeriesInfo
+    position: tuple[float, float, float]  # ImagePositionPatient, LPS mm
+    orientation: tuple[float, ...]  # ImageOrientationPatient: row direction, then column direction
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) mm
+    rows: int
+    columns: int
+    sop_uid: str
+    instance_number: int
+    order: tuple  # acquisition order within one position: temporal index, times, instance, frame
+    echo: str  # EchoNumbers (or effective echo time for enhanced MR); "" when absent
+    image_type: tuple[str, ...]
+    rescale: Optional[tuple[float, float]]  # per-frame (slope, intercept) for multi-frame files
+    gantry_tilt: float  # GantryDetectorTilt, degrees
+    thickness: float = 0.0  # SpacingBetweenSlices or SliceThickness (used for single-slice volumes), mm
+    mosaic: bool = False
+    private: dict = field(default_factory=dict, compare=False, hash=False)  # names only used for case ids
+
+    @property
+    def normal(self) -> np.ndarray:
+        return _normal(self.orientation)
+
+
+def _normal(orientation) -> np.ndarray:
+    """Unit slice normal: row direction × column direction."""
+    normal = np.cross(np.asarray(orientation[:3], dtype=float), np.asarray(orientation[3:6], dtype=float))
+    return normal / (np.linalg.norm(normal) or 1.0)
+
+
+@dataclass
+class ScanResult:
+    """Frames read from one file, or the reason the file is not used."""
+
+    frames: list[Frame]
+    skip_reason: str = ""
+    is_dicom: bool = True
+
+
+def looks_like_dicom(path: Path) -> bool:
+    """DICOM by content: the ``DICM`` marker after the 128-byte preamble, or (for preamble-less files)
+    a first element in group 0002 or 0008, which a parse then confirms."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return True
+    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[2:4] < b"\x20\x00"
+
+
+def scan_file(path: Path) -> ScanResult:
+    """Header-only read of one DICOM file into frame records (or a reason to skip it)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=not _has_marker(path))
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        return ScanResult([], f"unreadable DICOM header ({type(exc).__name__}: {_first_line(exc)})")
+    except Exception as exc:  # pydicom raises many types on broken files
+        return ScanResult([], f"unreadable DICOM header ({type(exc).__name__}: {_first_line(exc)})")
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", ""))
+    if not sop_class and "ImagePositionPatient" not in ds and "PerFrameFunctionalGroupsSequence" not in ds:
+        return ScanResult([], "not a DICOM image (no SOP class, no image geometry)", is_dicom=False)
+    if sop_class in _NOT_SCANS:
+        return ScanResult([], _NOT_SCANS[sop_class])
+    if not _has_pixels(path, ds):
+        return ScanResult([], f"no pixel data ({_sop_name(sop_class)})")
+    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        frames = _multiframe_records(path, ds, sop_class)
+    else:
+        frames = _classic_records(path, ds, sop_class)
+    if not frames:
+        return ScanResult([], f"no patient geometry (ImagePositionPatient/ImageOrientationPatient) in "
+                              f"{_sop_name(sop_class)}: a secondary capture or screenshot, not a scan")
+    return ScanResult(frames)
+
+
+# --- classic single-frame files (and Siemens mosaics) -------------------------------------------
+
+
+def _classic_records(path: Path, ds, sop_class: str) -> list[Frame]:
+    position, orientation = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+    if position is None or orientation is None or len(position) != 3 or len(orientation) != 6:
+        return []
+    image_type = _image_type(ds)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    mosaic = "MOSAIC" in image_type and (0x0029, 0x1010) in ds
+    common = dict(
+        series=_series_info(ds, sop_class),
+        orientation=tuple(float(v) for v in orientation),
+        pixel_spacing=_spacing(ds.get("PixelSpacing")),
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        sop_uid=str(ds.get("SOPInstanceUID", "")),
+        instance_number=_int(ds.get("InstanceNumber")),
+        echo=_echo(ds),
+        image_type=image_type,
+        gantry_tilt=_float(ds.get("GantryDetectorTilt"), 0.0),
+        thickness=_float(ds.get("SpacingBetweenSlices"), 0.0) or _float(ds.get("SliceThickness"), 0.0),
+        mosaic=mosaic,
+        private=_names(ds),
+    )
+    order = (_int(ds.get("TemporalPositionIdentifier")), _time(ds.get("AcquisitionDate"), ds.get("AcquisitionTime")),
+             _time(ds.get("ContentDate"), ds.get("ContentTime")), _int(ds.get("InstanceNumber")), str(path))
+    if n_frames > 1:  # a legacy multi-frame file with one geometry: frames follow each other along the normal
+        step = common["thickness"] or 1.0
+        start = np.asarray(position, dtype=float)
+        normal = _normal(common["orientation"])
+        rescale = (_float(ds.get("RescaleSlope"), 1.0), _float(ds.get("RescaleIntercept"), 0.0))
+        return [
+            Frame(path=str(path), frame=f, n_frames_in_file=n_frames,
+                  position=tuple(float(v) for v in start + f * step * normal),
+                  order=order + (f,), rescale=rescale, **common)
+            for f in range(n_frames)
+        ]
+    return [Frame(path=str(path), frame=None, n_frames_in_file=1, position=tuple(float(v) for v in position),
+                  order=order, rescale=None, **common)]
+
+
+# --- enhanced multi-frame files -------------------------------------------------------------------
+
+
+def _multiframe_records(path: Path, ds, sop_class: str) -> list[Frame]:
+    shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
+    n_frames = int(ds.get("NumberOfFrames", len(per_frame) or 1) or 1)
+    series = _series_info(ds, sop_class)
+    image_type = _image_type(ds)
+    frames = []
+    for f in range(n_frames):
+        group = per_frame[f] if f < len(per_frame) else None
+        position = _functional(group, shared, "PlanePositionSequence", "ImagePositionPatient")
+        orientation = _functional(group, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+        if position is None or orientation is None:
+            return []
+        spacing = _functional(group, shared, "PixelMeasuresSequence", "PixelSpacing")
+        slope = _functional(group, shared, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _functional(group, shared, "PixelValueTransformationSequence", "RescaleIntercept")
+        temporal = _functional(group, shared, "FrameContentSequence", "TemporalPositionIndex")
+        acquired = _functional(group, shared, "FrameContentSequence", "FrameAcquisitionDateTime")
+        echo_time = _functional(group, shared, "MREchoSequence", "EffectiveEchoTime")
+        frame_type = _functional(group, shared, "MRImageFrameTypeSequence", "FrameType") or \
+            _functional(group, shared, "CTImageFrameTypeSequence", "FrameType")
+        frames.append(Frame(
+            path=str(path), frame=f, n_frames_in_file=n_frames, series=series,
+            position=tuple(float(v) for v in position),
+            orientation=tuple(float(v) for v in orientation),
+            pixel_spacing=_spacing(spacing),
+            rows=int(ds.Rows), columns=int(ds.Columns),
+            sop_uid=str(ds.get("SOPInstanceUID", "")),
+            instance_number=_int(ds.get("InstanceNumber")),
+            order=(_int(temporal), str(acquired or ""), _int(ds.get("InstanceNumber")), str(path), f),
+            echo=_echo(ds) if echo_time is None else f"{float(echo_time):g}",
+            image_type=tuple(str(v).upper() for v in frame_type) if frame_type else image_type,
+            rescale=(_float(slope, 1.0), _float(intercept, 0.0)) if slope is not None or intercept is not None else None,
+            gantry_tilt=0.0,
+            thickness=_float(_functional(group, shared, "PixelMeasuresSequence", "SpacingBetweenSlices"), 0.0)
+            or _float(_functional(group, shared, "PixelMeasuresSequence", "SliceThickness"), 0.0),
+            private=_names(ds),
+        ))
+    return frames
+
+
+def _functional(group, shared, sequence: str, keyword: str):
+    for source in (group, shared):
+        if source is None or sequence not in source or not source[sequence].value:
+            continue
+        item = source[sequence][0]
+        if keyword in item:
+            return item[keyword].value
+    return None
+
+
+# --- small helpers --------------------------------------------------------------------------------
+
+
+def _series_info(ds, sop_class: str) -> SeriesInfo:
+    return SeriesInfo(
+        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+        series_number=_int(ds.get("SeriesNumber")),
+        series_description=str(ds.get("SeriesDescription", "") or ""),
+        modality=str(ds.get("Modality", "") or ""),
+        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
+        sop_class_uid=sop_class,
+    )
+
+
+def _names(ds) -> dict:
+    """Patient name and ID, kept only so case ids can avoid them (never written anywhere)."""
+    names = {}
+    for keyword in ("PatientName", "PatientID"):
+        value = str(ds.get(keyword, "") or "").strip()
+        if value:
+            names[keyword] = value
+    return names
+
+
+def _has_marker(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def _has_pixels(path: Path, ds) -> bool:
+    """``stop_before_pixels`` drops PixelData; the file had it when the parse stopped early."""
+    if any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        return True
+    return "Rows" in ds and "Columns" in ds and "BitsAllocated" in ds
+
+
+def _image_type(ds) -> tuple[str, ...]:
+    value = ds.get("ImageType", None)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v.strip().upper() for v in value.split("\\"))
+    return tuple(str(v).strip().upper() for v in value)
+
+
+def _echo(ds) -> str:
+    value = ds.get("EchoNumbers", None)
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, (str, int, float)):
+        value = "_".join(str(v) for v in value)
+    return str(value)
+
+
+def _spacing(value) -> tuple[float, float]:
+    if value is None or len(value) != 2:
+        return _FALLBACK_SPACING
+    return float(value[0]), float(value[1])
+
+
+def _int(value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _float(value, default: float) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _time(date, time) -> str:
+    return f"{date or ''}{time or ''}"
+
+
+def _sop_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(uid).name if uid else "unknown SOP class"
+    return name or uid
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
