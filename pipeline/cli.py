@@ -53,6 +53,25 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.convert import convert_folder
+
+    config = load_config(args.config, args.overrides)
+    rows = convert_folder(args.input_dir, args.output_dir, config.input)
+    converted = [r for r in rows if r.status == "converted"]
+    failed = [r for r in rows if r.status == "failed"]
+    skipped = [r for r in rows if r.status == "skipped"]
+    for r in failed:
+        print(f"failed: {r.case_id} ({r.source}): {r.reason}", file=sys.stderr)
+    print(f"converted {len(converted)} volume(s) into {args.output_dir} ({len(skipped)} skipped, "
+          f"{len(failed)} failed); index: {args.output_dir}/index.csv")
+    if not converted:
+        print("error: nothing could be converted (see index.csv for the reasons)", file=sys.stderr)
+        return 2
+    return 1 if failed else 0
+
+
 def cmd_train(args) -> int:
     from pipeline.config import load_config
     from pipeline.training import train
@@ -162,6 +181,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=_fraction, default=0.25)
     p.add_argument("--dicom-test-cases", type=int, default=2, help="test cases written as DICOM series")
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("convert", parents=[common],
+                       help="write every scan under a folder (DICOM series, NRRD, ...) as <case>.nii.gz + index.csv")
+    p.add_argument("input_dir", help="folder of DICOM series and/or volume files (searched recursively)")
+    p.add_argument("output_dir", help="NIfTI files and index.csv are written here")
+    p.add_argument("overrides", nargs="*", help="selection and repair rules, e.g. input.modalities=[CT] "
+                                                "input.on_missing_slices=resample")
+    p.add_argument("--config", default=None, help="YAML config whose input: section to use (default: built-in)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", parents=[common], help="train a model from a YAML config")
     p.add_argument("config", help="YAML config, e.g. configs/lesion3d.yaml")
