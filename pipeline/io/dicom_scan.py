@@ -108,6 +108,8 @@ def scan_file(path: Path) -> ScanResult:
         return ScanResult([], f"unreadable DICOM header ({type(exc).__name__}: {_first_line(exc)})")
     except Exception as exc:  # pydicom raises many types on broken files
         return ScanResult([], f"unreadable DICOM header ({type(exc).__name__}: {_first_line(exc)})")
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        ds = _Header(ds)
     sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", ""))
     if not sop_class and "ImagePositionPatient" not in ds and "PerFrameFunctionalGroupsSequence" not in ds:
         return ScanResult([], "not a DICOM image (no SOP class, no image geometry)", is_dicom=False)
@@ -222,6 +224,66 @@ def _functional(group, shared, sequence: str, keyword: str):
 
 
 # --- small helpers --------------------------------------------------------------------------------
+
+_TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM", "UI", "LT", "ST", "UT", "PN"}
+
+
+class _Header:
+    """Fast read-only access to a header's values.
+
+    pydicom converts each element on first access (DSfloat objects, validation), which costs more than
+    reading the file. Plain text elements are decoded here straight from the raw bytes; everything
+    else (sequences, binary values, big-endian files) goes through pydicom.
+    """
+
+    def __init__(self, ds):
+        self.ds = ds
+        encoding = getattr(ds, "original_encoding", (None, True))
+        self._raw_ok = encoding[1] is not False
+
+    def __contains__(self, keyword) -> bool:
+        return keyword in self.ds
+
+    def get(self, keyword, default=None):
+        from pydicom.dataelem import RawDataElement
+        from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+        tag = tag_for_keyword(keyword) if isinstance(keyword, str) else keyword
+        if tag is None:  # not a data element keyword (e.g. file_meta)
+            return getattr(self.ds, keyword, default)
+        elem = self.ds._dict.get(tag)
+        if elem is None:
+            return default
+        if self._raw_ok and isinstance(elem, RawDataElement) and elem.value is not None:
+            vr = elem.VR or _safe_vr(dictionary_VR, tag)
+            if vr in _TEXT_VRS:
+                text = elem.value.decode("latin-1").rstrip("\x00 ").strip()
+                if vr in ("DS", "IS") or "\\" in text:
+                    parts = [p.strip() for p in text.split("\\")]
+                    if vr in ("DS", "IS"):
+                        try:
+                            values = [float(p) if vr == "DS" else int(float(p)) for p in parts if p != ""]
+                        except ValueError:
+                            return self.ds.get(keyword, default)
+                        return values[0] if len(values) == 1 else (values or default)
+                    return parts
+                return text
+        value = self.ds.get(keyword, default)
+        return default if value is None else value
+
+    def __getattr__(self, keyword):
+        value = self.get(keyword)
+        if value is None:
+            raise AttributeError(keyword)
+        return value
+
+
+def _safe_vr(dictionary_vr, tag) -> str:
+    try:
+        return dictionary_vr(tag)
+    except KeyError:
+        return ""
+
 
 
 def _series_info(ds, sop_class: str) -> SeriesInfo:

@@ -121,7 +121,7 @@ def stack(volume: DicomVolume, policy: StackPolicy | None = None) -> tuple[np.nd
         pixels = _shift_slices(pixels, layout.lateral)
     if layout.irregular:
         pixels = _regular_along(pixels, layout.along, layout.spacing)
-    array = np.ascontiguousarray(pixels.transpose(2, 1, 0))
+    array = pixels.transpose(2, 1, 0)  # a view: (k, row, column) in C order is [i, j, k] in Fortran order
     return array, _affine(first, layout.spacing)
 
 
@@ -222,7 +222,7 @@ def _read_mosaic(frame: Frame) -> tuple[np.ndarray, np.ndarray]:
         affine = np.asarray(wrapper.affine, dtype=np.float64)  # LPS, for that index order
     except Exception as exc:
         raise InputError(f"cannot unpack Siemens mosaic '{frame.path}': {exc}") from None
-    array = np.ascontiguousarray(data.transpose(1, 0, 2))  # [column, row, slice] = [i, j, k]
+    array = data.transpose(1, 0, 2)  # [column, row, slice] = [i, j, k]
     swap = np.eye(4)[[1, 0, 2, 3]]
     return _narrow(array), LPS_TO_RAS @ affine @ swap
 

@@ -33,6 +33,7 @@ def closest_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray
     """Flip/permute ``array`` (spatial axes first) and ``affine`` to the closest RAS frame, losslessly.
 
     The world position of every voxel is unchanged: ``new_affine @ new_index == affine @ old_index``.
+    The array returned is a view (flips and transposes, no copy); copy it if you need C order.
     """
     ornt = nio.io_orientation(affine)
     if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
@@ -40,7 +41,7 @@ def closest_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray
     shape = array.shape[:3]
     new_array = nio.apply_orientation(array, ornt)
     new_affine = affine @ nio.inv_ornt_aff(ornt, shape)
-    return np.ascontiguousarray(new_array), new_affine
+    return new_array, new_affine
 
 
 def voxel_spacing(affine: np.ndarray) -> np.ndarray:

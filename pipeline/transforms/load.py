@@ -6,7 +6,6 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import EnsureChannelFirst, LoadImaged, MapTransform
-from monai.utils import MetaKeys
 
 from pipeline.errors import InputError
 from pipeline.io.dicom_series import DicomVolume
@@ -34,8 +33,9 @@ class LoadScand(LoadImaged):
         d = dict(data)
         for key, volume in volumes.items():
             array, meta = reader.get_data(reader.read(volume))
-            meta[MetaKeys.FILENAME_OR_OBJ] = volume.folder
-            image = MetaTensor(torch.as_tensor(np.asarray(array, dtype=np.float32)), meta=meta)
+            meta["filename_or_obj"] = volume.folder
+            # order="K" keeps the stacked (Fortran) layout: no slow transposing copy; strides become positive.
+            image = MetaTensor(torch.as_tensor(np.asarray(array).astype(np.float32, order="K")), meta=meta)
             d[key] = EnsureChannelFirst()(image)
         others = {k: v for k, v in d.items() if k in self.keys and k not in volumes}
         if others:
