@@ -6,6 +6,7 @@ the value and what is allowed. ``pipeline.config.load`` turns YAML + dotted over
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -265,8 +266,6 @@ class InputConfig:
         _choice("input.on_missing_slices", self.on_missing_slices, ("error", "resample"))
         _choice("input.on_gantry_tilt", self.on_gantry_tilt, ("error", "resample"))
         _positive("input.slice_tolerance", self.slice_tolerance)
-        import re
-
         for key in ("series_description", "exclude_series_description"):
             try:
                 re.compile(getattr(self, key))
