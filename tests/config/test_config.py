@@ -247,3 +247,16 @@ def test_config_from_dict_validates():
     raw["inference"]["overlap"] = 1.5
     with pytest.raises(ConfigError, match="inference.overlap"):
         config_from_dict(raw)
+
+
+def test_input_section_overrides_and_validation():
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    config = load_config(None, ["input.modalities=[CT]", "input.on_gantry_tilt=resample", "input.min_slices=20"])
+    assert config.input.modalities == ["CT"] and config.input.on_gantry_tilt == "resample"
+    assert config.input.min_slices == 20 and config.input.on_missing_slices == "error"
+    with pytest.raises(ConfigError, match="input.on_missing_slices.*'error', 'resample'"):
+        load_config(None, ["input.on_missing_slices=interpolate"])
+    with pytest.raises(ConfigError, match="input.series_description.*regular expression"):
+        load_config(None, ["input.series_description=(unclosed"])
