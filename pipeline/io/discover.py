@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -213,13 +214,16 @@ def _dicom_cases(volumes: list[DicomVolume], root: Path) -> list[Case]:
 
 
 def _folder_id(folder: Path, root: Path, names: dict) -> str:
-    """Case id base: the folder relative to the input root, patient identifiers replaced."""
+    """Case id base: the folder relative to the input root; a path component holding the patient's name
+    or ID becomes ``patient-<8 hex digits of its SHA-256>`` (stable, distinct per patient, not the PHI)."""
     rel = folder.relative_to(root) if folder != root and root in folder.parents else Path(root.name)
     identifiers = [_normalise(v) for v in names.values() if len(_normalise(v)) >= 3]
     parts = []
     for part in rel.parts or (root.name,):
         normalised = _normalise(part)
-        parts.append("patient" if any(i in normalised for i in identifiers) else part)
+        if any(i in normalised for i in identifiers):
+            part = "patient-" + hashlib.sha256(normalised.encode()).hexdigest()[:8]
+        parts.append(part)
     return "_".join(parts) or "dicom"
 
 

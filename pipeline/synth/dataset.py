@@ -33,7 +33,7 @@ from pipeline.synth.phantom import ORIENTATIONS, SynthCase, make_case
 
 logger = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1  # bump when the phantom changes, so cached datasets are rebuilt
+RECIPE_VERSION = 2  # bump when the phantom changes, so cached datasets are rebuilt
 NO_LESION_INDICES = {5, 9, 16}  # case index % 18: one case in six, spread over the three orientations
 
 
@@ -209,7 +209,7 @@ def _write_dicom_case(root: Path, case: SynthCase, case_id: str, seed: int) -> d
         case.image,
         case.affine,
         root / entry["image"],
-        patient_id=case_id,
+        patient_id="SYNTHETIC",  # not the case id: discovery would replace a folder named after the patient
         series_description=f"synthetic CT {case_id}",
         uid_entropy=["pipeline.synth", str(seed), case_id],
     )

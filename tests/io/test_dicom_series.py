@@ -331,9 +331,12 @@ def test_selection_rules_list_reasons(tmp_path):
 
 def test_case_ids_are_stable_and_free_of_patient_identifiers(tmp_path):
     _write(tmp_path / "in" / "DOE_JOHN" / "series", hu_volume(SHAPE), make_affine("RAS"), patient_id="DOE^JOHN")
+    _write(tmp_path / "in" / "ROE_JANE" / "series", hu_volume(SHAPE), make_affine("RAS"), patient_id="ROE^JANE",
+           series_uid=generate_uid())
     ids = [c.case_id for c in discover(tmp_path / "in").cases]
-    assert ids == ["patient_series"]
-    assert ids == [c.case_id for c in discover(tmp_path / "in").cases]
+    assert len(ids) == 2 and all(i.startswith("patient-") and i.endswith("_series") for i in ids)
+    assert not any("DOE" in i.upper() or "ROE" in i.upper() for i in ids) and ids[0] != ids[1]
+    assert ids == [c.case_id for c in discover(tmp_path / "in").cases]  # stable
 
 
 # --- convert ---------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def test_dicom_case_label_is_in_the_series_source_geometry(dataset, n):
     np.testing.assert_array_equal(label, expected_label)
     assert label.sum() > 0
     ds = pydicom.dcmread(dataset / f"imagesTs/synth_00{n}/IM_0001.dcm")
-    assert ds.PatientID == f"synth_00{n}" and ds.Modality == "CT"
+    assert ds.PatientID == "SYNTHETIC" and ds.SeriesDescription == f"synthetic CT synth_00{n}" and ds.Modality == "CT"
 
 
 def test_same_seed_gives_identical_data_and_other_seed_differs(dataset, tmp_path):
