@@ -1,54 +1,50 @@
-"""Segmentation metrics. The one implementation used by training validation, the demo and evaluate.
+"""Overlap and volume metrics. The one implementation used by training validation, the demo and evaluate.
 
 Conventions (documented in the README):
-* Dice of two empty masks is 1.0 (nothing to find, nothing found); of one empty mask 0.0.
-* Lesions are 26-connected components. A ground-truth lesion is *detected* when a predicted component
-  overlaps it by at least one voxel; a predicted component overlapping no ground-truth lesion is a
-  false positive.
+* Dice and IoU of two empty masks are 1.0 (nothing to find, nothing found); of one empty mask 0.0.
+* Any non-zero voxel is foreground; callers select a label with ``mask == label`` first.
+
+Surface distances live in :mod:`pipeline.evaluate.surface`, lesion-wise detection in
+:mod:`pipeline.evaluate.lesions` (re-exported here for older imports).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-
-from pipeline.postprocess.components import label_components
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
-    total = int(pred.sum()) + int(truth.sum())
+    total = int(np.count_nonzero(pred)) + int(np.count_nonzero(truth))
     if total == 0:
         return 1.0
-    return 2.0 * int(np.logical_and(pred, truth).sum()) / total
+    return 2.0 * int(np.count_nonzero(pred & truth)) / total
 
 
-@dataclass
-class Detection:
-    lesions_gt: int
-    lesions_pred: int
-    tp: int  # ground-truth lesions detected
-    fn: int  # ground-truth lesions missed
-    fp: int  # predicted components that overlap no ground-truth lesion
+def iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Intersection over union (Jaccard index); 1.0 when both masks are empty."""
+    pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
+    union = int(np.count_nonzero(pred | truth))
+    if union == 0:
+        return 1.0
+    return int(np.count_nonzero(pred & truth)) / union
 
 
-def lesion_detection(pred: np.ndarray, truth: np.ndarray) -> Detection:
-    gt_labels, n_gt = label_components(truth)
-    pred_labels, n_pred = label_components(pred)
-    overlap = (gt_labels > 0) & (pred_labels > 0)
-    detected_gt = np.unique(gt_labels[overlap])
-    matched_pred = np.unique(pred_labels[overlap])
-    tp = int(detected_gt.size)
-    return Detection(
-        lesions_gt=n_gt,
-        lesions_pred=n_pred,
-        tp=tp,
-        fn=n_gt - tp,
-        fp=n_pred - int(matched_pred.size),
-    )
+def volume_ml(mask: np.ndarray, spacing) -> float:
+    """Volume of the foreground in millilitres (voxel count × voxel volume in mm³ / 1000)."""
+    return int(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
 
 
 def safe_ratio(num: float, den: float) -> float:
     """num / den, NaN when den is 0 (e.g. recall with no ground-truth lesion)."""
     return float(num) / float(den) if den else float("nan")
+
+
+def __getattr__(name: str):
+    # ``from pipeline.evaluate.metrics import lesion_detection`` kept working after the split; lazy to
+    # avoid a circular import (lesions.py imports safe_ratio from here).
+    if name in ("lesion_detection", "Detection"):
+        from pipeline.evaluate import lesions
+
+        return getattr(lesions, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -171,6 +171,7 @@ class Trainer:
             "data_seconds": f"{data_seconds:.1f}",
         }
         self._append_log(row)
+        self._plot_curves()
         log.info("epoch %d: loss %.4f val dice %s (%.1f s)", epoch + 1, loss, row["val_dice"] or "-", seconds)
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -212,6 +213,16 @@ class Trainer:
             if new:
                 writer.writeheader()
             writer.writerow(row)
+
+    def _plot_curves(self) -> None:
+        """``log.png`` beside ``log.csv``: loss and validation Dice per epoch. A plot never fails training."""
+        target = self.log_path.with_suffix(".png")
+        try:
+            from pipeline.evaluate.plots import plot_training_curves
+
+            plot_training_curves(self.log_path, target)
+        except Exception as exc:  # noqa: BLE001 - any plotting problem only costs the picture
+            log.warning("could not plot the training curves to %s: %s", target, exc)
 
 
 def _endless(loader):
