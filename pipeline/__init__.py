@@ -3,6 +3,7 @@
 The public Python API (the CLI is a thin layer over it)::
 
     from pipeline import load_config, synthesize, train, segment_folder, evaluate_folder
+    from pipeline import rebuild_reports   # merge shard manifests / rebuild reports from sidecars
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ _API = {
     "synthesize": "pipeline.synth",
     "train": "pipeline.training",
     "segment_folder": "pipeline.infer",
+    "rebuild_reports": "pipeline.report",
     "evaluate_folder": "pipeline.evaluate",
 }
 

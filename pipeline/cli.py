@@ -19,7 +19,12 @@ log = logging.getLogger("medseg")
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take positionals after options; dotted overrides may come anywhere.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.debug = getattr(args, "debug", False)  # flags default to SUPPRESS (see _parser)
     args.quiet = getattr(args, "quiet", False)
     _setup_logging(args)
@@ -84,26 +89,71 @@ def cmd_train(args) -> int:
 
 
 def cmd_segment(args) -> int:
-    from pipeline.infer import segment_folder
+    import time
+    from pathlib import Path
 
-    results = segment_folder(args.input_dir, args.output_dir, args.model, device=args.device,
-                             progress=not args.quiet)
-    done = [r for r in results if r.status == "done"]
-    failed = [r for r in results if r.status == "failed"]
-    for r in failed:
-        print(f"failed: {r.case_id} ({r.source}): {r.error}", file=sys.stderr)
-    print(f"segmented {len(done)}/{len(results)} cases into {args.output_dir}" + (f"; {len(failed)} failed" if failed else ""))
-    if not done:
+    from pipeline.infer import exit_code, segment_folder, summarise
+    from pipeline.report import RunFiles, Shard
+
+    start = time.perf_counter()
+    model = args.model
+    select = None
+    if args.overrides:  # input.* rules on top of the model's own
+        from pipeline.config import override_config
+        from pipeline.infer import Segmenter
+
+        model = Segmenter.from_checkpoint(args.model, device=args.device)
+        select = override_config(model.config, args.overrides, allowed_prefix="input.").input
+    results = segment_folder(args.input_dir, args.output_dir, model, device=args.device,
+                             overwrite=args.overwrite, shard=args.shard, dicom_seg=args.dicom_seg,
+                             qc=not args.no_qc, progress=not args.quiet, select=select)
+    s = summarise(results)
+    for r in results:
+        if r.status == "failed":
+            print(f"failed: {r.case_id} ({r.source}): {r.error}", file=sys.stderr)
+    skipped = [r for r in results if r.status == "skipped"]
+    for r in skipped[:10]:
+        print(f"skipped: {r.case_id or r.source}: {r.error}")
+    if len(skipped) > 10:
+        print(f"skipped: ... and {len(skipped) - 10} more (see the manifest)")
+    print(f"segmented {s['done']}/{s['done'] + s['failed']} cases into {args.output_dir}"
+          + (f"; {s['failed']} failed" if s["failed"] else "") + (f"; {s['skipped']} skipped" if skipped else ""))
+    print(f"done {s['done']} ({s['resumed']} from an earlier run), skipped {s['skipped']}, failed {s['failed']}; "
+          f"{s['lesions']} lesion(s), {s['lesion_volume_ml']:.2f} mL; {time.perf_counter() - start:.1f} s")
+    files = RunFiles(Path(args.output_dir), Shard.parse(args.shard))
+    if files.shard:
+        print(f"manifest part: {files.manifest_csv}; when every shard is done: medseg manifest {args.output_dir}")
+    else:
+        print(f"manifest: {files.manifest_csv}  lesions: {files.lesions_csv}  report: {files.index_html}")
+    return exit_code(results)
+
+
+def cmd_manifest(args) -> int:
+    from pathlib import Path
+
+    from pipeline.report import rebuild_reports
+
+    rows = rebuild_reports(args.output_dir)
+    counts = {status: sum(r.get("status") == status for r in rows) for status in ("done", "skipped", "failed")}
+    lesions = sum(int(r.get("lesion_count") or 0) for r in rows if r.get("status") == "done")
+    print(f"{len(rows)} cases: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed; "
+          f"{lesions} lesion(s) -> {Path(args.output_dir) / 'manifest.csv'}, lesions.csv, index.html")
+    if counts["failed"] and not counts["done"]:
         return 2
-    return 1 if failed else 0
+    return 1 if counts["failed"] else 0
 
 
 def cmd_evaluate(args) -> int:
-    from pipeline.evaluate import evaluate_folder
+    from pipeline.evaluate import EvaluationOptions, evaluate_folder
 
-    rows, summary = evaluate_folder(args.pred_dir, args.gt_dir, args.out)
+    options = EvaluationOptions(labels=tuple(args.labels) if args.labels else None,
+                                nsd_tolerance_mm=args.nsd_tolerance, min_overlap_iou=args.min_overlap_iou,
+                                size_bins_mm3=tuple(args.size_bins))
+    rows, summary = evaluate_folder(args.pred_dir, args.gt_dir, args.out, options, progress=not args.quiet)
     _print_case_table(rows)
     _print_summary(summary)
+    if args.out:
+        print(f"metrics.csv, summary.json and plots in {args.out}")
     return 0
 
 
@@ -125,14 +175,25 @@ def cmd_demo(args) -> int:
 
 
 def _print_case_table(rows) -> None:
-    print(f"{'case':<16}{'dice':>7}{'gt':>5}{'pred':>6}{'tp':>5}{'fp':>5}{'fn':>5}")
+    import math
+
+    def number(value: float, digits: int) -> str:
+        return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+    print(f"{'case':<16}{'label':>6}{'dice':>7}{'hd95mm':>8}{'nsd':>7}{'gt':>5}{'pred':>6}{'tp':>5}{'fp':>5}{'fn':>5}")
     for r in rows:
-        dice = f"{r.dice:.3f}" if r.lesions_gt else "  -  "
-        print(f"{r.case_id:<16}{dice:>7}{r.lesions_gt:>5}{r.lesions_pred:>6}{r.lesion_tp:>5}{r.lesion_fp:>5}{r.lesion_fn:>5}")
+        dice = f"{r.dice:.3f}" if r.lesions_gt else "-"
+        print(f"{r.case_id:<16}{r.label:>6}{dice:>7}{number(r.hd95_mm, 1):>8}{number(r.nsd, 3):>7}{r.lesions_gt:>5}"
+              f"{r.lesions_pred:>6}{r.lesion_tp:>5}{r.lesion_fp:>5}{r.lesion_fn:>5}")
 
 
 def _print_summary(s: dict) -> None:
     print(f"cases: {s['n_cases']}  lesion recall: {s['lesion_recall']:.2f}  lesion precision: {s['lesion_precision']:.2f}")
+    for label, stats in s.get("per_label", {}).items():
+        m = stats["metrics"]
+        print(f"label {label} over all {stats['n_cases']} cases: Dice {m['dice']['mean']:.3f} ± {m['dice']['std']:.3f}"
+              f"  HD95 median {m['hd95_mm']['median']:.2f} mm  NSD mean {m['nsd']['mean']:.3f}  ({stats['n_both_empty']}"
+              f" without the label, distances undefined in {stats['n_distance_undefined']})")
     print(f"mean lesion Dice: {s['mean_dice']:.2f}")
 
 
@@ -147,6 +208,16 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _shard(text: str) -> str:
+    from pipeline.errors import InputError
+    from pipeline.report.outputs import Shard
+
+    try:
+        return str(Shard.parse(text))
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fraction(text: str) -> float:
@@ -200,14 +271,37 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", parents=[common], help="segment every scan under a folder")
     p.add_argument("input_dir", help="folder of NIfTI files and/or DICOM series (searched recursively)")
     p.add_argument("output_dir", help="masks are written as <case>_seg.nii.gz")
+    p.add_argument("overrides", nargs="*", help="input selection/repair rules on top of the model's, e.g. "
+                                                "input.modalities=[CT] input.on_gantry_tilt=resample")
     p.add_argument("--model", required=True, help="checkpoint written by `medseg train` (best.pt)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo every case (default: keep cases already done with the same model and settings)")
+    p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                   help="process shard I of N (1-based), e.g. 2/4: N processes can share one output folder")
+    p.add_argument("--dicom-seg", action="store_true", help="also write <case>_seg.dcm (DICOM SEG) for DICOM series")
+    p.add_argument("--no-qc", action="store_true", help="no QC pictures (qc/<case>.png)")
     p.set_defaults(func=cmd_segment)
 
-    p = sub.add_parser("evaluate", parents=[common], help="Dice and lesion detection of masks vs ground truth")
-    p.add_argument("pred_dir", help="folder of <case>_seg.nii.gz")
+    p = sub.add_parser("manifest", parents=[common],
+                       help="merge shard manifests (or rebuild from sidecars): manifest, lesions.csv, index.html")
+    p.add_argument("output_dir", help="the OUTPUT_DIR of `medseg segment`")
+    p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("evaluate", parents=[common],
+                       help="Dice, HD95, ASSD, NSD and lesion detection of masks vs ground truth")
+    p.add_argument("pred_dir", help="folder of <case>_seg.nii.gz (or <case>.nii.gz)")
     p.add_argument("gt_dir", help="folder of <case>.nii.gz (e.g. labelsTs)")
-    p.add_argument("--out", default=None, help="write metrics.csv and summary.json here")
+    p.add_argument("--out", default=None, help="write metrics.csv, summary.json and PNG plots here")
+    p.add_argument("--labels", type=int, nargs="+", default=None,
+                   help="label values to evaluate (default: every foreground label in any mask)")
+    p.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM",
+                   help="tolerance of the normalised surface Dice in mm (default 1.0)")
+    p.add_argument("--min-overlap-iou", type=float, default=0.0, metavar="X",
+                   help="IoU a ground-truth lesion needs with the predicted components overlapping it to count "
+                        "as detected (default 0: any overlap)")
+    p.add_argument("--size-bins", type=float, nargs="+", default=[100.0, 1000.0], metavar="MM3",
+                   help="lesion volume bin edges in mm³ (default 100 1000: <100, 100-1000, >=1000)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", parents=[common], help="synthesize, train, segment and evaluate end to end")

@@ -16,6 +16,7 @@ from typing import Union
 
 from pipeline.config import Config
 from pipeline.evaluate import CaseMetrics, evaluate_folder
+from pipeline.evaluate.report import json_safe
 from pipeline.infer import CaseResult, segment_folder
 from pipeline.synth import synthesize
 from pipeline.training import train
@@ -62,5 +63,5 @@ def run_demo(config: Config, out_dir: Union[str, Path] = "runs/demo", progress: 
         **{k: round(v, 1) for k, v in timings.items()},
         "seconds": round(time.perf_counter() - start, 1),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
     return DemoResult(summary=summary, cases=cases, segmented=segmented)

@@ -181,7 +181,9 @@ def test_segment_truncated_scan_fails_alone(tmp_path, capsys, checkpoint):
     assert len(failed) == 1
     assert failed[0].startswith(f"failed: bad ({bad}): cannot read NIfTI '{bad}'")
     assert "Traceback" not in err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scan_0_seg.nii.gz", "scan_1_seg.nii.gz"]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*_seg.nii.gz")) == ["scan_0_seg.nii.gz", "scan_1_seg.nii.gz"]
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # nothing half-written
 
 
 def test_segment_only_bad_scans_exits_2(tmp_path, capsys, checkpoint):

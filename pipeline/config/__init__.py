@@ -1,6 +1,6 @@
 """Configuration: typed sections (``schema``) loaded from YAML with dotted overrides (``load``)."""
 
-from pipeline.config.load import config_from_dict, config_to_dict, load_config, save_config
+from pipeline.config.load import config_from_dict, config_to_dict, load_config, override_config, save_config
 from pipeline.config.schema import (
     AugmentConfig,
     Config,
@@ -32,5 +32,6 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "override_config",
     "save_config",
 ]

@@ -29,6 +29,19 @@ def load_config(path: Union[str, Path, None] = None, overrides: Iterable[str] = 
     return config_from_dict(raw)
 
 
+def override_config(config: Config, overrides: Iterable[str], allowed_prefix: str = "") -> Config:
+    """``config`` with ``key.sub=value`` overrides applied and validated; keys must start with
+    ``allowed_prefix`` (e.g. ``input.`` where only the input rules may change)."""
+    raw = config_to_dict(config)
+    for item in overrides:
+        key, value = _parse_override(item)
+        if not key.startswith(allowed_prefix):
+            raise ConfigError(f"override '{item}' cannot be changed here: expected keys starting with "
+                              f"'{allowed_prefix}' (e.g. {allowed_prefix}modalities=[CT])")
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
 def config_from_dict(raw: dict) -> Config:
     """Build and validate a :class:`Config` from plain nested dicts (YAML, or a checkpoint's copy)."""
     config = _build(Config, raw, prefix="")

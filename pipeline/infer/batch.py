@@ -1,32 +1,103 @@
-"""``segment_folder``: every scan under a folder, one at a time, one bad scan never stops the batch."""
+"""``segment_folder``: every scan under a folder into masks a hospital pipeline can trust.
+
+* **Isolated**: a case that fails (corrupt file, inconsistent series, out of memory) is recorded with a
+  one-line reason and the others go on; nothing of a failed case is left in the output folder.
+* **Reported**: ``manifest.csv``/``.json`` (one row per case: done | skipped | failed), ``lesions.csv``,
+  a provenance sidecar ``<case>_seg.json`` per mask, a QC picture ``qc/<case>.png`` and ``index.html``,
+  rewritten atomically as each case finishes, plus ``segment.log``.
+* **Resumable**: a case whose mask and sidecar exist with the same fingerprint (model, settings,
+  package version, source files) is kept as ``done`` (``resumed``) without being redone. Every file is
+  written to a temporary name and renamed, the sidecar last, so a run killed at any moment leaves only
+  complete files and the next run finishes the rest.
+* **Fast**: the model is loaded once; reading + preprocessing of the next case (loader thread) and
+  post-processing + writing of the previous one (writer thread) overlap the network's work on the
+  current one. The queues between the stages hold one case each, so memory stays bounded (at most
+  five cases in flight).
+* **Shared safely**: one run per output folder (lock file); ``shard=(I, N)`` splits the cases between
+  N processes, each with its own lock, manifest part and log (merge with ``medseg manifest``).
+
+The run reads as its steps: discover → load the model → prepare the output folder → lock → plan
+(resume) → load | infer | finish+write, per case → reports.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
+import queue
+import socket
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from pipeline.config.schema import InputConfig
 from pipeline.errors import InputError, describe_error
 from pipeline.infer.segmenter import Segmenter
-from pipeline.io.discover import Case, discover_cases
+from pipeline.io.discover import Case, Discovery, discover
+from pipeline.io.geometry import voxel_spacing
 from pipeline.io.write import write_mask
+from pipeline.report.fingerprint import case_fingerprint, state_dict_sha256
+from pipeline.report.html import write_index_html
+from pipeline.report.lesions import Lesion, lesion_from_dict, lesion_stats, lesion_totals, write_lesions_csv
+from pipeline.report.lock import OutputLock
+from pipeline.report.manifest import ALL_COLUMNS, Manifest
+from pipeline.report.outputs import (
+    MASK_SUFFIX,
+    CaseOutputs,
+    RunFiles,
+    Shard,
+    prepare_output_dir,
+    remove_temporaries,
+)
+from pipeline.report.sidecar import read_sidecar, write_sidecar
 
 log = logging.getLogger(__name__)
+run_log = logging.getLogger("pipeline.run")  # per-case lines for segment.log only (never the console)
 
-MASK_SUFFIX = "_seg.nii.gz"
+__all__ = ["MASK_SUFFIX", "CaseResult", "exit_code", "segment_folder", "summarise"]
 
 
 @dataclass
 class CaseResult:
+    """One case of a run: a manifest row (see :data:`pipeline.report.manifest.ALL_COLUMNS`) + its lesions."""
+
     case_id: str
     source: str
-    status: str  # done | failed
+    status: str  # done | skipped | failed
     output: str = ""
     error: str = ""
     seconds: float = 0.0
     shape: tuple = ()
+    series_uid: str = ""
+    kind: str = ""
+    spacing_mm: tuple = ()
+    lesion_count: Optional[int] = None
+    lesion_volume_ml: Optional[float] = None
+    seconds_load: float = 0.0
+    seconds_infer: float = 0.0
+    seconds_post: float = 0.0  # probabilities back to the source grid, labels, lesion statistics
+    seconds_write: float = 0.0  # mask, DICOM SEG, QC picture, sidecar
+    resumed: bool = False  # done by an earlier run with the same fingerprint
+    fingerprint: str = ""
+    model_sha256: str = ""
+    sidecar: str = ""
+    qc_png: str = ""
+    dicom_seg: str = ""
+    started: str = ""
+    finished: str = ""
+    host: str = ""
+    lesions: list = field(default_factory=list, repr=False)  # list[Lesion]
+
+    def to_row(self) -> dict:
+        row = {name: getattr(self, name, None) for name in ALL_COLUMNS}
+        row["shape"] = list(self.shape) or None
+        row["spacing_mm"] = [round(float(s), 6) for s in self.spacing_mm] or None
+        for name in ("seconds_load", "seconds_infer", "seconds_post", "seconds_write", "seconds"):
+            row[name] = None if self.status == "skipped" else round(row[name], 4)
+        return row
 
 
 def segment_folder(
@@ -35,50 +106,460 @@ def segment_folder(
     model: Union[str, Path, Segmenter],
     *,
     device: str = "auto",
-    on_case: Optional[Callable[[CaseResult], None]] = None,
+    overwrite: bool = False,
+    shard: Union[None, str, tuple, Shard] = None,
+    dicom_seg: bool = False,
+    qc: bool = True,
     progress: bool = False,
+    background: bool = True,
+    select: Optional[InputConfig] = None,
+    on_case: Optional[Callable[[CaseResult], None]] = None,
 ) -> list[CaseResult]:
-    """Segment every scan under ``input_dir`` into ``output_dir/<case>_seg.nii.gz``.
+    """Segment every scan under ``input_dir`` into ``output_dir/<case>_seg.nii.gz`` (+ reports).
 
-    ``model`` is a checkpoint path or a ready :class:`Segmenter`. Returns one result per case; a case
-    that fails is recorded with its error and the others go on.
+    ``model``: a checkpoint path or a ready :class:`Segmenter`. ``overwrite``: redo cases already done.
+    ``shard``: ``"I/N"`` or ``(I, N)``, 1-based: this process takes every N-th case from the I-th.
+    ``dicom_seg``: also write ``<case>_seg.dcm`` for DICOM sources. ``qc``: QC pictures.
+    ``background=False`` runs the stages one after another (a baseline for the throughput benchmark).
+    ``select``: which scans to use and how to treat inconsistent DICOM series (``input.*``); default:
+    the model's config. ``on_case`` is called (from the writer thread) as each case finishes. Returns one result per case
+    of this run (shard), in manifest order. Errors before any work (no scans, bad model, unwritable
+    output, folder locked) raise :class:`~pipeline.errors.MedsegError`.
     """
-    cases = discover_cases(input_dir)
-    if not cases:
-        raise InputError(
-            f"no scans found under '{input_dir}': expected NIfTI files (.nii/.nii.gz) or folders of "
-            "DICOM files. Check the path"
-        )
+    shard = Shard.parse(shard)
+    if not Path(input_dir).exists():
+        raise InputError(f"input folder not found: '{input_dir}'. Pass a folder holding NIfTI files or DICOM series")
     segmenter = model if isinstance(model, Segmenter) else Segmenter.from_checkpoint(model, device=device)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    iterator = cases
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(cases, desc="segment", unit="case")
-    for case in iterator:
-        result = _segment_case(segmenter, case, output_dir)
-        results.append(result)
-        if on_case is not None:
-            on_case(result)
-    return results
+    select = select or segmenter.config.input
+    discovery = discover(input_dir, select)
+    if not discovery.cases:
+        raise InputError(_nothing_found(input_dir, discovery))
+    if dicom_seg and any(case.kind == "dicom" for case in discovery.cases):
+        _dicom_seg_writer()  # fail now, not on every case
+    files = RunFiles(prepare_output_dir(output_dir), shard)
+    with OutputLock(files.lock, conflicts=files.conflicting_locks()), _log_to(files.log):
+        run = _BatchRun(segmenter, files, model=model, input_dir=input_dir, overwrite=overwrite, select=select,
+                        dicom_seg=dicom_seg, qc=qc, progress=progress, on_case=on_case)
+        return run.run(discovery, background=background)
 
 
-def _segment_case(segmenter: Segmenter, case: Case, output_dir: Path) -> CaseResult:
-    start = time.perf_counter()
-    out_path = output_dir / f"{case.case_id}{MASK_SUFFIX}"
+def summarise(results: list[CaseResult]) -> dict:
+    done = [r for r in results if r.status == "done"]
+    return {
+        "done": len(done), "resumed": sum(r.resumed for r in done),
+        "skipped": sum(r.status == "skipped" for r in results),
+        "failed": sum(r.status == "failed" for r in results),
+        "lesions": sum(r.lesion_count or 0 for r in done),
+        "lesion_volume_ml": sum(r.lesion_volume_ml or 0.0 for r in done),
+    }
+
+
+def exit_code(results: list[CaseResult]) -> int:
+    """0: every case done or skipped; 1: some failed; 2: some failed and none succeeded."""
+    s = summarise(results)
+    if s["failed"] and not s["done"]:
+        return 2
+    return 1 if s["failed"] else 0
+
+
+# --- one run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Item:
+    """A case on its way through the stages."""
+
+    case: Case
+    fingerprint: str
+    started: str = ""
+    prepared: object = None
+    probs: object = None
+    error: Optional[BaseException] = None
+    seconds_load: float = 0.0
+    seconds_infer: float = 0.0
+
+
+_END = object()
+
+
+class _BatchRun:
+    def __init__(self, segmenter: Segmenter, files: RunFiles, *, model, input_dir, overwrite, select, dicom_seg, qc,
+                 progress, on_case):
+        from pipeline.model.checkpoint import versions
+
+        self.segmenter, self.files = segmenter, files
+        self.out = files.output_dir
+        self.overwrite, self.dicom_seg, self.qc = overwrite, dicom_seg, qc
+        self.progress, self.on_case = progress, on_case
+        self.model_id = segmenter.model_sha256 or "state:" + state_dict_sha256(segmenter.network.state_dict())
+        self.host = socket.gethostname()
+        self.versions = versions()
+        self.config = replace(segmenter.config, input=select)  # what decides the masks, input rules included
+        self.config_dict = asdict(self.config)
+        self.results: dict[str, CaseResult] = {}
+        self._lock = threading.RLock()  # _record saves the reports under the same lock
+        self.bar = None
+        model_path = "" if isinstance(model, Segmenter) else str(model)
+        self.manifest = Manifest(files.manifest_csv, files.manifest_json, {
+            "input_dir": str(input_dir), "output_dir": str(self.out), "model": model_path,
+            "model_sha256": segmenter.model_sha256, "shard": str(files.shard) if files.shard else None,
+            "started": _now(), "host": self.host, "versions": self.versions,
+        })
+
+    def run(self, discovery: Discovery, background: bool) -> list[CaseResult]:
+        start = time.perf_counter()
+        cases = sorted(discovery.cases, key=lambda c: c.case_id)
+        skipped = list(discovery.skipped)
+        if self.files.shard:
+            cases = self.files.shard.select(cases)
+            skipped = skipped if self.files.shard.index == 1 else []
+        removed = remove_temporaries([p for c in cases for p in CaseOutputs(self.out, c.case_id).all()]
+                                     + self.files.own_files())
+        if removed:
+            log.info("removed %d temporary file(s) left by an interrupted run", len(removed))
+        todo = self._plan(cases, skipped)
+        run_log.info("run started: %d case(s) in this %s, %d already done, %d skipped by discovery; model %s",
+                     len(cases), f"shard {self.files.shard}" if self.files.shard else "run",
+                     len(cases) - len(todo), len(skipped), self.manifest.meta["model"] or self.model_id)
+        self._open_bar(len(cases), len(cases) - len(todo))
+        try:
+            if background:
+                _pipelined(todo, self._load, self._infer, self._finalize, thread_init=self._thread_init)
+            else:
+                for case, fingerprint in todo:
+                    item = self._load(case, fingerprint)
+                    self._infer(item)
+                    self._finalize(item)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            self._save_reports()
+        ordered = [self.results[k] for k in sorted(self.results, key=_result_order(self.results))]
+        s = summarise(ordered)
+        run_log.info("run finished in %.1f s: %d done (%d resumed), %d skipped, %d failed; %d lesion(s), %.2f mL",
+                     time.perf_counter() - start, s["done"], s["resumed"], s["skipped"], s["failed"],
+                     s["lesions"], s["lesion_volume_ml"])
+        return ordered
+
+    def _thread_init(self) -> None:
+        """Background threads on a CPU-only run: one torch thread each (torch's thread count is per
+        thread), so reading and writing take a core's slack instead of fighting inference's threads."""
+        if self.segmenter.device.type == "cpu":
+            import torch
+
+            torch.set_num_threads(1)
+
+    # --- planning ---------------------------------------------------------------------------------
+
+    def _plan(self, cases: list[Case], skipped) -> list[tuple[Case, str]]:
+        for item in skipped:
+            self._record(CaseResult(case_id=item.case_id, source=str(item.source), status="skipped",
+                                    error=item.reason, series_uid=item.series_uid, finished=_now()), save=False)
+        todo = []
+        for case in cases:
+            fingerprint = case_fingerprint(self.model_id, self.config, case.files)
+            previous = None if self.overwrite else self._previous(case, fingerprint)
+            if previous is not None:
+                self._record(previous, save=False)
+                run_log.info("case %s: already done (same fingerprint), kept", case.case_id)
+            else:
+                todo.append((case, fingerprint))
+        self._save_reports()
+        return todo
+
+    def _previous(self, case: Case, fingerprint: str) -> Optional[CaseResult]:
+        """The result of an earlier run for ``case``, if its outputs are complete and match."""
+        outputs = CaseOutputs(self.out, case.case_id)
+        data = read_sidecar(outputs.sidecar)
+        if data is None or data.get("fingerprint") != fingerprint or not outputs.mask.is_file():
+            return None
+        if self.qc and not outputs.qc_png.is_file():
+            return None
+        if self.dicom_seg and case.kind == "dicom" and not outputs.dicom_seg.is_file():
+            return None
+        result = _result_from_sidecar(data, case, outputs)
+        result.resumed = True
+        return result
+
+    # --- the stages -------------------------------------------------------------------------------
+
+    def _load(self, case: Case, fingerprint: str) -> _Item:
+        item = _Item(case, fingerprint, started=_now())
+        start = time.perf_counter()
+        try:
+            item.prepared = self.segmenter.load(case.reader_input)
+        except Exception as exc:  # isolate the case: recorded by the writer
+            item.error = exc
+        item.seconds_load = time.perf_counter() - start
+        return item
+
+    def _infer(self, item: _Item) -> None:
+        if item.error is not None:
+            return
+        start = time.perf_counter()
+        tiles = None
+        try:
+            if self.progress:
+                from tqdm import tqdm
+
+                tiles = tqdm(total=self.segmenter.tile_batches(item.prepared), desc=f"  {item.case.case_id}",
+                             unit="tile", leave=False, position=1, dynamic_ncols=True)
+            tick = (lambda: tiles.update(1)) if tiles is not None else None
+            item.probs = self.segmenter.predict(item.prepared, progress=tick)
+        except Exception as exc:  # out of memory included: the batch goes on
+            item.error, item.prepared, item.probs = exc, None, None
+            _free_device_memory()
+        finally:
+            if tiles is not None:
+                tiles.close()
+        item.seconds_infer = time.perf_counter() - start
+
+    def _finalize(self, item: _Item) -> None:
+        outputs = CaseOutputs(self.out, item.case.case_id)
+        result = None
+        if item.error is None:
+            try:
+                result = self._write(item, outputs)
+            except Exception as exc:
+                item.error = exc
+        if item.error is not None:
+            outputs.remove()  # nothing partial (nor stale) of a failed case
+            message = _one_line(item.error)
+            log.error("case %s failed: %s", item.case.case_id, message)
+            log.debug("case %s traceback", item.case.case_id, exc_info=item.error)
+            case = item.case
+            result = CaseResult(case.case_id, case.display_source, "failed", error=message,
+                                series_uid=case.series_uid, kind=case.kind, fingerprint=item.fingerprint,
+                                model_sha256=self.segmenter.model_sha256, started=item.started,
+                                finished=_now(), host=self.host, seconds_load=item.seconds_load,
+                                seconds_infer=item.seconds_infer)
+        else:
+            run_log.info("case %s done: %d lesion(s), %.2f mL; load %.2f s, infer %.2f s, post %.2f s, "
+                         "write %.2f s", result.case_id, result.lesion_count, result.lesion_volume_ml,
+                         result.seconds_load, result.seconds_infer, result.seconds_post, result.seconds_write)
+        item.prepared = item.probs = None
+        self._record(result)
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.on_case is not None:
+            self.on_case(result)
+
+    def _write(self, item: _Item, outputs: CaseOutputs) -> CaseResult:
+        case, config = item.case, self.segmenter.config
+        start = time.perf_counter()
+        seg = self.segmenter.finish(item.probs, item.prepared)
+        item.prepared = item.probs = None
+        lesions = lesion_stats(seg.labels, seg.affine, image=seg.image, probability=seg.foreground,
+                               case_id=case.case_id)
+        count, volume = lesion_totals(lesions)
+        seconds_post = time.perf_counter() - start
+
+        start = time.perf_counter()
+        outputs.sidecar.unlink(missing_ok=True)  # the case counts as unfinished until the new sidecar
+        write_mask(seg.labels, seg.affine, outputs.mask, source=case.source if case.kind == "nifti" else None)
+        if self.dicom_seg and case.kind == "dicom":
+            _dicom_seg_writer()(seg.labels, seg.affine, case.files, outputs.dicom_seg, config.label_names)
+        if self.qc:
+            from pipeline.report.qc import display_window, write_qc_png
+
+            largest = max(lesions, key=lambda lesion: lesion.voxels, default=None)
+            intensity = config.preprocess.intensity
+            window = display_window(seg.image, intensity.mode, intensity.window)
+            write_qc_png(outputs.qc_png, seg.image, seg.labels, seg.affine,
+                         centre_mm=None if largest is None else largest.centroid_mm, window=window,
+                         title=f"{case.case_id}: {count} lesion(s), {volume:.2f} mL")
+        result = CaseResult(
+            case.case_id, case.display_source, "done", output=str(outputs.mask),
+            shape=tuple(int(s) for s in seg.labels.shape), series_uid=case.series_uid, kind=case.kind,
+            spacing_mm=tuple(float(s) for s in voxel_spacing(seg.affine)), lesion_count=count,
+            lesion_volume_ml=volume, seconds_load=item.seconds_load, seconds_infer=item.seconds_infer,
+            seconds_post=seconds_post, fingerprint=item.fingerprint, model_sha256=self.segmenter.model_sha256,
+            sidecar=str(outputs.sidecar), qc_png=str(outputs.qc_png) if self.qc else "",
+            dicom_seg=str(outputs.dicom_seg) if self.dicom_seg and case.kind == "dicom" else "",
+            started=item.started, host=self.host, lesions=lesions,
+        )
+        result.seconds_write = time.perf_counter() - start
+        result.seconds = result.seconds_load + result.seconds_infer + result.seconds_post + result.seconds_write
+        result.finished = _now()
+        write_sidecar(outputs.sidecar, self._sidecar(result, case, seg.affine))  # last: the case is finished
+        return result
+
+    def _sidecar(self, result: CaseResult, case: Case, affine) -> dict:
+        row = result.to_row()
+        row.pop("status"), row.pop("error"), row.pop("resumed"), row.pop("sidecar")
+        return {**row, "model": self.manifest.meta["model"], "source_files": len(case.files),
+                "affine": [[round(float(v), 6) for v in r] for r in affine], "config": self.config_dict,
+                "versions": self.versions, "lesions": [asdict(lesion) for lesion in result.lesions]}
+
+    # --- reports ----------------------------------------------------------------------------------
+
+    def _record(self, result: CaseResult, save: bool = True) -> None:
+        with self._lock:
+            self.results[result.case_id or f"source:{result.source}"] = result
+            self.manifest.record(result.to_row(), save=False)
+            if save:
+                self._save_reports()
+
+    def _save_reports(self) -> None:
+        with self._lock:
+            self.manifest.meta["updated"] = _now()
+            self.manifest.save()
+            lesions: list[Lesion] = []
+            for key in sorted(self.results):
+                if self.results[key].status == "done":
+                    lesions += self.results[key].lesions
+            write_lesions_csv(lesions, self.files.lesions_csv)
+            if self.files.index_html is not None:
+                write_index_html(self.manifest.rows, self.out)
+
+    def _open_bar(self, total: int, initial: int) -> None:
+        if self.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="segment", unit="case", position=0,
+                            dynamic_ncols=True)
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _pipelined(todo, load: Callable, infer: Callable, finalize: Callable,
+               thread_init: Callable[[], None] = lambda: None) -> None:
+    """``finalize(infer(load(x)))`` for each x, with load and finalize in their own threads.
+
+    Queues of one item between the stages bound the memory. ``infer`` runs in the calling thread (so
+    Ctrl-C reaches it); on any exit the loader is stopped and what was inferred is still finalized.
+    """
+    loaded: queue.Queue = queue.Queue(maxsize=1)
+    inferred: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    writer_error: list[BaseException] = []
+
+    def put(q: queue.Queue, item, alive: Callable[[], bool]) -> bool:
+        while alive():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def loader() -> None:
+        thread_init()
+        try:
+            for case, fingerprint in todo:
+                if stop.is_set() or not put(loaded, load(case, fingerprint), lambda: not stop.is_set()):
+                    return
+        finally:
+            put(loaded, _END, lambda: not stop.is_set())
+
+    def writer() -> None:
+        thread_init()
+        while True:
+            item = inferred.get()
+            if item is _END:
+                return
+            try:
+                finalize(item)
+            except BaseException as exc:  # the reports cannot be written (disk full?): stop the run
+                writer_error.append(exc)
+                stop.set()
+                return
+
+    threads = [threading.Thread(target=loader, name="medseg-loader", daemon=True),
+               threading.Thread(target=writer, name="medseg-writer", daemon=True)]
+    for thread in threads:
+        thread.start()
     try:
-        seg = segmenter.segment(case.source)
-        write_mask(seg.labels, seg.affine, out_path, source=case.source if case.kind == "nifti" else None)
-    except Exception as exc:  # isolate the case: record why, go on with the others
-        message = describe_error(exc)
-        log.error("case %s failed: %s", case.case_id, message)
-        log.debug("case %s traceback", case.case_id, exc_info=True)
-        return CaseResult(case.case_id, case.display_source, "failed", error=message,
-                          seconds=time.perf_counter() - start)
-    seconds = time.perf_counter() - start
-    log.info("case %s done in %.1f s -> %s", case.case_id, seconds, out_path)
-    return CaseResult(case.case_id, case.display_source, "done", output=str(out_path), seconds=seconds,
-                      shape=tuple(int(s) for s in seg.labels.shape))
+        while not writer_error:
+            item = loaded.get()
+            if item is _END:
+                break
+            infer(item)
+            if not put(inferred, item, threads[1].is_alive):
+                break
+    finally:
+        stop.set()
+        while threads[0].is_alive():
+            with contextlib.suppress(queue.Empty):
+                loaded.get(timeout=0.1)  # unblock the loader
+        put(inferred, _END, threads[1].is_alive)
+        threads[1].join()
+    if writer_error:
+        raise writer_error[0]
+
+
+def _result_from_sidecar(data: dict, case: Case, outputs: CaseOutputs) -> CaseResult:
+    lesions = [lesion_from_dict(d) for d in data.get("lesions") or []]
+    count, volume = lesion_totals(lesions)
+    timing = {n: float(data.get(n) or 0.0) for n in ("seconds_load", "seconds_infer", "seconds_post",
+                                                      "seconds_write", "seconds")}
+    return CaseResult(
+        case.case_id, case.display_source, "done", output=str(outputs.mask), shape=tuple(data.get("shape") or ()),
+        series_uid=case.series_uid, kind=case.kind, spacing_mm=tuple(data.get("spacing_mm") or ()),
+        lesion_count=count, lesion_volume_ml=volume, fingerprint=str(data.get("fingerprint")),
+        model_sha256=str(data.get("model_sha256") or ""), sidecar=str(outputs.sidecar),
+        qc_png=str(outputs.qc_png) if outputs.qc_png.is_file() else "",
+        dicom_seg=str(outputs.dicom_seg) if outputs.dicom_seg.is_file() else "",
+        started=str(data.get("started") or ""), finished=str(data.get("finished") or ""),
+        host=str(data.get("host") or ""), lesions=lesions, **timing,
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    """The reason a case failed, in one line: past MONAI's "applying transform ..." wrapper to its cause."""
+    while (isinstance(exc, RuntimeError) and str(exc).startswith("applying transform")
+           and exc.__cause__ is not None):
+        exc = exc.__cause__
+    return " ".join(describe_error(exc).split())
+
+
+def _result_order(results: dict[str, CaseResult]):
+    return lambda key: (not results[key].case_id, key)
+
+
+def _nothing_found(input_dir, discovery: Discovery) -> str:
+    message = (f"no scans found under '{input_dir}': expected NIfTI files (.nii/.nii.gz) or folders of "
+               "DICOM files. Check the path")
+    if discovery.skipped:
+        first = discovery.skipped[0]
+        message += f" ({len(discovery.skipped)} item(s) skipped, e.g. '{first.source}': {first.reason})"
+    return message
+
+
+def _dicom_seg_writer():
+    try:
+        from pipeline.io.dicom_seg import write_dicom_seg
+    except ImportError as exc:
+        raise InputError(f"DICOM SEG output is not available in this installation ({exc}): "
+                         "run without --dicom-seg, or install medseg with highdicom") from None
+    return write_dicom_seg
+
+
+def _free_device_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
+
+
+@contextlib.contextmanager
+def _log_to(path: Path):
+    """Append the package's log (and the per-case lines of ``run_log``) to ``path`` during the run."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    package = logging.getLogger("pipeline")
+    run_log.propagate = False
+    run_log.setLevel(logging.INFO)
+    package.addHandler(handler)
+    run_log.addHandler(handler)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        run_log.removeHandler(handler)
+        handler.close()
