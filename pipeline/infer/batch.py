@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import queue
 import socket
 import threading
 import time
@@ -36,6 +35,7 @@ from typing import Callable, Optional, Union
 from pipeline.config.schema import InputConfig
 from pipeline.errors import InputError, describe_error
 from pipeline.infer.segmenter import Segmenter
+from pipeline.infer.stages import pipelined
 from pipeline.io.discover import Case, Discovery, discover
 from pipeline.io.geometry import voxel_spacing
 from pipeline.io.write import write_mask
@@ -179,7 +179,6 @@ class _Item:
     seconds_infer: float = 0.0
 
 
-_END = object()
 
 
 class _BatchRun:
@@ -224,7 +223,7 @@ class _BatchRun:
         self._open_bar(len(cases), len(cases) - len(todo))
         try:
             if background:
-                _pipelined(todo, self._load, self._infer, self._finalize, thread_init=self._thread_init)
+                pipelined(todo, self._load, self._infer, self._finalize, thread_init=self._thread_init)
             else:
                 for case, fingerprint in todo:
                     item = self._load(case, fingerprint)
@@ -421,72 +420,6 @@ class _BatchRun:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-def _pipelined(todo, load: Callable, infer: Callable, finalize: Callable,
-               thread_init: Callable[[], None] = lambda: None) -> None:
-    """``finalize(infer(load(x)))`` for each x, with load and finalize in their own threads.
-
-    Queues of one item between the stages bound the memory. ``infer`` runs in the calling thread (so
-    Ctrl-C reaches it); on any exit the loader is stopped and what was inferred is still finalized.
-    """
-    loaded: queue.Queue = queue.Queue(maxsize=1)
-    inferred: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-    writer_error: list[BaseException] = []
-
-    def put(q: queue.Queue, item, alive: Callable[[], bool]) -> bool:
-        while alive():
-            try:
-                q.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def loader() -> None:
-        thread_init()
-        try:
-            for case, fingerprint in todo:
-                if stop.is_set() or not put(loaded, load(case, fingerprint), lambda: not stop.is_set()):
-                    return
-        finally:
-            put(loaded, _END, lambda: not stop.is_set())
-
-    def writer() -> None:
-        thread_init()
-        while True:
-            item = inferred.get()
-            if item is _END:
-                return
-            try:
-                finalize(item)
-            except BaseException as exc:  # the reports cannot be written (disk full?): stop the run
-                writer_error.append(exc)
-                stop.set()
-                return
-
-    threads = [threading.Thread(target=loader, name="medseg-loader", daemon=True),
-               threading.Thread(target=writer, name="medseg-writer", daemon=True)]
-    for thread in threads:
-        thread.start()
-    try:
-        while not writer_error:
-            item = loaded.get()
-            if item is _END:
-                break
-            infer(item)
-            if not put(inferred, item, threads[1].is_alive):
-                break
-    finally:
-        stop.set()
-        while threads[0].is_alive():
-            with contextlib.suppress(queue.Empty):
-                loaded.get(timeout=0.1)  # unblock the loader
-        put(inferred, _END, threads[1].is_alive)
-        threads[1].join()
-    if writer_error:
-        raise writer_error[0]
 
 
 def _result_from_sidecar(data: dict, case: Case, outputs: CaseOutputs) -> CaseResult:
