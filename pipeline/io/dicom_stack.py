@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -163,8 +164,10 @@ def _decode_classic(paths: list[str], volume: DicomVolume) -> np.ndarray:
     try:
         image = reader.Execute()
     except RuntimeError as exc:
+        culprit = _first_undecodable(paths)
+        where = f" (first bad file: {Path(culprit).name})" if culprit else ""
         raise InputError(
-            f"cannot decode {volume.describe()}: {_itk_reason(exc)}. A file may be truncated or use an "
+            f"cannot decode {volume.describe()}{where}: {_itk_reason(exc)}. A file may be truncated or use an "
             "unsupported transfer syntax; remove it or re-export the series"
         ) from None
     array = sitk.GetArrayFromImage(image)
@@ -173,6 +176,17 @@ def _decode_classic(paths: list[str], volume: DicomVolume) -> np.ndarray:
     if array.shape[0] != len(paths):
         raise InputError(f"cannot decode {volume.describe()}: expected {len(paths)} slices, decoded {array.shape[0]}")
     return array
+
+
+def _first_undecodable(paths: list[str]) -> str:
+    """The first file GDCM cannot decode on its own (only looked for after a series failed)."""
+    sitk = _sitk()
+    for path in paths:
+        try:
+            sitk.ReadImage(path)
+        except RuntimeError:
+            return path
+    return ""
 
 
 def _decode_multiframe(volume: DicomVolume) -> np.ndarray:
@@ -280,6 +294,4 @@ def _fmt(position) -> str:
 
 
 def _name(frame: Frame) -> str:
-    from pathlib import Path
-
     return Path(frame.path).name

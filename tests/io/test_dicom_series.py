@@ -381,3 +381,22 @@ def test_convert_of_a_folder_without_scans_fails(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text("x")
     assert main(["convert", str(tmp_path / "in"), str(tmp_path / "out"), "-q"]) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "unsupported_syntax"])
+def test_undecodable_slice_names_the_case_and_the_file(tmp_path, damage):
+    from pydicom.encaps import encapsulate
+
+    paths = _write(tmp_path / "in" / "s", hu_volume(SHAPE), make_affine("RAS"))
+    if damage == "truncated":
+        paths[3].write_bytes(paths[3].read_bytes()[:-100])  # header intact, pixel data cut short
+    else:  # MPEG-2 video: no decoder for it
+        ds = pydicom.dcmread(paths[3])
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+        ds.PixelData = encapsulate([b"\x00" * 64])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(paths[3], enforce_file_format=True)
+
+    case = discover(tmp_path / "in").cases[0]
+    with pytest.raises(InputError, match=rf"cannot decode case s: CT series 1 .*10 files.*first bad file: {paths[3].name}"):
+        _read(case)
