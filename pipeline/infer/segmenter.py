@@ -80,7 +80,10 @@ class Segmenter:
 
         ``progress``: an optional callable called once per network forward (sliding-window batch).
         """
-        hook = self.network.register_forward_hook(lambda *_: progress()) if progress is not None else None
+        def tick(*_) -> None:  # a forward hook must return None, or its value replaces the output
+            progress()
+
+        hook = self.network.register_forward_hook(tick) if progress is not None else None
         try:
             logits = predict_logits(self.network, image, self.config.inference, self.config.model.spatial_dims)
         finally:

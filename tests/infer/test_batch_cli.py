@@ -227,3 +227,18 @@ def test_segment_input_overrides_select_and_repair(tmp_path, checkpoint):
     assert (tmp_path / "b" / "gappy_seg.nii.gz").is_file()
     assert main(["segment", str(tmp_path / "in"), str(tmp_path / "c"), "--model", str(model), "-q",
                  "train.epochs=3"]) == 2  # only input.* may change here
+
+
+def test_progress_bars_do_not_change_the_masks(tmp_path, checkpoint):
+    """With progress on (the default without -q), the tile counter must not touch the network's output."""
+    import nibabel as nib
+
+    from pipeline.infer import segment_folder
+
+    write_scans(tmp_path / "in", 1)
+    quiet = segment_folder(tmp_path / "in", tmp_path / "quiet", checkpoint, device="cpu", qc=False)
+    shown = segment_folder(tmp_path / "in", tmp_path / "shown", checkpoint, device="cpu", qc=False, progress=True)
+    assert [r.status for r in quiet] == [r.status for r in shown] == ["done"]
+    a = nib.load(str(tmp_path / "quiet" / "scan_0_seg.nii.gz")).get_fdata()
+    b = nib.load(str(tmp_path / "shown" / "scan_0_seg.nii.gz")).get_fdata()
+    np.testing.assert_array_equal(a, b)
