@@ -242,3 +242,17 @@ def test_progress_bars_do_not_change_the_masks(tmp_path, checkpoint):
     a = nib.load(str(tmp_path / "quiet" / "scan_0_seg.nii.gz")).get_fdata()
     b = nib.load(str(tmp_path / "shown" / "scan_0_seg.nii.gz")).get_fdata()
     np.testing.assert_array_equal(a, b)
+
+
+def test_progress_callback_return_value_is_ignored(checkpoint):
+    """tqdm's update() returns True when it redraws; a forward hook returning it replaced the output."""
+    import torch
+
+    from pipeline.infer import Segmenter
+
+    segmenter = Segmenter.from_checkpoint(checkpoint, device="cpu")
+    image = torch.rand(1, 24, 24, 12)
+    calls = []
+    with_progress = segmenter.probabilities(image, progress=lambda: calls.append(1) or True)
+    np.testing.assert_allclose(with_progress.numpy(), segmenter.probabilities(image).numpy(), atol=1e-6)
+    assert calls
