@@ -38,9 +38,16 @@ def find_medseg_error(exc: BaseException) -> "MedsegError | None":
 
 
 def describe_error(exc: BaseException) -> str:
-    """One line for the user: our own message if one is in the chain, else the exception's first line."""
+    """One line for the user: our own message if one is in the chain, else the exception's first line.
+
+    MONAI wraps errors raised inside transforms in ``RuntimeError("applying transform ...")``; the
+    wrapped cause is what the user needs, so it is described instead.
+    """
     known = find_medseg_error(exc)
     if known is not None:
-        return str(known)
+        return " ".join(str(known).split())
+    while (isinstance(exc, RuntimeError) and str(exc).startswith("applying transform")
+           and exc.__cause__ is not None):
+        exc = exc.__cause__
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return f"{type(exc).__name__}: {lines[0].strip() if lines else ''}"

@@ -39,12 +39,3 @@ def safe_ratio(num: float, den: float) -> float:
     """num / den, NaN when den is 0 (e.g. recall with no ground-truth lesion)."""
     return float(num) / float(den) if den else float("nan")
 
-
-def __getattr__(name: str):
-    # ``from pipeline.evaluate.metrics import lesion_detection`` kept working after the split; lazy to
-    # avoid a circular import (lesions.py imports safe_ratio from here).
-    if name in ("lesion_detection", "Detection"):
-        from pipeline.evaluate import lesions
-
-        return getattr(lesions, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -323,7 +323,7 @@ class _BatchRun:
                 item.error = exc
         if item.error is not None:
             outputs.remove()  # nothing partial (nor stale) of a failed case
-            message = _one_line(item.error)
+            message = describe_error(item.error)
             log.error("case %s failed: %s", item.case.case_id, message)
             log.debug("case %s traceback", item.case.case_id, exc_info=item.error)
             case = item.case
@@ -437,14 +437,6 @@ def _result_from_sidecar(data: dict, case: Case, outputs: CaseOutputs) -> CaseRe
         started=str(data.get("started") or ""), finished=str(data.get("finished") or ""),
         host=str(data.get("host") or ""), lesions=lesions, **timing,
     )
-
-
-def _one_line(exc: BaseException) -> str:
-    """The reason a case failed, in one line: past MONAI's "applying transform ..." wrapper to its cause."""
-    while (isinstance(exc, RuntimeError) and str(exc).startswith("applying transform")
-           and exc.__cause__ is not None):
-        exc = exc.__cause__
-    return " ".join(describe_error(exc).split())
 
 
 def _result_order(results: dict[str, CaseResult]):
