@@ -114,9 +114,7 @@ class Segmenter:
         image = prepared.image
         if probs.shape[0] == 2:
             foreground = self.to_source(probs[1:2], image)[0]
-            threshold = self.config.inference.threshold
-            labels = (foreground >= threshold) if threshold is not None else (foreground > 0.5)
-            labels = labels.numpy().astype(np.uint8)
+            labels = self.decide_lesion(foreground)
         else:
             source_probs = self.to_source(probs, image)
             labels = self.decide(source_probs)
@@ -140,13 +138,16 @@ class Segmenter:
         return self.finish(self.predict(prepared), prepared)
 
     def decide(self, probs: torch.Tensor) -> np.ndarray:
-        """Label map from probabilities: a threshold for binary models when configured, else argmax."""
+        """Label map from class probabilities (C, *spatial): binary models via :meth:`decide_lesion`, else argmax."""
+        if probs.shape[0] == 2:
+            return self.decide_lesion(probs[1])
+        return probs.argmax(dim=0).numpy().astype(np.uint8)
+
+    def decide_lesion(self, lesion_probability: torch.Tensor) -> np.ndarray:
+        """Binary models: lesion where p >= ``inference.threshold``, or p > 0.5 (argmax) when it is null."""
         threshold = self.config.inference.threshold
-        if threshold is not None and probs.shape[0] == 2:
-            labels = probs[1] >= threshold
-        else:
-            labels = probs.argmax(dim=0)
-        return labels.numpy().astype(np.uint8)
+        mask = lesion_probability >= threshold if threshold is not None else lesion_probability > 0.5
+        return mask.numpy().astype(np.uint8)
 
     def tile_batches(self, prepared: Prepared) -> Optional[int]:
         """How many network forwards :meth:`predict` makes for ``prepared`` (for progress bars), if known."""
