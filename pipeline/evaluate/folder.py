@@ -19,6 +19,7 @@ from typing import Optional, Union
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.io.geometry import voxel_spacing
 from pipeline.evaluate.case import CaseMetrics, EvaluationOptions, evaluate_arrays, labels_present
 from pipeline.evaluate.summary import summarise
 
@@ -156,7 +157,7 @@ def read_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray, n
     truth = _read_labels(gt_path, truth_img)
     if truth.ndim > 3:
         raise InputError(f"'{gt_path}' has shape {truth.shape}; expected a 2D or 3D label map")
-    spacing = np.linalg.norm(truth_img.affine[:3, :3], axis=0)[: truth.ndim]
+    spacing = voxel_spacing(truth_img.affine)[: truth.ndim]
     return _read_labels(pred_path), truth, spacing
 
 

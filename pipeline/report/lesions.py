@@ -11,7 +11,6 @@ units for CT, since the readers apply the rescale slope/intercept; scanner units
 from __future__ import annotations
 
 import csv
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -21,6 +20,7 @@ from scipy import ndimage
 
 from pipeline.io.atomic import atomic_path
 from pipeline.io.geometry import voxel_volume_mm3
+from pipeline.report.manifest import csv_cell
 from pipeline.postprocess.components import label_components
 
 _PAIRWISE_LIMIT = 4000  # boundary points up to which a degenerate lesion is measured pairwise
@@ -135,13 +135,5 @@ def write_lesions_csv(lesions: Iterable[Lesion], path: Union[str, Path]) -> Path
             writer = csv.writer(handle)
             writer.writerow(LESION_COLUMNS)
             for lesion in lesions:
-                writer.writerow([_cell(getattr(lesion, name)) for name in LESION_COLUMNS])
+                writer.writerow([csv_cell(getattr(lesion, name)) for name in LESION_COLUMNS])
     return path
-
-
-def _cell(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)

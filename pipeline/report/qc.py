@@ -16,11 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import nibabel.orientations as nio
 import numpy as np
 
 from pipeline.io.atomic import atomic_path
-from pipeline.io.geometry import voxel_spacing
+from pipeline.io.geometry import closest_canonical, voxel_spacing
 
 DEFAULT_CT_WINDOW = (-160.0, 240.0)
 COLOURS = ["#ff3b30", "#30d158", "#0a84ff", "#ffd60a", "#bf5af2", "#64d2ff", "#ff9f0a"]
@@ -60,7 +59,9 @@ def write_qc_png(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    image, labels, affine = _closest_ras(np.asarray(image), np.asarray(labels), np.asarray(affine, float))
+    affine = np.asarray(affine, dtype=np.float64)
+    image, _ = closest_canonical(np.asarray(image), affine)
+    labels, affine = closest_canonical(np.asarray(labels), affine)
     spacing = voxel_spacing(affine)
     centre = _centre_index(affine, labels.shape, centre_mm)
     values = [int(v) for v in np.unique(labels) if v > 0]
@@ -90,15 +91,6 @@ def write_qc_png(
     with atomic_path(out_path, suffix=".tmp.png") as tmp:
         fig.savefig(tmp, format="png", facecolor=fig.get_facecolor())
     return out_path
-
-
-def _closest_ras(image, labels, affine):
-    ornt = nio.io_orientation(affine)
-    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
-        return image, labels, affine
-    shape = labels.shape
-    return (nio.apply_orientation(image, ornt), nio.apply_orientation(labels, ornt),
-            affine @ nio.inv_ornt_aff(ornt, shape))
 
 
 def _centre_index(affine, shape, centre_mm) -> list[int]:
