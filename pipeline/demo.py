@@ -7,7 +7,6 @@ Everything lands under ``out_dir``: ``model/`` (checkpoints, log), ``masks/``, `
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -16,7 +15,7 @@ from typing import Union
 
 from pipeline.config import Config
 from pipeline.evaluate import CaseMetrics, evaluate_folder
-from pipeline.evaluate.report import json_safe
+from pipeline.io.atomic import write_json
 from pipeline.infer import CaseResult, segment_folder
 from pipeline.synth import synthesize
 from pipeline.training import train
@@ -63,5 +62,5 @@ def run_demo(config: Config, out_dir: Union[str, Path] = "runs/demo", progress: 
         **{k: round(v, 1) for k, v in timings.items()},
         "seconds": round(time.perf_counter() - start, 1),
     }
-    (out_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
+    write_json(summary, out_dir / "summary.json")
     return DemoResult(summary=summary, cases=cases, segmented=segmented)

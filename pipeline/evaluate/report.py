@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import math
 from pathlib import Path
 from typing import Sequence
 
 from pipeline.evaluate.case import COLUMNS, CaseMetrics
-from pipeline.io.atomic import atomic_path
+from pipeline.io.atomic import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +37,3 @@ def write_csv(rows: Sequence[CaseMetrics], path: Path) -> Path:
             writer.writeheader()
             writer.writerows(table)
     return path
-
-
-def write_json(data: dict, path: Path) -> Path:
-    """Strict JSON: NaN and infinities become ``null``."""
-    with atomic_path(path, suffix=".json") as tmp:
-        tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
-    return path
-
-
-def json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
-        return json_safe(value.item())
-    return value

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-from pipeline.io.atomic import atomic_path
+from pipeline.io.atomic import atomic_path, write_json
 
 STATUSES = ("done", "skipped", "failed")
 
@@ -81,8 +81,7 @@ def write_manifest(rows: list[dict], csv_path: Path, json_path: Path, meta: Opti
     counts = {status: sum(r.get("status") == status for r in rows) for status in STATUSES}
     payload = {"format": MANIFEST_FORMAT, **(meta or {}), "counts": counts, "columns": ALL_COLUMNS,
                "cases": [{name: r.get(name) for name in ALL_COLUMNS} for r in rows]}
-    with atomic_path(json_path, suffix=".tmp.json") as tmp:
-        tmp.write_text(json.dumps(payload, indent=1, default=str))
+    write_json(payload, json_path, indent=1)
     with atomic_path(csv_path, suffix=".tmp.csv") as tmp:
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)

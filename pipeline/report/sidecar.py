@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Optional, Union
 
-from pipeline.io.atomic import atomic_path
+from pipeline.io.atomic import write_json
 
 SIDECAR_FORMAT = "medseg-sidecar"
 SIDECAR_VERSION = 1
@@ -21,9 +21,7 @@ SIDECAR_VERSION = 1
 def write_sidecar(path: Union[str, Path], data: dict) -> Path:
     path = Path(path)
     payload = {"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, **data}
-    with atomic_path(path, suffix=".tmp.json") as tmp:
-        tmp.write_text(json.dumps(payload, indent=1, default=str))
-    return path
+    return write_json(payload, path, indent=1)
 
 
 def read_sidecar(path: Union[str, Path]) -> Optional[dict]:
