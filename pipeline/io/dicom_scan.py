@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +104,6 @@ def looks_like_dicom(path: Path) -> bool:
 
 def scan_file(path: Path) -> ScanResult:
     """Header-only read of one DICOM file into frame records (or a reason to skip it)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=not _has_marker(path))
@@ -245,9 +248,6 @@ class _Header:
         return keyword in self.ds
 
     def get(self, keyword, default=None):
-        from pydicom.dataelem import RawDataElement
-        from pydicom.datadict import dictionary_VR, tag_for_keyword
-
         tag = tag_for_keyword(keyword) if isinstance(keyword, str) else keyword
         if tag is None:  # not a data element keyword (e.g. file_meta)
             return getattr(self.ds, keyword, default)
@@ -367,8 +367,6 @@ def _time(date, time) -> str:
 
 
 def _sop_name(uid: str) -> str:
-    from pydicom.uid import UID
-
     name = UID(uid).name if uid else "unknown SOP class"
     return name or uid
 
