@@ -9,6 +9,20 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """ONNX exports and backend timings go to a temporary cache, not the user's ~/.cache/medseg."""
+    import os
+
+    old = os.environ.get("MEDSEG_CACHE_DIR")
+    os.environ["MEDSEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("medseg-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MEDSEG_CACHE_DIR", None)
+    else:
+        os.environ["MEDSEG_CACHE_DIR"] = old
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

@@ -225,14 +225,17 @@ class TrainConfig:
 class InferenceConfig:
     roi_size: list[int] = field(default_factory=lambda: [96, 96, 32])  # network input window
     overlap: float = 0.25
-    sw_batch_size: int = 2  # windows per forward pass (batch 1 takes slow CPU conv paths)
+    sw_batch_size: int = 2  # windows per forward pass; at least 2 on a CPU (batch 1 takes slow conv paths)
     blend: str = "gaussian"  # gaussian | constant
     threshold: Optional[float] = None  # binary models: lesion if p >= threshold; null: argmax
     min_component_mm3: float = 0.0  # remove predicted components smaller than this
     device: str = "auto"
+    backend: str = "auto"  # auto | torch | onnxruntime; auto: the faster one measured on this machine (once)
+    amp: bool = True  # float16 autocast where the device has fast half precision (CUDA); never on a CPU
 
     def _check(self) -> None:
         _in_range("inference.overlap", self.overlap, 0.0, 0.95)
+        _choice("inference.backend", self.backend, ("auto", "torch", "onnxruntime"))
         _positive("inference.sw_batch_size", self.sw_batch_size)
         _choice("inference.blend", self.blend, ("gaussian", "constant"))
         if self.threshold is not None:

@@ -9,6 +9,7 @@ decision, small-component removal).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -18,10 +19,13 @@ import torch
 
 from pipeline.config import Config
 from pipeline.infer.sliding import predict_logits
+from pipeline.infer.stream import StreamStats, stream_windows
+from pipeline.infer.windows import WindowGrid
 from pipeline.io.geometry import voxel_volume_mm3
 from pipeline.model import build_model
 from pipeline.model.checkpoint import load_checkpoint
 from pipeline.postprocess import ToSourceGrid, remove_small_components
+from pipeline.postprocess.resample import axis_map, crop_box, to_source_slabs
 from pipeline.runtime import resolve_device
 from pipeline.transforms.preprocess import preprocess_transforms
 
@@ -51,76 +55,184 @@ class Prepared:
     source: str
 
 
+@dataclass
+class Prediction:
+    """Probabilities on the preprocessed grid, as :meth:`Segmenter.predict` leaves them for :meth:`finish`."""
+
+    probs: torch.Tensor  # float16 (K, *preprocessed grid), CPU: K = 1 (lesion, binary models) or all classes
+    binary: bool
+    windows: int = 0
+    forwards: int = 0  # network calls
+    network_seconds: float = 0.0
+
+
 class Segmenter:
     """Holds one network and its config; ``segment(source)`` returns a :class:`Segmentation`.
 
     The network may be any module mapping (B, 1, *roi) to (B, C, *roi'), so tests can pass a model
-    whose output is known.
+    whose output is known. How it runs (``inference.backend``, ``inference.amp``, the CPU-fused copy
+    of our U-Net) is settled at the first prediction; see :meth:`forward`.
     """
 
     def __init__(self, network: torch.nn.Module, config: Config, device: Union[str, torch.device] = "auto",
-                 model_sha256: str = ""):
+                 model_sha256: str = "", backend: Optional[str] = None):
         self.config = config
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.network = network.to(self.device).eval()
         self.model_sha256 = model_sha256
+        self.backend_requested = backend or config.inference.backend
+        self.backend: Optional[str] = None  # torch | onnxruntime, once chosen
+        self._forward = None
         self.preprocess = preprocess_transforms(config.preprocess)
         self.to_source = ToSourceGrid(self.preprocess)
 
     @classmethod
-    def from_checkpoint(cls, path: Union[str, Path], device: str = "auto") -> "Segmenter":
+    def from_checkpoint(cls, path: Union[str, Path], device: str = "auto", backend: Optional[str] = None) -> "Segmenter":
         ckpt = load_checkpoint(path)
         config = ckpt.config
         network = build_model(config.model, in_channels=1, out_channels=config.num_classes)
         network.load_state_dict(ckpt.state_dict)
-        return cls(network, config, device=device, model_sha256=ckpt.sha256)
+        return cls(network, config, device=device, model_sha256=ckpt.sha256, backend=backend)
 
-    def probabilities(self, image: torch.Tensor, progress=None) -> torch.Tensor:
-        """Class probabilities (C, *spatial) for a preprocessed image (1, *spatial).
+    # --- how the network runs -------------------------------------------------------------------
 
-        ``progress``: an optional callable called once per network forward (sliding-window batch).
+    @property
+    def window_batch(self) -> int:
+        """Windows per network call: at least 2 on a CPU, where batch-1 3D convolutions are slow."""
+        batch = self.config.inference.sw_batch_size
+        return max(batch, 2) if self.device.type == "cpu" else batch
+
+    def forward(self):
+        """The callable that maps a batch of windows (B, 1, *roi) to logits, built once.
+
+        * CUDA: the network under ``inference_mode``, float16 autocast (``inference.amp``), cuDNN autotuning.
+        * CPU, torch: the fused channels-last copy of our U-Net (:mod:`pipeline.model.fused`), float32 (no
+          CPU autocast: without hardware bf16 it is 100x slower).
+        * CPU, onnxruntime: the network exported to ONNX once per checkpoint (cached), run by ONNX Runtime.
+        ``inference.backend: auto`` times both on the first call and keeps the faster (remembered per machine).
         """
-        def tick(*_) -> None:  # a forward hook must return None, or its value replaces the output
-            progress()
+        if self._forward is not None:
+            return self._forward
+        from pipeline.infer.backend import OnnxRunner, select_backend
+        from pipeline.model.fused import fuse_for_inference
 
-        hook = self.network.register_forward_hook(tick) if progress is not None else None
-        try:
-            logits = predict_logits(self.network, image, self.config.inference, self.config.model.spatial_dims)
-        finally:
-            if hook is not None:
-                hook.remove()
-        return torch.softmax(logits.float(), dim=0)
+        cfg = self.config.inference
+        device = self.device
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        fast = fuse_for_inference(self.network, device)
+        amp = cfg.amp and device.type == "cuda"
+        amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
 
-    def load(self, source) -> Prepared:
-        """Read and preprocess ``source``: a path, a list of DICOM files, or a case's ``reader_input``."""
-        loaded = self.preprocess({"image": source}, end=1)  # the reader only: intensities on the source grid
+        def torch_forward(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                if device.type == "cpu" and x.shape[0] == 1:  # one window: batch 2 keeps oneDNN's kernels
+                    return fast(torch.cat([x, x]))[:1].float()
+                return fast(x).float()
+
+        roi = list(cfg.roi_size)
+        input_shape = (1, *roi)
+        self.backend = select_backend(self.backend_requested, self.network, device, self.model_sha256,
+                                      input_shape, self.window_batch, torch_forward=_as_windows(torch_forward, roi))
+        if self.backend == "onnxruntime":
+            runner = OnnxRunner(self.network, self.model_sha256, input_shape)
+            self._forward = lambda x: runner(x.cpu()).to(device)
+        else:
+            self._forward = torch_forward
+        log.info("inference backend: %s on %s", self.backend, device)
+        return self._forward
+
+    # --- the stages -----------------------------------------------------------------------------
+
+    def read(self, source) -> dict:
+        """Read ``source`` (a path, a list of DICOM files, or a case's ``reader_input``) into a MetaTensor."""
+        return self.preprocess({"image": source}, end=1)
+
+    def prepare(self, loaded: dict) -> Prepared:
+        """Preprocess what :meth:`read` returned."""
         # A copy: later steps (z-score normalisation) may work in place on the loaded tensor.
         source_image = np.array(loaded["image"].as_tensor()[0].numpy(), dtype=np.float32, copy=True)
         data = self.preprocess(loaded, start=1)
         image = data["image"]
         return Prepared(image=image, source_image=source_image,
-                        source=str(image.meta.get("filename_or_obj", source)))
+                        source=str(image.meta.get("filename_or_obj", "")))
 
-    def predict(self, prepared: Prepared, progress=None) -> torch.Tensor:
-        """Class probabilities on the preprocessed grid, on the CPU."""
-        return self.probabilities(prepared.image, progress=progress).cpu()
+    def load(self, source) -> Prepared:
+        """:meth:`read` then :meth:`prepare`."""
+        prepared = self.prepare(self.read(source))
+        prepared.source = prepared.source or str(source)
+        return prepared
 
-    def finish(self, probs: torch.Tensor, prepared: Prepared) -> Segmentation:
-        """Labels (and lesion probability) on the source grid from ``predict``'s probabilities.
+    def predict(self, prepared: Prepared, progress=None) -> Prediction:
+        """Probabilities on the preprocessed grid (float16, CPU), streamed window band by window band.
 
-        Binary models map only the lesion probability back (half the work of both classes: linear
-        interpolation keeps them summing to one, so lesion where it is > 0.5, or >= the threshold).
+        ``progress``: an optional callable called once per network call (batch of windows).
+        """
+        return self._predict(prepared.image, progress, keep_all=False)
+
+    def probabilities(self, image: torch.Tensor, progress=None) -> torch.Tensor:
+        """Class probabilities (C, *spatial), float32, for a preprocessed image (1, *spatial)."""
+        return self._predict(image, progress, keep_all=True).probs.float()
+
+    def _predict(self, image: torch.Tensor, progress, keep_all: bool) -> Prediction:
+        cfg, dims = self.config.inference, self.config.model.spatial_dims
+        forward = self.forward()
+        x = image.as_tensor() if hasattr(image, "as_tensor") else image
+        x = x.to(torch.float32)
+        spatial = tuple(x.shape[1:])
+        store: dict = {}
+
+        def on_slab(z0: int, z1: int, logits: torch.Tensor) -> None:
+            binary = logits.shape[0] == 2 and not keep_all
+            if "probs" not in store:
+                channels = 1 if binary else logits.shape[0]
+                dtype = torch.float32 if keep_all else torch.float16
+                store["probs"] = torch.zeros((channels,) + spatial, dtype=dtype)
+                store["binary"] = binary
+            probs = torch.sigmoid(logits[1] - logits[0])[None] if binary else torch.softmax(logits, dim=0)
+            store["probs"][..., z0:z1] = probs.to(store["probs"].dtype).cpu()
+
+        if dims == 3 and not any(_margin(self.network, cfg.roi_size)):
+            stats = stream_windows(x, forward, cfg.roi_size, cfg.overlap, cfg.blend, self.window_batch, on_slab,
+                                   device=self.device, progress=progress)
+        elif dims == 2:
+            stats = stream_windows(x, _as_windows(forward, list(cfg.roi_size)), list(cfg.roi_size) + [1],
+                                   cfg.overlap, cfg.blend, self.window_batch, on_slab, device=self.device,
+                                   progress=progress)
+        else:  # valid padding: MONAI's sliding window over the padded volume (not streamed)
+            stats = StreamStats()
+            counted = _counting(forward, stats, progress)
+            logits = predict_logits(self.network, x.to(self.device), cfg, dims, forward=counted)
+            on_slab(0, spatial[-1], logits.float())
+        return Prediction(probs=store["probs"], binary=store["binary"], windows=stats.windows,
+                          forwards=stats.forwards, network_seconds=stats.network_seconds)
+
+    def finish(self, prediction: Prediction, prepared: Prepared) -> Segmentation:
+        """Labels (and lesion probability) on the source grid from :meth:`predict`'s probabilities.
+
+        The probabilities are interpolated (linearly) onto the source grid a few slices at a time and the
+        label decision is taken there, as nnU-Net does; binary models carry only the lesion probability.
         """
         image = prepared.image
-        if probs.shape[0] == 2:
-            foreground = self.to_source(probs[1:2], image)[0]
-            labels = self.decide_lesion(foreground)
-        else:
-            source_probs = self.to_source(probs, image)
-            labels = self.decide(source_probs)
-            foreground = source_probs[1:].sum(dim=0)
-            del source_probs
         affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
+        shape = prepared.source_image.shape
+        labels = np.zeros(shape, dtype=np.uint8)
+        foreground = np.zeros(shape, dtype=np.float16)
+
+        def on_slab(k0: int, k1: int, values: torch.Tensor) -> None:
+            if prediction.binary:
+                p = values[0]
+                labels[..., k0:k1] = self.decide_lesion(p)
+            else:
+                labels[..., k0:k1] = values.argmax(dim=0).numpy().astype(np.uint8)
+                p = values[1:].sum(dim=0)
+            foreground[..., k0:k1] = p.numpy().astype(np.float16)
+
+        maps = axis_map(affine, np.asarray(image.affine, dtype=np.float64))
+        if maps is not None:
+            to_source_slabs(prediction.probs, crop_box(image, image.shape[1:]), maps, shape, on_slab)
+        else:  # a preprocessing step that is not a reorientation, rescaling or crop: MONAI's inversion
+            on_slab(0, shape[-1], self.to_source(prediction.probs.float(), image))
         min_mm3 = self.config.inference.min_component_mm3
         if min_mm3 > 0:
             labels = remove_small_components(labels, min_mm3 / voxel_volume_mm3(affine))
@@ -129,7 +241,7 @@ class Segmenter:
             affine=affine,
             source=prepared.source,
             source_format=str(image.meta.get("source_format", "")),
-            foreground=foreground.numpy().astype(np.float16),
+            foreground=foreground,
             image=prepared.source_image,
         )
 
@@ -150,19 +262,36 @@ class Segmenter:
         return mask.numpy().astype(np.uint8)
 
     def tile_batches(self, prepared: Prepared) -> Optional[int]:
-        """How many network forwards :meth:`predict` makes for ``prepared`` (for progress bars), if known."""
-        try:
-            margin_fn = getattr(self.network, "margin", None)
-            if margin_fn is not None and any(margin_fn(tuple(self.config.inference.roi_size))):
-                return None  # valid-padding networks tile a padded volume
-            from monai.data.utils import dense_patch_slices
-            from monai.inferers.utils import _get_scan_interval
+        """How many network calls :meth:`predict` makes for ``prepared`` (for progress bars), if known."""
+        cfg = self.config.inference
+        if any(_margin(self.network, cfg.roi_size)):
+            return None  # valid-padding networks tile a padded volume
+        roi = list(cfg.roi_size) + ([1] if self.config.model.spatial_dims == 2 else [])
+        windows = len(WindowGrid(tuple(prepared.image.shape[1:]), tuple(roi), cfg.overlap))
+        return -(-windows // self.window_batch)
 
-            cfg = self.config.inference
-            roi = list(cfg.roi_size) + ([1] if self.config.model.spatial_dims == 2 else [])
-            size = [max(int(s), r) for s, r in zip(prepared.image.shape[1:], roi)]
-            interval = _get_scan_interval(size, roi, len(roi), [cfg.overlap] * len(roi))
-            windows = len(dense_patch_slices(size, roi, interval))
-            return -(-windows // cfg.sw_batch_size)
-        except Exception:  # a private MONAI helper moved: progress without a total
-            return None
+
+def _margin(network: torch.nn.Module, roi) -> tuple[int, ...]:
+    margin_fn = getattr(network, "margin", None)
+    return tuple(margin_fn(tuple(roi))) if margin_fn is not None else (0,)
+
+
+def _as_windows(forward, roi: list[int]):
+    """A forward over (B, 1, *roi) for 3D windows; for a 2D roi, over windows of depth 1 (B, 1, X, Y, 1)."""
+    if len(roi) == 3:
+        return forward
+    return lambda x: forward(x[..., 0])[..., None] if x.ndim == 5 else forward(x)
+
+
+def _counting(forward, stats: StreamStats, progress):
+    """``forward`` that counts its calls and time into ``stats`` (the non-streamed path)."""
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        began = time.perf_counter()
+        out = forward(x)
+        stats.network_seconds += time.perf_counter() - began
+        stats.forwards += 1
+        stats.windows += x.shape[0]
+        if progress is not None:
+            progress()
+        return out
+    return counted

@@ -28,14 +28,20 @@ def predict_logits(
     cfg: InferenceConfig,
     spatial_dims: int,
     progress: bool = False,
+    forward: Callable | None = None,
 ) -> torch.Tensor:
-    """Logits ``(C, *spatial)`` for a preprocessed image ``(channels, *spatial)`` (3D volume)."""
+    """Logits ``(C, *spatial)`` for a preprocessed image ``(channels, *spatial)`` (3D volume).
+
+    ``forward``: what runs a batch of windows (default ``network``; e.g. an ONNX Runtime session).
+    ``network`` still gives the device and the margin of valid-padding networks.
+    """
     device = next(network.parameters()).device
     x = image.as_tensor() if hasattr(image, "as_tensor") else image
     x = x[None].to(device=device, dtype=torch.float32)
     roi = list(cfg.roi_size) + ([1] if spatial_dims == 2 else [])
     margin = _margin(network, cfg.roi_size, spatial_dims)
-    predictor: Callable = network if spatial_dims == 3 else _SliceWise(network)
+    forward = forward if forward is not None else network
+    predictor: Callable = forward if spatial_dims == 3 else _SliceWise(forward)
     weight_map = None
     overlap = cfg.overlap
     if any(margin):
@@ -71,7 +77,7 @@ def _margin(network: torch.nn.Module, roi: Sequence[int], spatial_dims: int) -> 
 class _SliceWise(torch.nn.Module):
     """Run a 2D network on windows of depth 1: (B, C, X, Y, 1) → (B, K, X', Y', 1)."""
 
-    def __init__(self, network: torch.nn.Module):
+    def __init__(self, network: Callable):
         super().__init__()
         self.network = network
 

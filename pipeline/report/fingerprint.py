@@ -17,9 +17,10 @@ from pipeline.config import Config
 
 
 def settings_identity(config: Config) -> dict:
-    """The part of the config that decides a mask (everything but the device)."""
+    """The part of the config that decides a mask (everything but where and how fast the network runs)."""
     inference = asdict(config.inference)
-    inference.pop("device", None)
+    for key in ("device", "backend"):  # backends agree to float rounding (tested)
+        inference.pop(key, None)
     return {"inference": inference, "preprocess": asdict(config.preprocess), "labels": dict(config.data.labels),
             "model": asdict(config.model), "input": asdict(config.input)}
 

@@ -1,0 +1,479 @@
+"""Inference backends: PyTorch eager, or ONNX Runtime on the CPU, and an automatic choice between them.
+
+Design
+------
+* **One window, one graph.** The network is exported for exactly one window input shape
+  ``(channels, *roi)``: spatial axes are static (ONNX Runtime plans convolutions for them), only the
+  batch axis is dynamic, so the same file serves every ``sw_batch_size`` and the last, smaller batch
+  of a sliding-window run. :class:`OnnxRunner` is a drop-in *predictor* for MONAI's
+  ``sliding_window_inference``: ``runner(x)`` takes and returns torch tensors.
+* **Exported once, cached by checkpoint.** The ONNX file is named after the checkpoint's sha256 (first
+  16 hex digits), the window shape, the opset and the torch version (:func:`onnx_path`), in
+  :func:`cache_dir`. The first :class:`OnnxRunner` for a checkpoint exports it; later ones (in this or
+  another process) reuse it. A network that was not loaded from a checkpoint has no sha256 and is not
+  exported (there would be nothing to key the cache on).
+* **Safe files.** Exports and calibration results are written to a temporary file in the target folder
+  and moved into place with ``os.replace``, so a reader never sees half a file, even with two processes
+  exporting at once. A cached ONNX file that ONNX Runtime cannot load (truncated, corrupt, from another
+  exporter) is deleted and exported again, once.
+* **The exporter.** The legacy TorchScript exporter (``dynamo=False``, opset 17) works for every U-Net
+  variant (2D/3D, same/valid padding, deep supervision). It runs on a deep copy of the network moved to
+  the CPU in eval mode, so the caller's module, its device and its train/eval mode are untouched. Its
+  warnings (deprecation, tracer warnings from our shape checks, "instance_norm is set to train=True")
+  are expected and silenced: instance norm always normalises with the statistics of its input, which is
+  what the exported graph does too. With deep supervision only the main (full-resolution) output is
+  exported.
+* **Choosing the backend** (:func:`select_backend`). ``"torch"`` and ``"onnxruntime"`` are taken as
+  given (after checking that ONNX Runtime is installed and the device is the CPU). ``"auto"`` picks torch
+  on a GPU, without ONNX Runtime, or without a checkpoint sha256; otherwise it times one batch of windows
+  on both backends once (one warm-up, median of three), picks the faster and stores the decision as a
+  small JSON file keyed by everything that changes the answer: checkpoint, window shape, batch, torch
+  threads, CPU capability (AVX2/AVX512...), torch and ONNX Runtime versions. Another machine, thread
+  count or library version therefore measures again.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+OPSET = 17
+CACHE_ENV = "MEDSEG_CACHE_DIR"
+TIMING_REPEATS = 3
+_INPUT_NAME = "x"
+_OUTPUT_NAME = "y"
+_EXPORT_BATCH = 2
+
+__all__ = [
+    "BACKENDS",
+    "OPSET",
+    "OnnxRunner",
+    "cache_dir",
+    "calibration_path",
+    "export_onnx",
+    "onnx_path",
+    "onnxruntime_available",
+    "select_backend",
+]
+
+
+# ---- environment -----------------------------------------------------------------------------------
+
+
+def onnxruntime_available() -> bool:
+    """Whether ``onnxruntime`` can be imported."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def cache_dir() -> Path:
+    """Folder for exported models and calibration results, created on demand.
+
+    ``$MEDSEG_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/medseg``, else ``~/.cache/medseg``.
+    """
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        root = Path(explicit).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "medseg"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"Cache folder: expected a writable folder at {root}, found an error: {exc}. "
+            f"Set {CACHE_ENV} to a writable folder."
+        ) from exc
+    return root
+
+
+# ---- names -----------------------------------------------------------------------------------------
+
+
+def _sha16(model_sha256: str) -> str:
+    sha = (model_sha256 or "").strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{16,64}", sha):
+        raise ConfigError(
+            f"model_sha256: expected the hex sha256 of the checkpoint file (at least 16 hex digits), "
+            f"found {model_sha256!r}. Load the network with load_checkpoint() and pass checkpoint.sha256, "
+            "or use the 'torch' backend for a network that was not loaded from a checkpoint."
+        )
+    return sha[:16]
+
+
+def _shape_tag(input_shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in input_shape)
+
+
+def _version_tag(version: str) -> str:
+    return re.sub(r"[^0-9A-Za-z.]+", "_", version)
+
+
+def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) not in (3, 4) or any(s <= 0 for s in shape):
+        raise ConfigError(
+            f"input_shape: expected the window shape (channels, *roi) with 2 or 3 positive spatial sizes, "
+            f"found {tuple(input_shape)}. Pass (in_channels, *inference.roi_size), without the batch axis."
+        )
+    return shape
+
+
+def onnx_path(model_sha256: str, input_shape: Sequence[int]) -> Path:
+    """Cache file of the exported network, e.g. ``onnx/<sha16>-1x128x128x32-op17-torch2.13.0_cpu.onnx``."""
+    shape = _check_input_shape(input_shape)
+    name = f"{_sha16(model_sha256)}-{_shape_tag(shape)}-op{OPSET}-torch{_version_tag(torch.__version__)}.onnx"
+    return cache_dir() / "onnx" / name
+
+
+# ---- atomic files ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def _atomic_target(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path``; moved onto ``path`` if the block succeeds, removed otherwise."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    with _atomic_target(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# ---- export ----------------------------------------------------------------------------------------
+
+
+class _MainOutput(nn.Module):
+    """The network's full-resolution logits only (deep supervision returns a list in training mode)."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.network(x)
+        return y[0] if isinstance(y, (list, tuple)) else y
+
+
+def _cpu_eval_copy(network: nn.Module) -> nn.Module:
+    """A deep copy of ``network`` on the CPU in eval mode; the caller's module is not touched."""
+    clone = copy.deepcopy(network)
+    return clone.to("cpu", dtype=torch.float32).eval()
+
+
+def export_onnx(network: nn.Module, input_shape: Sequence[int], path: str | Path) -> Path:
+    """Export ``network`` for windows of shape ``(batch, *input_shape)`` (dynamic batch) to ``path``.
+
+    The file is written atomically and checked before it is moved into place. Exporter warnings are
+    silenced (see the module docstring). Raises :class:`ConfigError` if the network cannot be exported.
+    """
+    shape = _check_input_shape(input_shape)
+    path = Path(path)
+    model = _MainOutput(_cpu_eval_copy(network)).eval()
+    example = torch.randn((_EXPORT_BATCH, *shape), generator=torch.Generator().manual_seed(0))
+    started = time.perf_counter()
+    with _atomic_target(path) as tmp:
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    str(tmp),
+                    dynamo=False,
+                    input_names=[_INPUT_NAME],
+                    output_names=[_OUTPUT_NAME],
+                    dynamic_axes={_INPUT_NAME: {0: "batch"}, _OUTPUT_NAME: {0: "batch"}},
+                    opset_version=OPSET,
+                    do_constant_folding=True,
+                )
+        except Exception as exc:
+            raise ConfigError(
+                f"ONNX export: expected {type(network).__name__} to export for windows of shape {shape}, "
+                f"found an error: {type(exc).__name__}: {_first_line(exc)}. "
+                "Check that the window shape fits the network (inference.roi_size), "
+                "or use the 'torch' backend."
+            ) from exc
+        _check_onnx_file(tmp)
+    log.info("Exported the network to ONNX in %.1f s: %s", time.perf_counter() - started, path)
+    return path
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def _check_onnx_file(path: Path) -> None:
+    """Raise if ``path`` is not a valid ONNX model (onnx.checker if installed, else an ORT session)."""
+    try:
+        import onnx
+    except ImportError:
+        _new_session(path, threads=1, optimise=False)
+        return
+    onnx.checker.check_model(str(path))
+
+
+# ---- ONNX Runtime ----------------------------------------------------------------------------------
+
+
+def _require_onnxruntime() -> None:
+    if not onnxruntime_available():
+        raise ConfigError(
+            "Backend 'onnxruntime': expected the onnxruntime package, found it is not installed. "
+            "Install it (pip install onnxruntime) or use the 'torch' backend."
+        )
+
+
+def _new_session(path: Path, threads: int, optimise: bool = True):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimise else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _session_input_shape(session) -> tuple:
+    return tuple(session.get_inputs()[0].shape[1:])
+
+
+class OnnxRunner:
+    """Run an exported copy of ``network`` with ONNX Runtime on the CPU; a sliding-window predictor.
+
+    Args:
+        network: the torch network (not modified; a CPU copy is exported on first use).
+        model_sha256: sha256 of the checkpoint the network was loaded from (the cache key).
+        input_shape: the window shape without batch, ``(channels, *roi)``.
+        threads: ONNX Runtime intra-op threads; default ``torch.get_num_threads()``.
+
+    Attributes:
+        path: the cached ONNX file.
+        exported: True if this construction exported the network (no usable cached file).
+    """
+
+    def __init__(self, network: nn.Module, model_sha256: str, input_shape: Sequence[int],
+                 threads: int | None = None):
+        _require_onnxruntime()
+        self.input_shape = _check_input_shape(input_shape)
+        self.path = onnx_path(model_sha256, self.input_shape)
+        self.threads = int(threads or torch.get_num_threads())
+        self.exported = False
+        self.session = self._load_or_export(network)
+        self._output_name = self.session.get_outputs()[0].name
+        self._input_name = self.session.get_inputs()[0].name
+
+    def _load_or_export(self, network: nn.Module):
+        if self.path.is_file():
+            try:
+                session = _new_session(self.path, self.threads)
+                if _session_input_shape(session) == self.input_shape:
+                    return session
+                problem = f"input shape {_session_input_shape(session)}, expected {self.input_shape}"
+            except Exception as exc:  # onnxruntime raises its own (pybind) exception types
+                problem = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+            log.warning("Cached ONNX model %s is unusable (%s); exporting it again.", self.path, problem)
+            self.path.unlink(missing_ok=True)
+        export_onnx(network, self.input_shape, self.path)
+        self.exported = True
+        try:
+            return _new_session(self.path, self.threads)
+        except Exception as exc:
+            raise ConfigError(
+                f"ONNX Runtime: expected to load the freshly exported model {self.path}, found an error: "
+                f"{type(exc).__name__}: {str(exc).strip()[:300]}. Use the 'torch' backend, or update "
+                "onnxruntime."
+            ) from exc
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, C, *out_spatial)`` (float32) for windows ``x`` of shape ``(B, *input_shape)``."""
+        if hasattr(x, "as_tensor"):  # MONAI MetaTensor
+            x = x.as_tensor()
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ConfigError(
+                f"OnnxRunner: expected windows of shape (batch, {', '.join(map(str, self.input_shape))}), "
+                f"found {tuple(x.shape)}. The ONNX model is exported for one window size; build the runner "
+                "with input_shape = (in_channels, *inference.roi_size) of this run."
+            )
+        array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy(), dtype=np.float32)
+        (y,) = self.session.run([self._output_name], {self._input_name: array})
+        out = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+        return out if x.device.type == "cpu" else out.to(x.device)
+
+    def __repr__(self) -> str:
+        return f"OnnxRunner(path={str(self.path)!r}, input_shape={self.input_shape}, threads={self.threads})"
+
+
+# ---- backend choice --------------------------------------------------------------------------------
+
+
+def _time_forward(forward: Callable[[torch.Tensor], object], x: torch.Tensor,
+                  repeats: int = TIMING_REPEATS) -> float:
+    """Seconds per call of ``forward(x)``: one warm-up call, then the median of ``repeats`` calls."""
+    with torch.inference_mode():
+        forward(x)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            forward(x)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _calibration_key(model_sha256: str, input_shape: Sequence[int], batch: int) -> dict:
+    return {
+        "model_sha16": _sha16(model_sha256),
+        "input_shape": list(_check_input_shape(input_shape)),
+        "batch": int(batch),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "onnxruntime": _onnxruntime_version(),
+        "opset": OPSET,
+    }
+
+
+def calibration_path(key: dict) -> Path:
+    """The JSON file holding the backend decision for a calibration ``key``."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "backend" / f"{key['model_sha16']}-{_shape_tag(key['input_shape'])}-{digest}.json"
+
+
+def _read_calibration(path: Path, key: dict) -> str | None:
+    """The cached choice for ``key``, or None if there is none (or the file is unreadable or stale)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("key") != key:
+        return None
+    choice = data.get("choice")
+    return choice if choice in ("torch", "onnxruntime") else None
+
+
+def _calibrate(network: nn.Module, torch_forward: Callable, model_sha256: str, input_shape: tuple,
+               batch: int) -> tuple[str, dict]:
+    """Time one ``batch`` of windows on both backends; the faster one and the seconds per batch."""
+    runner = OnnxRunner(network, model_sha256, input_shape)
+    x = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0))
+    seconds = {
+        "torch": _time_forward(torch_forward, x),
+        "onnxruntime": _time_forward(runner, x),
+    }
+    choice = min(seconds, key=seconds.get)
+    return choice, seconds
+
+
+def _check_requested(requested: str) -> None:
+    if requested not in BACKENDS:
+        listed = ", ".join(repr(b) for b in BACKENDS)
+        raise ConfigError(
+            f"backend: expected one of {listed}, found {requested!r}. "
+            "Set the inference backend to one of them "
+            "('auto' measures both on the first run and keeps the faster)."
+        )
+
+
+def select_backend(
+    requested: str,
+    network: nn.Module,
+    device: torch.device | str,
+    model_sha256: str,
+    input_shape: Sequence[int],
+    batch: int,
+    torch_forward: Callable[[torch.Tensor], object] | None = None,
+) -> str:
+    """The backend to run ``network`` with: ``"torch"`` or ``"onnxruntime"``.
+
+    ``requested`` is one of :data:`BACKENDS`. ``"auto"`` chooses torch on a GPU, without onnxruntime or
+    without ``model_sha256``; otherwise it times ``batch`` windows of ``input_shape`` on both backends
+    once per machine setup (cached in :func:`cache_dir`). ``torch_forward`` is the torch callable to time
+    (e.g. a compiled or channels-last path); default ``network``.
+    """
+    _check_requested(requested)
+    device = torch.device(device)
+    if requested == "torch":
+        return "torch"
+    if requested == "onnxruntime":
+        _require_onnxruntime()
+        if device.type != "cpu":
+            raise ConfigError(
+                f"Backend 'onnxruntime': expected the CPU device, found {device}. ONNX Runtime runs here on "
+                "the CPU only; use the 'torch' (or 'auto') backend on a GPU, or run on the CPU."
+            )
+        _sha16(model_sha256)  # a clear error now rather than at export time
+        return "onnxruntime"
+
+    if device.type != "cpu":
+        log.info("Backend auto: torch (device %s).", device)
+        return "torch"
+    if not onnxruntime_available():
+        log.info("Backend auto: torch (onnxruntime is not installed).")
+        return "torch"
+    if not model_sha256:
+        log.info("Backend auto: torch (the network was not loaded from a checkpoint, nothing to cache by).")
+        return "torch"
+
+    input_shape = _check_input_shape(input_shape)
+    batch = max(1, int(batch))
+    key = _calibration_key(model_sha256, input_shape, batch)
+    path = calibration_path(key)
+    cached = _read_calibration(path, key)
+    if cached is not None:
+        log.info("Backend auto: %s (measured before, %s).", cached, path)
+        return cached
+
+    log.info("Backend auto: timing torch and onnxruntime on %d window(s) of %s (once per machine setup)...",
+             batch, input_shape)
+    choice, seconds = _calibrate(network, torch_forward or network, model_sha256, input_shape, batch)
+    log.info("Backend auto: torch %.3f s, onnxruntime %.3f s per batch of %d; using %s.",
+             seconds["torch"], seconds["onnxruntime"], batch, choice)
+    _write_json_atomic(path, {
+        "key": key,
+        "choice": choice,
+        "seconds_per_batch": seconds,
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    return choice

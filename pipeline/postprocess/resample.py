@@ -1,0 +1,125 @@
+"""Probabilities from the preprocessed grid back onto the source grid, a few source slices at a time.
+
+Preprocessing only reorients (a permutation and flips of the axes), rescales each axis and crops to a
+box, so every source axis maps onto one preprocessed axis by ``p = scale * i + offset``. Linear
+interpolation then separates into three 1D interpolations, and the source volume can be produced slab by
+slab: the memory is a few source slices of probabilities, not ``classes x`` the whole source volume.
+
+The rules are those of inverting the preprocessing with MONAI (``Invertd``): outside the foreground box
+the probabilities are zero (the crop is undone by zero padding), and beyond the first or last voxel of
+the full resampled grid the edge value is used (MONAI's ``border`` padding). When the mapping is not
+axis-aligned (a preprocessing step this module does not know), :func:`axis_map` returns ``None`` and the
+caller falls back to ``Invertd``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class AxisMap:
+    """Source axis ``i`` samples preprocessed axis ``target`` at ``scale * i + offset`` (voxel units)."""
+
+    target: int
+    scale: float
+    offset: float
+
+
+@dataclass(frozen=True)
+class Box:
+    """Where the stored probabilities sit in the full preprocessed grid (the foreground crop)."""
+
+    start: tuple[int, ...]
+    full_shape: tuple[int, ...]
+
+
+def axis_map(source_affine: np.ndarray, target_affine: np.ndarray, tol: float = 1e-4) -> Optional[list[AxisMap]]:
+    """Per source axis, the preprocessed axis and linear map, or ``None`` if the grids are not axis-aligned."""
+    m = np.linalg.inv(np.asarray(target_affine, dtype=np.float64)) @ np.asarray(source_affine, dtype=np.float64)
+    linear = m[:3, :3]
+    maps, used = [], set()
+    for s in range(3):
+        column = np.abs(linear[:, s])
+        target = int(np.argmax(column))
+        if column[target] == 0 or np.any(np.delete(column, target) > tol * column[target]) or target in used:
+            return None
+        used.add(target)
+        maps.append(AxisMap(target=target, scale=float(linear[target, s]), offset=float(m[target, 3])))
+    return maps
+
+
+def crop_box(image, spatial_shape: Sequence[int]) -> Box:
+    """The foreground box of a preprocessed MetaTensor, from its recorded crop (none: the whole grid)."""
+    for op in reversed(getattr(image, "applied_operations", []) or []):
+        info = op.get("extra_info") or {}
+        if "cropped" in info and op.get("orig_size") is not None:
+            cropped = [int(c) for c in info["cropped"]]
+            return Box(start=tuple(cropped[0::2]), full_shape=tuple(int(s) for s in op["orig_size"]))
+    return Box(start=(0,) * len(spatial_shape), full_shape=tuple(int(s) for s in spatial_shape))
+
+
+def _axis_weights(count_from: int, count: int, amap: AxisMap, box_start: int, box_size: int, full: int):
+    """Indices (into the box) and weights of the two neighbours of each source voxel along one axis.
+
+    ``amap`` gives positions in box coordinates; the full grid spans ``-box_start .. full - box_start - 1``.
+    """
+    i = np.arange(count_from, count_from + count, dtype=np.float64)
+    p = np.round(amap.scale * i + amap.offset, 6)  # exact grid positions stay exact (frac 0)
+    p = np.clip(p, -box_start, full - 1 - box_start)
+    low = np.floor(p)
+    frac = p - low
+    low = low.astype(np.int64)
+    high = np.minimum(low + 1, full - 1 - box_start)
+    idx, weights = [], []
+    for index, w in ((low, 1 - frac), (high, frac)):
+        inside = (index >= 0) & (index < box_size)
+        idx.append(torch.from_numpy(np.clip(index, 0, box_size - 1)))
+        weights.append(torch.from_numpy(np.where(inside, w, 0.0).astype(np.float32)))
+    return idx, weights
+
+
+def _interpolate(values: torch.Tensor, dim: int, idx, weights) -> torch.Tensor:
+    shape = [1] * values.ndim
+    shape[dim] = -1
+    low = values.index_select(dim, idx[0]).mul_(weights[0].view(shape))
+    return low.add_(values.index_select(dim, idx[1]).mul_(weights[1].view(shape)))
+
+
+def to_source_slabs(
+    probs: torch.Tensor,
+    box: Box,
+    maps: list[AxisMap],
+    source_shape: Sequence[int],
+    on_slab: Callable[[int, int, torch.Tensor], None],
+    max_elements: int = 1 << 24,
+) -> None:
+    """Interpolate ``probs`` (K, *box) onto the source grid and hand it over in slabs of the last source axis.
+
+    ``on_slab(k0, k1, values)`` receives float32 (K, I, J, k1 - k0) for source slices ``k0:k1``.
+    """
+    channels = probs.shape[0]
+    ni, nj, nk = (int(s) for s in source_shape)
+    step = max(1, min(nk, max_elements // max(1, channels * ni * nj)))
+    per_axis_full = [
+        _axis_weights(0, n, amap, box.start[amap.target], probs.shape[1 + amap.target], box.full_shape[amap.target])
+        for n, amap in zip((ni, nj), maps[:2])
+    ]
+    slab_map = maps[2]
+    for k0 in range(0, nk, step):
+        k1 = min(nk, k0 + step)
+        idx_k, w_k = _axis_weights(k0, k1 - k0, slab_map, box.start[slab_map.target],
+                                   probs.shape[1 + slab_map.target], box.full_shape[slab_map.target])
+        lo = int(min(i.min() for i in idx_k))
+        hi = int(max(i.max() for i in idx_k))
+        dim = 1 + slab_map.target
+        values = probs.narrow(dim, lo, hi - lo + 1).float()
+        values = _interpolate(values, dim, [i - lo for i in idx_k], w_k)
+        for amap, (idx, weights) in zip(maps[:2], per_axis_full):
+            values = _interpolate(values, 1 + amap.target, idx, weights)
+        order = [0] + [1 + amap.target for amap in maps]
+        on_slab(k0, k1, values.permute(*order))
