@@ -14,20 +14,39 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(count)
 
 
+def foreground_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box of the non-zero voxels (``None`` if there is none): labelling works inside it."""
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(np.any(mask, axis=others))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
 def remove_small_components(labels: np.ndarray, min_voxels: float) -> np.ndarray:
-    """Set to 0 every component (per class) of fewer than ``min_voxels`` voxels."""
+    """Set to 0 every component (per class) of fewer than ``min_voxels`` voxels.
+
+    Works inside the labels' bounding box: a lesion mask is a tiny part of a scan.
+    """
     if min_voxels <= 0:
         return labels
     out = labels.copy()
-    for value in np.unique(labels):
+    box = foreground_box(labels)
+    if box is None:
+        return out
+    inside = labels[box]
+    for value in np.unique(inside):
         if value == 0:
             continue
-        components, count = label_components(labels == value)
+        components, count = label_components(inside == value)
         if count == 0:
             continue
         sizes = np.bincount(components.ravel())
         small = np.flatnonzero(sizes < min_voxels)
         small = small[small != 0]
         if small.size:
-            out[np.isin(components, small)] = 0
+            out[box][np.isin(components, small)] = 0
     return out

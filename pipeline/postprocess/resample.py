@@ -63,10 +63,13 @@ def crop_box(image, spatial_shape: Sequence[int]) -> Box:
     return Box(start=(0,) * len(spatial_shape), full_shape=tuple(int(s) for s in spatial_shape))
 
 
-def _axis_weights(count_from: int, count: int, amap: AxisMap, box_start: int, box_size: int, full: int):
-    """Indices (into the box) and weights of the two neighbours of each source voxel along one axis.
+def _axis_matrix(count_from: int, count: int, amap: AxisMap, box_start: int, box_size: int, full: int,
+                 low_limit: int = 0) -> torch.Tensor:
+    """Linear interpolation along one axis as a (count x box_size - low_limit) matrix, two weights per row.
 
-    ``amap`` gives positions in box coordinates; the full grid spans ``-box_start .. full - box_start - 1``.
+    ``amap`` gives positions in box coordinates; the full grid spans ``-box_start .. full - box_start - 1``:
+    beyond it the edge value is used (MONAI's border padding), inside it but outside the box the values
+    are zero (the crop undone by zero padding).
     """
     i = np.arange(count_from, count_from + count, dtype=np.float64)
     p = np.round(amap.scale * i + amap.offset, 6)  # exact grid positions stay exact (frac 0)
@@ -75,19 +78,26 @@ def _axis_weights(count_from: int, count: int, amap: AxisMap, box_start: int, bo
     frac = p - low
     low = low.astype(np.int64)
     high = np.minimum(low + 1, full - 1 - box_start)
-    idx, weights = [], []
+    matrix = np.zeros((count, box_size - low_limit), dtype=np.float32)
+    rows = np.arange(count)
     for index, w in ((low, 1 - frac), (high, frac)):
-        inside = (index >= 0) & (index < box_size)
-        idx.append(torch.from_numpy(np.clip(index, 0, box_size - 1)))
-        weights.append(torch.from_numpy(np.where(inside, w, 0.0).astype(np.float32)))
-    return idx, weights
+        inside = (index >= low_limit) & (index < box_size)
+        np.add.at(matrix, (rows[inside], index[inside] - low_limit), w[inside])
+    return torch.from_numpy(matrix)
 
 
-def _interpolate(values: torch.Tensor, dim: int, idx, weights) -> torch.Tensor:
-    shape = [1] * values.ndim
-    shape[dim] = -1
-    low = values.index_select(dim, idx[0]).mul_(weights[0].view(shape))
-    return low.add_(values.index_select(dim, idx[1]).mul_(weights[1].view(shape)))
+def _needed(count_from: int, count: int, amap: AxisMap, box_start: int, box_size: int, full: int) -> tuple[int, int]:
+    """The range of box indices the interpolation of source voxels ``count_from ..`` reads."""
+    i = np.array([count_from, count_from + count - 1], dtype=np.float64)
+    p = np.clip(np.round(amap.scale * i + amap.offset, 6), -box_start, full - 1 - box_start)
+    lo = int(np.clip(np.floor(p.min()), 0, box_size - 1))
+    hi = int(np.clip(np.floor(p.max()) + 1, 0, box_size - 1))
+    return lo, hi
+
+
+def _interpolate(values: torch.Tensor, dim: int, matrix: torch.Tensor) -> torch.Tensor:
+    """Apply an interpolation matrix (out x in) along ``dim`` (a matrix product: fast and exact enough)."""
+    return torch.movedim(torch.matmul(torch.movedim(values, dim, -1), matrix.T), -1, dim)
 
 
 def to_source_slabs(
@@ -105,21 +115,19 @@ def to_source_slabs(
     channels = probs.shape[0]
     ni, nj, nk = (int(s) for s in source_shape)
     step = max(1, min(nk, max_elements // max(1, channels * ni * nj)))
-    per_axis_full = [
-        _axis_weights(0, n, amap, box.start[amap.target], probs.shape[1 + amap.target], box.full_shape[amap.target])
+    in_plane = [
+        _axis_matrix(0, n, amap, box.start[amap.target], probs.shape[1 + amap.target], box.full_shape[amap.target])
         for n, amap in zip((ni, nj), maps[:2])
     ]
     slab_map = maps[2]
+    dim = 1 + slab_map.target
+    size, start, full = probs.shape[dim], box.start[slab_map.target], box.full_shape[slab_map.target]
     for k0 in range(0, nk, step):
         k1 = min(nk, k0 + step)
-        idx_k, w_k = _axis_weights(k0, k1 - k0, slab_map, box.start[slab_map.target],
-                                   probs.shape[1 + slab_map.target], box.full_shape[slab_map.target])
-        lo = int(min(i.min() for i in idx_k))
-        hi = int(max(i.max() for i in idx_k))
-        dim = 1 + slab_map.target
+        lo, hi = _needed(k0, k1 - k0, slab_map, start, size, full)
         values = probs.narrow(dim, lo, hi - lo + 1).float()
-        values = _interpolate(values, dim, [i - lo for i in idx_k], w_k)
-        for amap, (idx, weights) in zip(maps[:2], per_axis_full):
-            values = _interpolate(values, 1 + amap.target, idx, weights)
+        values = _interpolate(values, dim, _axis_matrix(k0, k1 - k0, slab_map, start, hi + 1, full, low_limit=lo))
+        for amap, matrix in zip(maps[:2], in_plane):
+            values = _interpolate(values, 1 + amap.target, matrix)
         order = [0] + [1 + amap.target for amap in maps]
         on_slab(k0, k1, values.permute(*order))

@@ -1,0 +1,154 @@
+"""The fast inference path: no float64 tensor anywhere from loading to labels, cropping to the body
+before tiling gives the mask the uncropped volume gives, both backends give the same mask, the CPU never
+runs batch-1 windows, and what is kept per case does not grow with the number of classes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pipeline.config import load_config
+from pipeline.infer import Segmenter
+from pipeline.model import build_model
+from pipeline.model.checkpoint import Checkpoint, save_checkpoint
+from tests.conftest import make_affine, save_nifti
+
+
+def dice(a, b) -> float:
+    a, b = a > 0, b > 0
+    return 2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def ct_scan(tmp_path, orientation="LPS", shape=(56, 48, 20)):
+    """A small CT: air around a body of soft tissue with two brighter lesions."""
+    rng = np.random.default_rng(0)
+    image = np.full(shape, -1000, np.int16)
+    ii, jj, kk = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    body = ((ii - 28) / 20.0) ** 2 + ((jj - 22) / 15.0) ** 2 < 1
+    image[body] = rng.integers(0, 60, body.sum())
+    image[((ii - 20) ** 2 + (jj - 20) ** 2 + ((kk - 8) * 2) ** 2) < 30] = 150
+    image[((ii - 36) ** 2 + (jj - 28) ** 2 + ((kk - 13) * 2) ** 2) < 20] = 170
+    return save_nifti(image, make_affine(orientation), tmp_path / "ct.nii.gz")
+
+
+def config(*extra):
+    return load_config(None, ["preprocess.spacing=[1.2, 1.2, 2.5]", "preprocess.intensity.window=[-150, 250]",
+                              "model.features=4", "model.depth=3", "inference.roi_size=[32, 32, 8]",
+                              "inference.overlap=0.5", "inference.min_component_mm3=0", *extra])
+
+
+class Threshold(torch.nn.Module):
+    """A voxel-wise stand-in: lesion where the windowed intensity is above 0.7 (no context, no windows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return torch.cat([(0.7 - x) * 30, (x - 0.7) * 30], dim=1)
+
+
+def random_unet_checkpoint(tmp_path, cfg, source, classes=2, seed=0):
+    """A random U-Net whose lesion bias is set so that about half of the body is lesion: a hard mask."""
+    torch.manual_seed(seed)
+    net = build_model(cfg.model, in_channels=1, out_channels=classes).eval()
+    segmenter = Segmenter(net, cfg, "cpu", backend="torch")
+    probs = segmenter.probabilities(segmenter.load(str(source)).image)
+    median = float(probs[1].median().clamp(1e-4, 1 - 1e-4))
+    with torch.no_grad():
+        net.head.bias[1] -= float(np.log(median / (1 - median)))
+    path = tmp_path / f"model{classes}.pt"
+    save_checkpoint(path, Checkpoint(state_dict=net.state_dict(), config=cfg, epoch=0))
+    return path
+
+
+class Float64Spy(TorchDispatchMode):
+    """Records every op that makes a float64 tensor larger than an affine matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.numel() > 16:
+                self.seen.append(f"{func} -> {tuple(t.shape)}")
+        return out
+
+
+def test_no_float64_tensor_in_the_inference_path(tmp_path):
+    segmenter = Segmenter(build_model(config().model, 1, 2), config(), "cpu")
+    source = ct_scan(tmp_path)
+    with Float64Spy() as spy:
+        prepared = segmenter.load(str(source))
+        result = segmenter.finish(segmenter.predict(prepared), prepared)
+    assert spy.seen == []
+    assert prepared.image.dtype == torch.float32
+    assert result.labels.dtype == np.uint8 and result.foreground.dtype == np.float16
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "oblique"])
+def test_cropped_and_pasted_equals_uncropped(tmp_path, orientation):
+    source = str(ct_scan(tmp_path, orientation))
+    cropped = Segmenter(Threshold(), config("preprocess.crop_foreground=true"), "cpu").segment(source)
+    whole = Segmenter(Threshold(), config("preprocess.crop_foreground=false"), "cpu").segment(source)
+    assert cropped.labels.sum() > 50
+    np.testing.assert_array_equal(cropped.labels, whole.labels)
+    np.testing.assert_allclose(cropped.foreground.astype(np.float32), whole.foreground.astype(np.float32), atol=2e-3)
+
+
+def test_cropped_body_tiles_fewer_windows(tmp_path):
+    source = str(ct_scan(tmp_path, shape=(96, 96, 20)))
+    cropped = Segmenter(Threshold(), config("preprocess.crop_foreground=true"), "cpu")
+    whole = Segmenter(Threshold(), config("preprocess.crop_foreground=false"), "cpu")
+    assert cropped.predict(cropped.load(source)).windows < whole.predict(whole.load(source)).windows
+
+
+def test_both_backends_give_the_same_mask(tmp_path):
+    pytest.importorskip("onnxruntime")
+    cfg = config()
+    source = str(ct_scan(tmp_path))
+    checkpoint = random_unet_checkpoint(tmp_path, cfg, source)
+    by_torch = Segmenter.from_checkpoint(checkpoint, "cpu", backend="torch")
+    by_onnx = Segmenter.from_checkpoint(checkpoint, "cpu", backend="onnxruntime")
+    a, b = by_torch.segment(source), by_onnx.segment(source)
+    assert (by_torch.backend, by_onnx.backend) == ("torch", "onnxruntime")
+    assert 0.05 < a.labels.sum() / (a.image > -500).sum() < 0.95
+    assert dice(a.labels, b.labels) >= 0.999
+    np.testing.assert_allclose(a.foreground.astype(np.float32), b.foreground.astype(np.float32), atol=2e-3)
+
+
+def test_fused_torch_path_equals_the_plain_network(tmp_path):
+    """The CPU-fused U-Net and the module as trained give the same probabilities."""
+    cfg = config()
+    source = ct_scan(tmp_path)
+    segmenter = Segmenter.from_checkpoint(random_unet_checkpoint(tmp_path, cfg, source), "cpu", backend="torch")
+    prepared = segmenter.load(str(source))
+    fast = segmenter.probabilities(prepared.image)
+    from monai.inferers import sliding_window_inference
+
+    with torch.no_grad():
+        logits = sliding_window_inference(prepared.image.as_tensor()[None], cfg.inference.roi_size, 1,
+                                          segmenter.network, overlap=cfg.inference.overlap, mode=cfg.inference.blend)
+    torch.testing.assert_close(fast, torch.softmax(logits[0], 0), atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_windows_go_in_batches_of_at_least_two():
+    cfg = config("inference.sw_batch_size=1")
+    assert Segmenter(Threshold(), cfg, "cpu").window_batch == 2
+
+
+def test_binary_models_keep_one_float16_channel_many_class_models_keep_all(tmp_path):
+    source = str(ct_scan(tmp_path))
+    for classes, channels in ((2, 1), (5, 5)):
+        cfg = config(f"data.labels={{background: 0, {', '.join(f'c{k}: {k}' for k in range(1, classes))}}}")
+        segmenter = Segmenter(build_model(cfg.model, 1, classes), cfg, "cpu")
+        prepared = segmenter.load(source)
+        prediction = segmenter.predict(prepared)
+        assert prediction.probs.dtype == torch.float16
+        assert tuple(prediction.probs.shape) == (channels,) + tuple(prepared.image.shape[1:])
+        labels = segmenter.finish(prediction, prepared).labels
+        assert labels.shape == (56, 48, 20) and labels.max() < classes
