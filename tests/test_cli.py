@@ -247,7 +247,7 @@ def test_train_label_outside_classes(tmp_path, capsys):
     write_msd_dataset(tmp_path / "ds", n_cases=3, label_values=[2, 2, 2])
     code, out, err = run(capsys, *train_args(tmp_path))
     assert code == 2
-    line = assert_one_error_line(err, "holds values [2.0] outside the configured classes 0..1", "data.labels")
+    line = assert_one_error_line(err, "holds values [2] outside the configured classes 0..1", "data.labels")
     assert any(str(tmp_path / "ds" / "labelsTr" / f"case_00{k}.nii.gz") in line for k in range(3))
     assert "--debug" not in line
 

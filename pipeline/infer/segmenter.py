@@ -42,7 +42,7 @@ class Segmentation:
     source_format: str  # nifti | dicom | itk
     # P(any lesion class) per voxel, float16, the source grid: for per-lesion confidence
     foreground: Optional[np.ndarray] = None
-    # the scan's intensities as read (HU for CT), float32, the source grid: for statistics and QC pictures
+    # the scan's intensities as read (HU for CT, the file's dtype), the source grid: for statistics and QC
     image: Optional[np.ndarray] = None
 
 
@@ -51,7 +51,7 @@ class Prepared:
     """A scan read and preprocessed: what :meth:`Segmenter.predict` and :meth:`Segmenter.finish` need."""
 
     image: torch.Tensor  # the preprocessed MetaTensor (1, *spatial), with its recorded transforms
-    source_image: np.ndarray  # float32 [i, j, k] intensities as read, the source grid
+    source_image: np.ndarray  # [i, j, k] intensities as read (the file's dtype), the source grid
     source: str
 
 
@@ -150,8 +150,10 @@ class Segmenter:
 
     def prepare(self, loaded: dict) -> Prepared:
         """Preprocess what :meth:`read` returned."""
-        # A copy: later steps (z-score normalisation) may work in place on the loaded tensor.
-        source_image = np.array(loaded["image"].as_tensor()[0].numpy(), dtype=np.float32, copy=True)
+        loaded_array = loaded["image"].as_tensor()[0].numpy()
+        # Preprocessing starts with a float32 conversion: a copy, unless the scan already is float32, in
+        # which case later steps (z-score normalisation) could work in place on it, so it is copied here.
+        source_image = loaded_array.copy(order="K") if loaded_array.dtype == np.float32 else loaded_array
         data = self.preprocess(loaded, start=1)
         image = data["image"]
         return Prepared(image=image, source_image=source_image,

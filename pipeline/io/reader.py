@@ -92,14 +92,70 @@ class ScanReader(ImageReader):
 
 
 def _read_nifti(path: Path) -> _Loaded:
+    """The affine from nibabel (sform/qform as NIfTI defines them); the voxels from SimpleITK, whose gzip
+    reader is ~3x faster than Python's. Any file SimpleITK refuses (e.g. a non-orthonormal sform) or
+    reads with another shape is read by nibabel alone."""
     try:
-        image = nib.load(str(path))
-        array = np.asarray(image.dataobj)
+        image = nib.load(str(path))  # the header only: cheap
+        affine = np.asarray(image.affine, dtype=np.float64)
+        shape = tuple(int(s) for s in image.shape)
     except Exception as exc:  # nibabel raises many types for truncated or corrupt files
         raise InputError(
             f"cannot read NIfTI '{path}': {exc}. The file may be truncated or not a NIfTI; re-export it"
         ) from None
-    return _Loaded(array, np.asarray(image.affine, dtype=np.float64), str(path), "nifti")
+    array = _voxels_by_sitk(path, shape) if _complete(path, image) else None
+    if array is None:
+        try:
+            array = np.asarray(image.dataobj)
+        except Exception as exc:
+            raise InputError(
+                f"cannot read NIfTI '{path}': {exc}. The file may be truncated or not a NIfTI; re-export it"
+            ) from None
+    return _Loaded(array, affine, str(path), "nifti")
+
+
+def _complete(path: Path, image) -> bool:
+    """Whether the file holds all of its voxels: SimpleITK reads a truncated .nii.gz without an error.
+
+    A gzip stream ends with the length of its uncompressed data (mod 2**32): a truncated file ends with
+    compressed bytes instead. An uncompressed file must be at least header + voxels long. A file that
+    fails this (or any odd layout) is read by nibabel, which raises on truncation.
+    """
+    try:
+        header = image.header
+        offset = int(getattr(image.dataobj, "offset", header.get_data_offset()))
+        expected = offset + int(np.prod(image.shape)) * header.get_data_dtype().itemsize
+        size = path.stat().st_size
+        if str(path).lower().endswith(".gz"):
+            if size < 18:
+                return False
+            with open(path, "rb") as f:
+                f.seek(-4, 2)
+                return int.from_bytes(f.read(4), "little") == expected % (1 << 32)
+        return size >= expected
+    except Exception:
+        return False
+
+
+class _SitkBuffer:
+    """Keeps a SimpleITK image alive for as long as a NumPy view of its pixel buffer exists."""
+
+    def __init__(self, image, sitk):
+        self.image = image
+        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
+
+
+def _voxels_by_sitk(path: Path, shape: tuple[int, ...]):
+    """The voxels ``[i, j, k]`` (a Fortran-order view, no copy) if SimpleITK reads them as nibabel would."""
+    sitk = _sitk()
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError:
+        return None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        return None
+    array = np.asarray(_SitkBuffer(image, sitk)).T  # SimpleITK's [k, j, i] → [i, j, k]
+    return array if array.shape == shape else None
 
 
 def _sitk():

@@ -2,46 +2,61 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import EnsureChannelFirst, LoadImaged, MapTransform
+from monai.transforms import EnsureChannelFirst, MapTransform
 
 from pipeline.errors import InputError
 from pipeline.io.dicom_series import DicomVolume
 from pipeline.io.reader import ScanReader
 
 
-class LoadScand(LoadImaged):
-    """``LoadImaged`` that always reads with :class:`ScanReader`, channel-first, float32.
+class LoadScand(MapTransform):
+    """Read scans with :class:`ScanReader` into channel-first MetaTensors, in the file's own dtype.
 
-    The reader is passed at call time, so its own errors (missing file, truncated scan, several series
-    in one folder) reach the user with their message instead of MONAI's generic "no suitable reader".
+    MONAI's ``LoadImage`` would make every volume C-contiguous and float32 on the way (a transposing copy
+    of a Fortran-order NIfTI or DICOM stack: 2-3x the read time for a 512x512x400 CT). Here the array
+    stays as the reader gives it (NIfTI voxels by SimpleITK, DICOM slices by GDCM), with MONAI's metadata
+    (``affine``, ``original_affine``, ``spatial_shape``, ``filename_or_obj``...); the float32 conversion is
+    the first preprocessing step. The reader's own errors (missing file, truncated scan, several series in
+    one folder) reach the user with their message.
     """
 
     def __init__(self, keys, allow_missing_keys: bool = False):
-        super().__init__(keys, reader=None, image_only=True, ensure_channel_first=True,
-                         dtype=np.float32, allow_missing_keys=allow_missing_keys)
+        super().__init__(keys, allow_missing_keys)
         self._scan_reader = ScanReader()
 
     def __call__(self, data, reader=None):
         reader = reader or self._scan_reader
-        volumes = {k: v for k, v in data.items() if k in self.keys and isinstance(v, DicomVolume)}
-        if not volumes:
-            return super().__call__(data, reader)
-        # LoadImage turns its input into path strings; a discovered DICOM volume is read directly.
         d = dict(data)
-        for key, volume in volumes.items():
-            array, meta = reader.get_data(reader.read(volume))
-            meta["filename_or_obj"] = volume.folder
-            # order="K" keeps the stacked (Fortran) layout: no slow transposing copy; strides become positive.
-            image = MetaTensor(torch.as_tensor(np.asarray(array).astype(np.float32, order="K")), meta=meta)
-            d[key] = EnsureChannelFirst()(image)
-        others = {k: v for k, v in d.items() if k in self.keys and k not in volumes}
-        if others:
-            loaded = super().__call__({k: d[k] for k in others}, reader)
-            d.update({k: loaded[k] for k in others})
+        for key in self.key_iterator(d):
+            source = d[key]
+            array, meta = reader.get_data(reader.read(source))
+            meta["filename_or_obj"] = source.folder if isinstance(source, DicomVolume) else _name(source)
+            d[key] = EnsureChannelFirst()(MetaTensor(torch.from_numpy(_torch_compatible(array)), meta=meta))
         return d
+
+
+_TORCH_DTYPES = {np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.int32, np.int64, np.float32, np.float64)}
+
+
+def _torch_compatible(array: np.ndarray) -> np.ndarray:
+    """``array`` itself when torch can share it; else the cheapest copy it can (float32 for odd dtypes)."""
+    array = np.asarray(array)
+    if array.dtype not in _TORCH_DTYPES or not array.dtype.isnative:
+        return array.astype(np.float32, order="K")
+    if any(stride < 0 for stride in array.strides):  # reoriented views: positive strides, same layout
+        return array.copy(order="K")
+    return array
+
+
+def _name(source) -> str:
+    if isinstance(source, (list, tuple)):
+        return str(source[0]) if len(source) == 1 else str(Path(str(source[0])).parent)
+    return str(source)
 
 
 class CheckLabelsd(MapTransform):

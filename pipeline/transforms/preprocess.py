@@ -37,7 +37,7 @@ def preprocess_transforms(
     if label_key is not None and num_classes is not None:
         steps.append(CheckLabelsd([label_key], num_classes))
     steps += [
-        EnsureTyped(keys, track_meta=True),
+        EnsureTyped(keys, dtype=torch.float32, track_meta=True),  # the reader keeps the file's dtype
         Orientationd(keys, axcodes=cfg.orientation.upper()),
     ]
     if cfg.spacing is not None:

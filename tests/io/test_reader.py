@@ -44,9 +44,9 @@ def test_nifti_round_trip_through_loadscand(tmp_path, orientation):
     image = load(str(path))
 
     assert tuple(image.shape) == (1, *SHAPE)
-    assert image.dtype == torch.float32
+    assert image.dtype == torch.int16  # the file's dtype: preprocessing converts to float32
     np.testing.assert_allclose(np.asarray(image.meta["affine"]), nib.load(str(path)).affine, atol=1e-6)
-    np.testing.assert_array_equal(image[0].numpy(), volume.astype(np.float32))
+    np.testing.assert_array_equal(image[0].numpy(), volume)
     assert image.meta["source_format"] == "nifti"
     assert image.meta["filename_or_obj"] == str(path)
     np.testing.assert_array_equal(np.asarray(image.meta["spatial_shape"]), SHAPE)
@@ -354,3 +354,38 @@ def test_discover_does_not_mistake_a_copy_for_a_new_series(tmp_path):
     shutil.copy(paths[0], tmp_path / "in" / "s" / "DICOMDIR")
     cases = discover_cases(tmp_path / "in")
     assert [len(c.files) for c in cases] == [SHAPE[2]]
+
+
+@pytest.mark.parametrize("keep", [400, 0.5, 0.95])
+def test_truncated_nifti_gz_is_refused_not_read_as_zeros(tmp_path, keep):
+    """SimpleITK reads a truncated .nii.gz without an error: the reader must notice and refuse it."""
+    path = save_nifti(hu_volume(SHAPE), make_affine("RAS"), tmp_path / "scan.nii.gz")
+    data = path.read_bytes()
+    path.write_bytes(data[:keep if isinstance(keep, int) else int(len(data) * keep)])
+    with pytest.raises(InputError, match="cannot read NIfTI"):
+        read_direct(path)
+
+
+def test_nifti_gz_without_its_trailer_is_read_only_if_every_voxel_is_there(tmp_path):
+    volume = hu_volume(SHAPE)
+    path = save_nifti(volume, make_affine("RAS"), tmp_path / "scan.nii.gz")
+    path.write_bytes(path.read_bytes()[:-10])  # the gzip trailer and the stream's last bytes
+    try:
+        array, _ = read_direct(path)
+    except InputError:
+        return
+    np.testing.assert_array_equal(array, volume)
+
+
+@pytest.mark.parametrize("dtype, slope", [(np.int16, 1.0), (np.int16, 0.5), (np.float32, 1.0), (np.uint8, 1.0)])
+def test_nifti_voxels_equal_nibabel(tmp_path, dtype, slope):
+    """The fast (SimpleITK) voxel path gives nibabel's values, scaling included, in the [i, j, k] grid."""
+    rng = np.random.default_rng(3)
+    volume = (rng.integers(0, 200, SHAPE) if dtype != np.float32 else rng.normal(size=SHAPE)).astype(dtype)
+    image = nib.Nifti1Image(volume, make_affine("oblique"))
+    image.header.set_slope_inter(slope, -3.0 if slope != 1.0 else 0.0)
+    path = tmp_path / "scan.nii.gz"
+    nib.save(image, str(path))
+    array, meta = read_direct(path)
+    np.testing.assert_allclose(array, np.asarray(nib.load(str(path)).dataobj), atol=1e-5)
+    np.testing.assert_allclose(meta["affine"], nib.load(str(path)).affine, atol=1e-6)
