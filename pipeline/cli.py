@@ -102,9 +102,9 @@ def cmd_segment(args) -> int:
         from pipeline.config import override_config
         from pipeline.infer import Segmenter
 
-        model = Segmenter.from_checkpoint(args.model, device=args.device)
+        model = Segmenter.from_checkpoint(args.model, device=args.device, backend=args.backend)
         select = override_config(model.config, args.overrides, allowed_prefix="input.").input
-    results = segment_folder(args.input_dir, args.output_dir, model, device=args.device,
+    results = segment_folder(args.input_dir, args.output_dir, model, device=args.device, backend=args.backend,
                              overwrite=args.overwrite, shard=args.shard, dicom_seg=args.dicom_seg,
                              qc=not args.no_qc, progress=not args.quiet, select=select)
     s = summarise(results)
@@ -275,6 +275,9 @@ def _parser() -> argparse.ArgumentParser:
                                                 "input.modalities=[CT] input.on_gantry_tilt=resample")
     p.add_argument("--model", required=True, help="checkpoint written by `medseg train` (best.pt)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "onnxruntime"],
+                   help="how the network runs (default: the model's inference.backend, auto: the faster one "
+                        "measured once on this machine)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo every case (default: keep cases already done with the same model and settings)")
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N",

@@ -106,6 +106,7 @@ def segment_folder(
     model: Union[str, Path, Segmenter],
     *,
     device: str = "auto",
+    backend: Optional[str] = None,
     overwrite: bool = False,
     shard: Union[None, str, tuple, Shard] = None,
     dicom_seg: bool = False,
@@ -117,7 +118,8 @@ def segment_folder(
 ) -> list[CaseResult]:
     """Segment every scan under ``input_dir`` into ``output_dir/<case>_seg.nii.gz`` (+ reports).
 
-    ``model``: a checkpoint path or a ready :class:`Segmenter`. ``overwrite``: redo cases already done.
+    ``model``: a checkpoint path or a ready :class:`Segmenter`. ``backend``: ``auto | torch | onnxruntime``
+    for a checkpoint path (default: the model's ``inference.backend``). ``overwrite``: redo cases already done.
     ``shard``: ``"I/N"`` or ``(I, N)``, 1-based: this process takes every N-th case from the I-th.
     ``dicom_seg``: also write ``<case>_seg.dcm`` for DICOM sources. ``qc``: QC pictures.
     ``background=False`` runs the stages one after another (a baseline for the throughput benchmark).
@@ -129,7 +131,7 @@ def segment_folder(
     shard = Shard.parse(shard)
     if not Path(input_dir).exists():
         raise InputError(f"input folder not found: '{input_dir}'. Pass a folder holding NIfTI files or DICOM series")
-    segmenter = model if isinstance(model, Segmenter) else Segmenter.from_checkpoint(model, device=device)
+    segmenter = model if isinstance(model, Segmenter) else Segmenter.from_checkpoint(model, device=device, backend=backend)
     select = select or segmenter.config.input
     discovery = discover(input_dir, select)
     if not discovery.cases:
