@@ -174,6 +174,18 @@ def cmd_demo(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_bench(args) -> int:
+    from pipeline.benchmarks.bench import print_table, run_bench, save_results
+
+    results = run_bench(args.config, args.work_dir, repeats=args.repeats, quick=args.quick,
+                        overrides=args.overrides, compare_on=args.compare_on,
+                        progress=None if not args.quiet else (lambda line: None))
+    print_table(results)
+    if args.json:
+        print(f"results: {save_results(results, args.json)}")
+    return 0
+
+
 def _print_case_table(rows) -> None:
     import math
 
@@ -312,6 +324,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", parents=[common],
+                       help="speed and memory on synthetic CT: segment vs plain MONAI, GFLOP/s, peak RSS, loading, training")
+    p.add_argument("config", nargs="?", default="configs/lesion3d.yaml",
+                   help="the model, preprocessing and inference settings to measure (default: the 3D reference)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. inference.backend=torch")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    p.add_argument("--work-dir", default="runs/bench", help="synthetic cases, models and outputs (reused)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (medians)")
+    p.add_argument("--quick", action="store_true", help="only the 256x256x128 case, 2 training steps (a smoke run)")
+    p.add_argument("--compare-on", choices=("small", "large"), default="small",
+                   help="the case for segment vs plain MONAI (default: 256x256x128)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

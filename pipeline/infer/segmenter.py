@@ -226,7 +226,7 @@ class Segmenter:
                 p = values[0]
                 labels[..., k0:k1] = self.decide_lesion(p)
             else:
-                labels[..., k0:k1] = values.argmax(dim=0).numpy().astype(np.uint8)
+                labels[..., k0:k1] = _argmax_classes(values).numpy()
                 p = values[1:].sum(dim=0)
             foreground[..., k0:k1] = p.numpy().astype(np.float16)
 
@@ -271,6 +271,18 @@ class Segmenter:
         roi = list(cfg.roi_size) + ([1] if self.config.model.spatial_dims == 2 else [])
         windows = len(WindowGrid(tuple(prepared.image.shape[1:]), tuple(roi), cfg.overlap))
         return -(-windows // self.window_batch)
+
+
+def _argmax_classes(values: torch.Tensor) -> torch.Tensor:
+    """``values.argmax(0)`` as uint8 by a running maximum over the classes (ties: the lower class, as
+    argmax). Much faster than torch's argmax over the first axis of a permuted slab."""
+    labels = torch.zeros(values.shape[1:], dtype=torch.uint8)
+    best = values[0].clone()
+    for c in range(1, values.shape[0]):
+        higher = values[c] > best
+        labels[higher] = c
+        torch.maximum(best, values[c], out=best)
+    return labels
 
 
 def _margin(network: torch.nn.Module, roi) -> tuple[int, ...]:

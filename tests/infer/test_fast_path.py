@@ -152,3 +152,11 @@ def test_binary_models_keep_one_float16_channel_many_class_models_keep_all(tmp_p
         assert tuple(prediction.probs.shape) == (channels,) + tuple(prepared.image.shape[1:])
         labels = segmenter.finish(prediction, prepared).labels
         assert labels.shape == (56, 48, 20) and labels.max() < classes
+
+
+def test_running_argmax_equals_torch_argmax_ties_included():
+    from pipeline.infer.segmenter import _argmax_classes
+
+    values = torch.rand(6, 9, 8, 7, generator=torch.Generator().manual_seed(0)).round(decimals=1)  # many ties
+    values = values.permute(0, 2, 1, 3)  # a non-contiguous slab, as finish gets them
+    torch.testing.assert_close(_argmax_classes(values), values.argmax(dim=0).to(torch.uint8))

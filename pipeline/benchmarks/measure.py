@@ -1,0 +1,160 @@
+"""Small measurement helpers for the benchmarks: medians, a matmul ceiling, FLOP counts, a child's peak RSS.
+
+* :func:`median_time` — warm-up calls, then the median of ``repeats`` timed calls (``perf_counter``).
+* :func:`matmul_ceiling` — fp32 square matmuls of a few sizes; the best median GFLOP/s is what this
+  machine's BLAS reaches in this process (the ceiling a convolution network can be compared with).
+* :func:`network_flops` — FLOPs of one forward pass, counted by ``torch.utils.flop_counter``
+  (convolutions and matmuls, 2 per multiply-add; normalisation/activations are not counted).
+* :func:`peak_rss_child` — peak resident memory of one command run in a child process.
+
+Why :func:`peak_rss_child` goes through a launcher: Linux keeps a process's ``ru_maxrss`` across
+``exec`` and, when the process was forked (or vforked, as ``subprocess`` does) from a big parent, seeds
+it with the *parent's* peak RSS. A child of a benchmark holding a few GB would report a few GB however
+little it used. So a small launcher (a fresh interpreter, itself tainted but only ~10 MB resident)
+starts the command, reads the command's own rusage with ``os.wait4(pid, 0)`` (not ``RUSAGE_CHILDREN``,
+which mixes every reaped child) and reports it; the command's figure then only carries the launcher's
+~10 MB, not ours. ``ru_maxrss`` is in KiB on Linux.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+_LAUNCHER = r"""
+import json, os, subprocess, sys
+cmd, result = json.loads(sys.argv[1]), sys.argv[2]
+proc = subprocess.Popen(cmd)
+_, status, usage = os.wait4(proc.pid, 0)
+proc.returncode = os.waitstatus_to_exitcode(status)
+with open(result, "w") as handle:
+    json.dump({"maxrss_kib": usage.ru_maxrss, "returncode": proc.returncode,
+               "user_s": usage.ru_utime, "system_s": usage.ru_stime}, handle)
+"""
+
+
+def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> tuple[float, list[float]]:
+    """``(median seconds, every timed run)`` of ``fn()`` after ``warmup`` untimed calls."""
+    for _ in range(max(0, warmup)):
+        fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+@contextmanager
+def torch_threads(threads: Optional[int]):
+    """Temporarily set torch's intra-op thread count (``None``: leave it)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def matmul_ceiling(threads: Optional[int] = None, sizes: Sequence[int] = (1024, 2048, 3072),
+                   repeats: int = 3) -> float:
+    """Best median fp32 GFLOP/s of ``n×n @ n×n`` over ``sizes`` (2·n³ FLOPs each), on the CPU."""
+    import torch
+
+    best = 0.0
+    with torch_threads(threads), torch.inference_mode():
+        generator = torch.Generator().manual_seed(0)
+        for n in sizes:
+            a = torch.randn(n, n, generator=generator)
+            b = torch.randn(n, n, generator=generator)
+            out = torch.empty(n, n)
+            seconds, _ = median_time(lambda: torch.mm(a, b, out=out), repeats=repeats, warmup=1)
+            best = max(best, 2.0 * n**3 / seconds / 1e9)
+    return best
+
+
+def network_flops(network, input_shape: Sequence[int], batch: int = 1) -> int:
+    """FLOPs of one forward of ``network`` on a ``(batch, *input_shape)`` zero tensor.
+
+    ``input_shape`` is one sample's shape, channels first: ``(C, *spatial)``. The network is used as it
+    is (call ``.eval()`` first for inference figures); it runs once under ``inference_mode``.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parameter = next(iter(network.parameters()), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    x = torch.zeros((int(batch), *(int(s) for s in input_shape)), device=device)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        network(x)
+    return int(counter.get_total_flops())
+
+
+def peak_rss_child(cmd: list[str], env: Optional[dict] = None, timeout: Optional[float] = None,
+                   tail_chars: int = 4000) -> tuple[int, int, str]:
+    """Run ``cmd``; ``(its peak RSS in bytes, its return code, the tail of its stdout + stderr)``.
+
+    The figure is the command's own ``ru_maxrss`` (``os.wait4`` on its pid), read by a small launcher
+    process so that it does not carry this process's memory (see the module docstring). Output goes to
+    temporary files, so a chatty child cannot block on a full pipe.
+    """
+    with tempfile.TemporaryDirectory(prefix="medseg-rss-") as tmp:
+        result_path = Path(tmp) / "rusage.json"
+        out_path = Path(tmp) / "output.txt"
+        with open(out_path, "wb") as out:
+            launcher = subprocess.run(
+                [sys.executable, "-c", _LAUNCHER, json.dumps([str(c) for c in cmd]), str(result_path)],
+                stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False,
+            )
+        output = out_path.read_bytes()[-tail_chars:].decode("utf-8", errors="replace")
+        if not result_path.is_file():
+            raise RuntimeError(f"peak_rss_child: the launcher failed (exit {launcher.returncode}): {output}")
+        result = json.loads(result_path.read_text())
+    return int(result["maxrss_kib"]) * 1024, int(result["returncode"]), output
+
+
+def cpu_info() -> dict:
+    """What the figures depend on: CPU model, cores, torch threads, its SIMD level, versions."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - older torch
+        capability = ""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 0
+    import monai
+
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]  # another busy process skews every figure
+    except OSError:
+        load = None
+    return {
+        "cpu": model, "cpu_capability": capability, "cores": cores, "torch_threads": torch.get_num_threads(),
+        "torch": str(torch.__version__), "monai": str(monai.__version__), "python": platform.python_version(),
+        "cuda": bool(torch.cuda.is_available()), "load_average": load,
+    }
