@@ -191,8 +191,13 @@ class Segmenter:
                 dtype = torch.float32 if keep_all else torch.float16
                 store["probs"] = torch.zeros((channels,) + spatial, dtype=dtype)
                 store["binary"] = binary
-            probs = torch.sigmoid(logits[1] - logits[0])[None] if binary else torch.softmax(logits, dim=0)
-            store["probs"][..., z0:z1] = probs.to(store["probs"].dtype).cpu()
+            # In place on the handed-over slab: no class-sized temporaries (memory must not grow with classes).
+            if binary:
+                probs = logits[1].sub_(logits[0]).sigmoid_()[None]
+            else:
+                logits.sub_(logits.amax(dim=0, keepdim=True)).exp_()
+                probs = logits.div_(logits.sum(dim=0, keepdim=True))
+            store["probs"][..., z0:z1].copy_(probs)
 
         if dims == 3 and not any(_margin(self.network, cfg.roi_size)):
             stats = stream_windows(x, forward, cfg.roi_size, cfg.overlap, cfg.blend, self.window_batch, on_slab,

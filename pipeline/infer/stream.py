@@ -48,7 +48,8 @@ def stream_windows(
 
     ``forward`` maps (B, channels, *roi) on ``device`` to logits (B, C, *roi). ``on_slab(z0, z1, logits)``
     receives the final logits (C, X, Y, z1 - z0) of slices ``z0:z1`` of the unpadded volume, in order,
-    each slice exactly once. ``progress`` is called after every network call.
+    each slice exactly once, as a view into the band that it may overwrite (no copy is made for it).
+    ``progress`` is called after every network call.
     """
     spatial = tuple(int(s) for s in image.shape[1:])
     roi = tuple(int(r) for r in roi)
@@ -109,7 +110,7 @@ class _Band:
         done = min(z_end, self.z_size) - self.base
         if done <= 0 or self.sums is None:
             return
-        logits = self.sums[..., :done] / self.counts[..., :done]
+        logits = self.sums[..., :done].div_(self.counts[..., :done])  # in place: this part is handed over
         (x0, _), (y0, _), (z0, z_after) = self.padding
         x_end, y_end = self.shape_xy[0] - self.padding[0][1], self.shape_xy[1] - self.padding[1][1]
         first, last = max(self.base, z0), min(self.base + done, self.z_size - z_after)
@@ -118,9 +119,9 @@ class _Band:
             self.on_slab(first - z0, last - z0, slab)
         del logits
         keep = self.depth - done
-        if keep > 0:
-            self.sums[..., :keep] = self.sums[..., done:].clone()
-            self.counts[..., :keep] = self.counts[..., done:].clone()
+        for z in range(max(keep, 0)):  # slice by slice, lowest first: no temporary copy of the band
+            self.sums[..., z].copy_(self.sums[..., done + z])
+            self.counts[..., z].copy_(self.counts[..., done + z])
         self.sums[..., max(keep, 0):] = 0
         self.counts[..., max(keep, 0):] = 0
         self.base += done

@@ -9,8 +9,13 @@ FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-neighbourhood
 
 
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Label the 26-connected components of ``mask > 0``."""
-    labels, count = ndimage.label(np.asarray(mask) > 0, structure=FULL_CONNECTIVITY)
+    """Label the 26-connected components of ``mask > 0`` (uint16 labels when they fit: half of int32's memory)."""
+    binary = np.asarray(mask) > 0
+    try:
+        labels = np.empty(binary.shape, dtype=np.uint16)
+        count = ndimage.label(binary, structure=FULL_CONNECTIVITY, output=labels)
+    except RuntimeError:  # more than 65535 components
+        labels, count = ndimage.label(binary, structure=FULL_CONNECTIVITY)
     return labels, int(count)
 
 
