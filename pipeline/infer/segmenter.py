@@ -59,7 +59,9 @@ class Prepared:
 class Prediction:
     """Probabilities on the preprocessed grid, as :meth:`Segmenter.predict` leaves them for :meth:`finish`."""
 
-    probs: torch.Tensor  # float16 (K, *preprocessed grid), CPU: K = 1 (lesion, binary models) or all classes
+    # float16 (K, *preprocessed grid), CPU: binary models K = 1 (the lesion); others, every class but the
+    # background (1 - the others): memory grows with the classes by one channel each, not two
+    probs: torch.Tensor
     binary: bool
     windows: int = 0
     forwards: int = 0  # network calls
@@ -186,8 +188,9 @@ class Segmenter:
 
         def on_slab(z0: int, z1: int, logits: torch.Tensor) -> None:
             binary = logits.shape[0] == 2 and not keep_all
+            first = 0 if keep_all else 1  # the background is 1 - the others: not kept (see finish)
             if "probs" not in store:
-                channels = 1 if binary else logits.shape[0]
+                channels = 1 if binary else logits.shape[0] - first
                 dtype = torch.float32 if keep_all else torch.float16
                 store["probs"] = torch.zeros((channels,) + spatial, dtype=dtype)
                 store["binary"] = binary
@@ -196,7 +199,7 @@ class Segmenter:
                 probs = logits[1].sub_(logits[0]).sigmoid_()[None]
             else:
                 logits.sub_(logits.amax(dim=0, keepdim=True)).exp_()
-                probs = logits.div_(logits.sum(dim=0, keepdim=True))
+                probs = logits.div_(logits.sum(dim=0, keepdim=True))[first:]
             store["probs"][..., z0:z1].copy_(probs)
 
         if dims == 3 and not any(_margin(self.network, cfg.roi_size)):
@@ -230,16 +233,21 @@ class Segmenter:
             if prediction.binary:
                 p = values[0]
                 labels[..., k0:k1] = self.decide_lesion(p)
-            else:
-                labels[..., k0:k1] = _argmax_classes(values).numpy()
+            else:  # channel 0: the box coverage; background = coverage - the classes (exact, by linearity)
                 p = values[1:].sum(dim=0)
+                values[0].sub_(p)
+                labels[..., k0:k1] = _argmax_classes(values).numpy()
             foreground[..., k0:k1] = p.numpy().astype(np.float16)
 
         maps = axis_map(affine, np.asarray(image.affine, dtype=np.float64))
         if maps is not None:
-            to_source_slabs(prediction.probs, crop_box(image, image.shape[1:]), maps, shape, on_slab)
+            to_source_slabs(prediction.probs, crop_box(image, image.shape[1:]), maps, shape, on_slab,
+                            coverage=not prediction.binary)
         else:  # a preprocessing step that is not a reorientation, rescaling or crop: MONAI's inversion
-            on_slab(0, shape[-1], self.to_source(prediction.probs.float(), image))
+            probs = prediction.probs.float()
+            if not prediction.binary:  # channel 0: the coverage, as to_source_slabs gives it
+                probs = torch.cat([torch.ones_like(probs[:1]), probs])
+            on_slab(0, shape[-1], self.to_source(probs, image))
         min_mm3 = self.config.inference.min_component_mm3
         if min_mm3 > 0:
             labels = remove_small_components(labels, min_mm3 / voxel_volume_mm3(affine))

@@ -145,4 +145,4 @@ class _FusedUNet(nn.Module):
         u = self.encoders[-1](x)
         for decode, skip in zip(self.decoders, reversed(skips)):
             u = decode(u, skip)
-        return self.head(u).contiguous()
+        return self.head(u)  # channels-last: the band accumulates any layout (no class-sized copy)
