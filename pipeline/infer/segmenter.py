@@ -59,10 +59,12 @@ class Prepared:
 class Prediction:
     """Probabilities on the preprocessed grid, as :meth:`Segmenter.predict` leaves them for :meth:`finish`."""
 
-    # float16 (K, *preprocessed grid), CPU: binary models K = 1 (the lesion); others, every class but the
-    # background (1 - the others): memory grows with the classes by one channel each, not two
+    # float16 (1, *preprocessed grid), CPU: binary models, P(lesion); others, P(any class but background)
     probs: torch.Tensor
     binary: bool
+    # many-class models: uint8 (1, *preprocessed grid), the argmax taken slab by slab as the windows finish
+    # (memory does not grow with the classes); binary models: None (decided on the source grid)
+    labels: Optional[torch.Tensor] = None
     windows: int = 0
     forwards: int = 0  # network calls
     network_seconds: float = 0.0
@@ -188,19 +190,23 @@ class Segmenter:
 
         def on_slab(z0: int, z1: int, logits: torch.Tensor) -> None:
             binary = logits.shape[0] == 2 and not keep_all
-            first = 0 if keep_all else 1  # the background is 1 - the others: not kept (see finish)
             if "probs" not in store:
-                channels = 1 if binary else logits.shape[0] - first
-                dtype = torch.float32 if keep_all else torch.float16
-                store["probs"] = torch.zeros((channels,) + spatial, dtype=dtype)
+                channels = logits.shape[0] if keep_all else 1
+                store["probs"] = torch.zeros((channels,) + spatial, dtype=torch.float32 if keep_all else torch.float16)
                 store["binary"] = binary
+                if not (binary or keep_all):
+                    store["labels"] = torch.zeros((1,) + spatial, dtype=torch.uint8)
             # In place on the handed-over slab: no class-sized temporaries (memory must not grow with classes).
             if binary:
-                probs = logits[1].sub_(logits[0]).sigmoid_()[None]
-            else:
-                logits.sub_(logits.amax(dim=0, keepdim=True)).exp_()
-                probs = logits.div_(logits.sum(dim=0, keepdim=True))[first:]
-            store["probs"][..., z0:z1].copy_(probs)
+                store["probs"][0, ..., z0:z1].copy_(logits[1].sub_(logits[0]).sigmoid_())
+                return
+            logits.sub_(logits.amax(dim=0, keepdim=True)).exp_()
+            probs = logits.div_(logits.sum(dim=0, keepdim=True))
+            if keep_all:
+                store["probs"][..., z0:z1].copy_(probs)
+                return
+            store["labels"][0, ..., z0:z1].copy_(_argmax_classes(probs))
+            store["probs"][0, ..., z0:z1].copy_(probs[1:].sum(dim=0))
 
         if dims == 3 and not any(_margin(self.network, cfg.roi_size)):
             stats = stream_windows(x, forward, cfg.roi_size, cfg.overlap, cfg.blend, self.window_batch, on_slab,
@@ -214,14 +220,16 @@ class Segmenter:
             counted = _counting(forward, stats, progress)
             logits = predict_logits(self.network, x.to(self.device), cfg, dims, forward=counted)
             on_slab(0, spatial[-1], logits.float())
-        return Prediction(probs=store["probs"], binary=store["binary"], windows=stats.windows,
+        return Prediction(probs=store["probs"], binary=store["binary"], labels=store.get("labels"), windows=stats.windows,
                           forwards=stats.forwards, network_seconds=stats.network_seconds)
 
     def finish(self, prediction: Prediction, prepared: Prepared) -> Segmentation:
-        """Labels (and lesion probability) on the source grid from :meth:`predict`'s probabilities.
+        """Labels (and lesion probability) on the source grid from :meth:`predict`'s output, slab by slab.
 
-        The probabilities are interpolated (linearly) onto the source grid a few slices at a time and the
-        label decision is taken there, as nnU-Net does; binary models carry only the lesion probability.
+        Binary models: the lesion probability is interpolated (linearly) onto the source grid and the
+        decision is taken there, as nnU-Net does. Many-class models: the argmax was taken on the windows'
+        grid as they finished (so memory does not grow with the classes) and the labels are sampled at the
+        nearest voxel; their P(any class but background) is interpolated linearly.
         """
         image = prepared.image
         affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
@@ -229,25 +237,26 @@ class Segmenter:
         labels = np.zeros(shape, dtype=np.uint8)
         foreground = np.zeros(shape, dtype=np.float16)
 
-        def on_slab(k0: int, k1: int, values: torch.Tensor) -> None:
+        def on_probability(k0: int, k1: int, values: torch.Tensor) -> None:
             if prediction.binary:
-                p = values[0]
-                labels[..., k0:k1] = self.decide_lesion(p)
-            else:  # channel 0: the box coverage; background = coverage - the classes (exact, by linearity)
-                p = values[1:].sum(dim=0)
-                values[0].sub_(p)
-                labels[..., k0:k1] = _argmax_classes(values).numpy()
-            foreground[..., k0:k1] = p.numpy().astype(np.float16)
+                labels[..., k0:k1] = self.decide_lesion(values[0])
+            foreground[..., k0:k1] = values[0].numpy().astype(np.float16)
+
+        def on_labels(k0: int, k1: int, values: torch.Tensor) -> None:
+            labels[..., k0:k1] = values[0].round().numpy().astype(np.uint8)
 
         maps = axis_map(affine, np.asarray(image.affine, dtype=np.float64))
         if maps is not None:
-            to_source_slabs(prediction.probs, crop_box(image, image.shape[1:]), maps, shape, on_slab,
-                            coverage=not prediction.binary)
+            box = crop_box(image, image.shape[1:])
+            to_source_slabs(prediction.probs, box, maps, shape, on_probability)
+            if prediction.labels is not None:  # many classes: decided on the windows' grid, nearest voxel here
+                to_source_slabs(prediction.labels, box, maps, shape, on_labels, nearest=True)
         else:  # a preprocessing step that is not a reorientation, rescaling or crop: MONAI's inversion
-            probs = prediction.probs.float()
-            if not prediction.binary:  # channel 0: the coverage, as to_source_slabs gives it
-                probs = torch.cat([torch.ones_like(probs[:1]), probs])
-            on_slab(0, shape[-1], self.to_source(probs, image))
+            on_probability(0, shape[-1], self.to_source(prediction.probs.float(), image))
+            if prediction.labels is not None:
+                classes = self.config.num_classes
+                one_hot = torch.nn.functional.one_hot(prediction.labels[0].long(), classes).movedim(-1, 0).float()
+                on_labels(0, shape[-1], self.to_source(one_hot, image).argmax(dim=0, keepdim=True).float())
         min_mm3 = self.config.inference.min_component_mm3
         if min_mm3 > 0:
             labels = remove_small_components(labels, min_mm3 / voxel_volume_mm3(affine))
@@ -289,7 +298,7 @@ class Segmenter:
 def _argmax_classes(values: torch.Tensor) -> torch.Tensor:
     """``values.argmax(0)`` as uint8 by a running maximum over the classes (ties: the lower class, as
     argmax). Much faster than torch's argmax over the first axis of a permuted slab."""
-    labels = torch.zeros(values.shape[1:], dtype=torch.uint8)
+    labels = torch.zeros(values.shape[1:], dtype=torch.uint8, device=values.device)
     best = values[0].clone()
     for c in range(1, values.shape[0]):
         higher = values[c] > best

@@ -64,8 +64,9 @@ def crop_box(image, spatial_shape: Sequence[int]) -> Box:
 
 
 def _axis_matrix(count_from: int, count: int, amap: AxisMap, box_start: int, box_size: int, full: int,
-                 low_limit: int = 0) -> torch.Tensor:
-    """Linear interpolation along one axis as a (count x box_size - low_limit) matrix, two weights per row.
+                 low_limit: int = 0, nearest: bool = False) -> torch.Tensor:
+    """Linear interpolation along one axis as a (count x box_size - low_limit) matrix, two weights per row
+    (``nearest``: one weight of 1, at the nearest voxel: labels stay exact through the matrix product).
 
     ``amap`` gives positions in box coordinates; the full grid spans ``-box_start .. full - box_start - 1``:
     beyond it the edge value is used (MONAI's border padding), inside it but outside the box the values
@@ -74,8 +75,8 @@ def _axis_matrix(count_from: int, count: int, amap: AxisMap, box_start: int, box
     i = np.arange(count_from, count_from + count, dtype=np.float64)
     p = np.round(amap.scale * i + amap.offset, 6)  # exact grid positions stay exact (frac 0)
     p = np.clip(p, -box_start, full - 1 - box_start)
-    low = np.floor(p)
-    frac = p - low
+    low = np.floor(p + 0.5) if nearest else np.floor(p)
+    frac = np.zeros_like(p) if nearest else p - low
     low = low.astype(np.int64)
     high = np.minimum(low + 1, full - 1 - box_start)
     matrix = np.zeros((count, box_size - low_limit), dtype=np.float32)
@@ -108,19 +109,21 @@ def to_source_slabs(
     on_slab: Callable[[int, int, torch.Tensor], None],
     max_elements: int = 1 << 24,
     coverage: bool = False,
+    nearest: bool = False,
 ) -> None:
     """Interpolate ``probs`` (K, *box) onto the source grid and hand it over in slabs of the last source axis.
 
     ``on_slab(k0, k1, values)`` receives float32 (K, I, J, k1 - k0) for source slices ``k0:k1``. With
     ``coverage``, channel 0 is prepended: the interpolated box indicator (1 inside the box, 0 outside,
     linear in between), so a channel left out because the channels sum to one inside the box (the
-    background) is exactly ``coverage - sum(the others)``.
+    background) is exactly ``coverage - sum(the others)``. ``nearest``: nearest-voxel sampling (label maps).
     """
     channels = probs.shape[0] + int(coverage)
     ni, nj, nk = (int(s) for s in source_shape)
     step = max(1, min(nk, max_elements // max(1, channels * ni * nj)))
     in_plane = [
-        _axis_matrix(0, n, amap, box.start[amap.target], probs.shape[1 + amap.target], box.full_shape[amap.target])
+        _axis_matrix(0, n, amap, box.start[amap.target], probs.shape[1 + amap.target], box.full_shape[amap.target],
+                     nearest=nearest)
         for n, amap in zip((ni, nj), maps[:2])
     ]
     slab_map = maps[2]
@@ -130,7 +133,7 @@ def to_source_slabs(
         k1 = min(nk, k0 + step)
         lo, hi = _needed(k0, k1 - k0, slab_map, start, size, full)
         values = probs.narrow(dim, lo, hi - lo + 1).float()
-        slab_matrix = _axis_matrix(k0, k1 - k0, slab_map, start, hi + 1, full, low_limit=lo)
+        slab_matrix = _axis_matrix(k0, k1 - k0, slab_map, start, hi + 1, full, low_limit=lo, nearest=nearest)
         values = _interpolate(values, dim, slab_matrix)
         for amap, matrix in zip(maps[:2], in_plane):
             values = _interpolate(values, 1 + amap.target, matrix)

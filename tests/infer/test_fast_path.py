@@ -141,33 +141,45 @@ def test_cpu_windows_go_in_batches_of_at_least_two():
     assert Segmenter(Threshold(), cfg, "cpu").window_batch == 2
 
 
-def test_binary_models_keep_one_float16_channel_many_class_models_all_but_the_background(tmp_path):
+def test_what_is_kept_per_case_does_not_grow_with_the_classes(tmp_path):
+    """Binary: P(lesion), decided on the source grid. Many classes: the argmax on the windows' grid (uint8)
+    and P(foreground), one channel each whatever the number of classes; both equal MONAI's inversion."""
     source = str(ct_scan(tmp_path))
-    for classes, channels in ((2, 1), (5, 4)):
+    for classes in (2, 5):
         cfg = config(f"data.labels={{background: 0, {', '.join(f'c{k}: {k}' for k in range(1, classes))}}}")
         torch.manual_seed(classes)
         segmenter = Segmenter(build_model(cfg.model, 1, classes), cfg, "cpu")
         prepared = segmenter.load(source)
         prediction = segmenter.predict(prepared)
         assert prediction.probs.dtype == torch.float16
-        assert tuple(prediction.probs.shape) == (channels,) + tuple(prepared.image.shape[1:])
+        assert tuple(prediction.probs.shape) == (1,) + tuple(prepared.image.shape[1:])
         result = segmenter.finish(prediction, prepared)
         assert result.labels.shape == (56, 48, 20) and result.labels.max() < classes
-        # the same labels as MONAI's inversion of every class's probabilities, then argmax
         full = segmenter.probabilities(prepared.image)
         expected = segmenter.to_source(full, prepared.image)
+        np.testing.assert_allclose(result.foreground.astype(np.float32), expected[1:].sum(0).numpy(), atol=2e-3)
         if classes == 2:
+            assert prediction.labels is None
             clear = (expected[1] - 0.5).abs().numpy() > 2e-3  # float16 storage: p within 0.002 of 0.5 may flip
             assert clear.mean() > 0.9
             np.testing.assert_array_equal(result.labels[clear], (expected[1] > 0.5).numpy()[clear])
         else:
-            decided = expected.argmax(dim=0).numpy()
-            margin = expected.sort(dim=0).values
-            # float16 storage: near-ties may flip; outside the body box every class is 0 (label 0 both ways)
-            clear = ((margin[-1] - margin[-2]) > 2e-3).numpy() | (expected.sum(0) < 1e-6).numpy()
-            assert clear.mean() > 0.9
-            np.testing.assert_array_equal(result.labels[clear], decided[clear])
-        np.testing.assert_allclose(result.foreground.astype(np.float32), expected[1:].sum(0).numpy(), atol=2e-3)
+            assert prediction.labels.dtype == torch.uint8 and prediction.labels.shape == prediction.probs.shape
+            np.testing.assert_array_equal(prediction.labels[0].numpy(), full.argmax(0).numpy())
+            # Independently, in world coordinates: each source voxel takes the label of the nearest voxel of
+            # the windows' grid (0 outside the body box); voxels halfway between two are left out (ties).
+            src = np.asarray(prepared.image.meta["original_affine"], dtype=np.float64)
+            to_pre = np.linalg.inv(np.asarray(prepared.image.affine, dtype=np.float64)) @ src
+            ijk = np.stack(np.meshgrid(*[np.arange(n) for n in result.labels.shape], indexing="ij"), -1).reshape(-1, 3)
+            p = ijk @ to_pre[:3, :3].T + to_pre[:3, 3]
+            nearest = np.floor(p + 0.5).astype(int)
+            pre = prediction.labels[0].numpy()
+            inside = np.all((nearest >= 0) & (nearest < pre.shape), axis=1)
+            expected_labels = np.zeros(len(p), np.uint8)
+            expected_labels[inside] = pre[tuple(nearest[inside].T)]
+            no_tie = np.all(np.abs(np.abs(p - np.floor(p)) - 0.5) > 1e-3, axis=1)
+            assert no_tie.mean() > 0.5
+            np.testing.assert_array_equal(result.labels.reshape(-1)[no_tie], expected_labels[no_tie])
 
 
 def test_running_argmax_equals_torch_argmax_ties_included():
