@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.infer.sliding import predict_logits
+from pipeline.infer.sliding import _margin, predict_logits
 from pipeline.infer.stream import StreamStats, stream_windows
 from pipeline.infer.windows import WindowGrid
 from pipeline.io.geometry import voxel_volume_mm3
@@ -208,7 +208,7 @@ class Segmenter:
             store["labels"][0, ..., z0:z1].copy_(_argmax_classes(probs))
             store["probs"][0, ..., z0:z1].copy_(probs[1:].sum(dim=0))
 
-        if dims == 3 and not any(_margin(self.network, cfg.roi_size)):
+        if dims == 3 and not any(_margin(self.network, cfg.roi_size, dims)):
             stats = stream_windows(x, forward, cfg.roi_size, cfg.overlap, cfg.blend, self.window_batch, on_slab,
                                    device=self.device, progress=progress)
         elif dims == 2:
@@ -273,12 +273,6 @@ class Segmenter:
         prepared = self.load(source)
         return self.finish(self.predict(prepared), prepared)
 
-    def decide(self, probs: torch.Tensor) -> np.ndarray:
-        """Label map from class probabilities (C, *spatial): binary models via :meth:`decide_lesion`, else argmax."""
-        if probs.shape[0] == 2:
-            return self.decide_lesion(probs[1])
-        return probs.argmax(dim=0).numpy().astype(np.uint8)
-
     def decide_lesion(self, lesion_probability: torch.Tensor) -> np.ndarray:
         """Binary models: lesion where p >= ``inference.threshold``, or p > 0.5 (argmax) when it is null."""
         threshold = self.config.inference.threshold
@@ -288,7 +282,7 @@ class Segmenter:
     def tile_batches(self, prepared: Prepared) -> Optional[int]:
         """How many network calls :meth:`predict` makes for ``prepared`` (for progress bars), if known."""
         cfg = self.config.inference
-        if any(_margin(self.network, cfg.roi_size)):
+        if any(_margin(self.network, cfg.roi_size, self.config.model.spatial_dims)):
             return None  # valid-padding networks tile a padded volume
         roi = list(cfg.roi_size) + ([1] if self.config.model.spatial_dims == 2 else [])
         windows = len(WindowGrid(tuple(prepared.image.shape[1:]), tuple(roi), cfg.overlap))
@@ -305,11 +299,6 @@ def _argmax_classes(values: torch.Tensor) -> torch.Tensor:
         labels[higher] = c
         torch.maximum(best, values[c], out=best)
     return labels
-
-
-def _margin(network: torch.nn.Module, roi) -> tuple[int, ...]:
-    margin_fn = getattr(network, "margin", None)
-    return tuple(margin_fn(tuple(roi))) if margin_fn is not None else (0,)
 
 
 def _as_windows(forward, roi: list[int]):
