@@ -27,6 +27,7 @@ from pipeline.errors import InputError
 from pipeline.io.dicom_scan import Frame
 from pipeline.io.dicom_series import DicomVolume
 from pipeline.io.geometry import LPS_TO_RAS
+from pipeline.io.sitk_view import array_view
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def _decode_classic(paths: list[str], volume: DicomVolume) -> np.ndarray:
             f"cannot decode {volume.describe()}{where}: {_itk_reason(exc)}. A file may be truncated or use an "
             "unsupported transfer syntax; remove it or re-export the series"
         ) from None
-    array = sitk.GetArrayFromImage(image)
+    array = array_view(image)  # no copy: the view keeps the image alive
     if array.ndim == 2:
         array = array[None]
     if array.shape[0] != len(paths):

@@ -27,6 +27,7 @@ from pipeline.io.dicom_scan import looks_like_dicom, scan_file
 from pipeline.io.dicom_series import DicomVolume, group_volumes
 from pipeline.io.dicom_stack import stack
 from pipeline.io.geometry import affine_from_sitk, closest_canonical
+from pipeline.io.sitk_view import array_view
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +138,6 @@ def _complete(path: Path, image) -> bool:
         return False
 
 
-class _SitkBuffer:
-    """Keeps a SimpleITK image alive for as long as a NumPy view of its pixel buffer exists."""
-
-    def __init__(self, image, sitk):
-        self.image = image
-        self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
-
-
 def _voxels_by_sitk(path: Path, shape: tuple[int, ...]):
     """The voxels ``[i, j, k]`` (a Fortran-order view, no copy) if SimpleITK reads them as nibabel would."""
     sitk = _sitk()
@@ -154,7 +147,7 @@ def _voxels_by_sitk(path: Path, shape: tuple[int, ...]):
         return None
     if image.GetNumberOfComponentsPerPixel() != 1:
         return None
-    array = np.asarray(_SitkBuffer(image, sitk)).T  # SimpleITK's [k, j, i] → [i, j, k]
+    array = array_view(image).T  # SimpleITK's [k, j, i] → [i, j, k], no copy
     return array if array.shape == shape else None
 
 
