@@ -64,7 +64,7 @@ def build_model(folder: Path, config_path: Path, overrides: list[str], calibrate
     network = build_network(config.model, in_channels=1, out_channels=config.num_classes)
     if calibrate_on is not None and config.num_classes == 2:
         segmenter = Segmenter(network, config, device="cpu")
-        probs = segmenter.predict(segmenter.load(str(calibrate_on)))
+        probs = segmenter.probabilities(segmenter.load(str(calibrate_on)).image)
         margin = torch.logit(probs[1].clamp(1e-6, 1 - 1e-6)).flatten()  # lesion - background logit
         shift = torch.quantile(margin[:: max(1, margin.numel() // 1_000_000)], 1 - lesion_fraction)
         with torch.no_grad():
