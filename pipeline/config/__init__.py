@@ -3,6 +3,8 @@
 from pipeline.config.load import config_from_dict, config_to_dict, load_config, override_config, save_config
 from pipeline.config.schema import (
     AugmentConfig,
+    ChannelNormConfig,
+    ChannelRule,
     Config,
     DataConfig,
     InferenceConfig,
@@ -18,6 +20,8 @@ from pipeline.config.schema import (
 
 __all__ = [
     "AugmentConfig",
+    "ChannelNormConfig",
+    "ChannelRule",
     "Config",
     "DataConfig",
     "InferenceConfig",

@@ -39,12 +39,18 @@ def _sizes(key: str, value, n: Optional[int] = None) -> None:
         _fail(key, value, f"a list of {n} positive integers")
 
 
+DEFAULT_LABELS = {"background": 0, "lesion": 1}
+
+
 @dataclass
 class DataConfig:
     """Where the training data lives (nnU-Net / MSD raw layout) and how it is split."""
 
     root: str = "data/demo"  # folder with dataset.json, imagesTr/, labelsTr/ (relative to the config's cwd)
-    labels: dict[str, int] = field(default_factory=lambda: {"background": 0, "lesion": 1})
+    # class names -> consecutive integers; the dataset's own labels (dataset.json) replace this default
+    labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
+    # input channel names in order (nnU-Net channel_names / MSD modality); [] = from the dataset at training
+    channels: list[str] = field(default_factory=list)
     val_fraction: float = 0.2  # fraction of training cases held out for validation
     val_cases: list[str] = field(default_factory=list)  # explicit validation case ids (override fraction)
 
@@ -53,6 +59,8 @@ class DataConfig:
         if values != list(range(len(values))) or len(values) < 2:
             _fail("data.labels", self.labels, "a mapping of >= 2 names to consecutive integers 0..N-1")
         _in_range("data.val_fraction", self.val_fraction, 0.0, 0.9)
+        if any(not name or not isinstance(name, str) for name in self.channels):
+            _fail("data.channels", self.channels, "a list of channel names such as [FLAIR, T1c]")
 
 
 @dataclass
@@ -75,17 +83,60 @@ class SynthConfig:
             _fail("synth.spacing", self.spacing, "three positive numbers in mm")
 
 
-@dataclass
-class IntensityConfig:
-    """Intensity normalisation: a CT window (clip then scale to [0, 1]) or per-image z-score (MR)."""
+INTENSITY_MODES = ("ct_window", "zscore", "auto")
+CHANNEL_SCHEMES = ("ct", "zscore")
 
-    mode: str = "ct_window"  # ct_window | zscore
-    window: list[float] = field(default_factory=lambda: [-150.0, 250.0])  # HU, for ct_window
+
+@dataclass
+class ChannelNormConfig:
+    """How one input channel is normalised under ``preprocess.intensity.mode: auto`` (as nnU-Net does).
+
+    ``ct``: clip to ``clip`` (the dataset's foreground 0.5-99.5 percentiles), then ``(x - mean) / std``
+    with the dataset's foreground mean and standard deviation. ``zscore``: per image, with the mean and
+    standard deviation inside the body (voxels above the image's minimum). Filled in by ``train`` from the
+    training data (and stored in the checkpoint); any value given in the config is kept.
+    """
+
+    name: str = ""
+    scheme: str = ""  # ct | zscore; "" = by the channel name (CT -> ct, anything else -> zscore)
+    clip: Optional[list[float]] = None  # ct: [low, high] in the scan's units
+    mean: Optional[float] = None  # ct: foreground mean
+    std: Optional[float] = None  # ct: foreground standard deviation
 
     def _check(self) -> None:
-        _choice("preprocess.intensity.mode", self.mode, ("ct_window", "zscore"))
+        if self.scheme:
+            _choice("preprocess.intensity.channels[].scheme", self.scheme, CHANNEL_SCHEMES)
+        if self.clip is not None and (len(self.clip) != 2 or self.clip[0] > self.clip[1]):
+            _fail("preprocess.intensity.channels[].clip", self.clip, "[low, high] with low <= high")
+        if self.std is not None and self.std <= 0:
+            _fail("preprocess.intensity.channels[].std", self.std, "a number > 0")
+
+    @property
+    def resolved_scheme(self) -> str:
+        return self.scheme or ("ct" if self.name.strip().upper() == "CT" else "zscore")
+
+    @property
+    def complete(self) -> bool:
+        """Whether this channel can be normalised (a ``ct`` channel needs its dataset statistics)."""
+        return self.resolved_scheme != "ct" or (self.clip is not None and self.mean is not None
+                                                and self.std is not None)
+
+
+@dataclass
+class IntensityConfig:
+    """Intensity normalisation: a CT window (clip then scale to [0, 1]), per-image z-score (MR), or
+    ``auto``: per channel, chosen by the channel's name as nnU-Net does (see :class:`ChannelNormConfig`)."""
+
+    mode: str = "ct_window"  # ct_window | zscore | auto
+    window: list[float] = field(default_factory=lambda: [-150.0, 250.0])  # HU, for ct_window
+    channels: list[ChannelNormConfig] = field(default_factory=list)  # auto: one entry per input channel
+
+    def _check(self) -> None:
+        _choice("preprocess.intensity.mode", self.mode, INTENSITY_MODES)
         if len(self.window) != 2 or self.window[0] >= self.window[1]:
             _fail("preprocess.intensity.window", self.window, "[low, high] with low < high (in HU)")
+        for channel in self.channels:
+            channel._check()
 
 
 @dataclass
@@ -244,6 +295,28 @@ class InferenceConfig:
 
 
 @dataclass
+class ChannelRule:
+    """Which series of a DICOM study is one input channel (``input.channels``).
+
+    A series is the channel when every rule given matches: ``series_description`` is a shell-style
+    pattern (``*FLAIR*``, case-insensitive), ``sequence_name`` a pattern on SequenceName /
+    ScanningSequence, ``contrast`` whether ContrastBolusAgent is present (null: either).
+    """
+
+    name: str = ""
+    series_description: str = ""
+    sequence_name: str = ""
+    contrast: Optional[bool] = None
+
+    def _check(self) -> None:
+        if not self.name:
+            _fail("input.channels[].name", self.name, "a channel name such as FLAIR")
+        if not (self.series_description or self.sequence_name or self.contrast is not None):
+            _fail(f"input.channels[{self.name}]", "no rule",
+                  "at least one of series_description, sequence_name, contrast")
+
+
+@dataclass
 class InputConfig:
     """Which scans under an input folder are read (selection), and what to do with inconsistent DICOM series.
 
@@ -262,9 +335,16 @@ class InputConfig:
     on_missing_slices: str = "error"  # error | resample: gaps / uneven spacing, linear onto a regular grid
     on_gantry_tilt: str = "error"  # error | resample: shift each slice onto a grid orthogonal to the slices
     slice_tolerance: float = 0.05  # mm (or 2 % of the spacing if larger) a slice may sit off a regular grid
+    # multi-channel models on DICOM studies: which series of a study is each channel, in channel order
+    channels: list[ChannelRule] = field(default_factory=list)
 
     def _check(self) -> None:
         _positive("input.min_slices", self.min_slices)
+        for rule in self.channels:
+            rule._check()
+        names = [rule.name for rule in self.channels]
+        if len(set(names)) != len(names):
+            _fail("input.channels", names, "distinct channel names")
         _choice("input.on_duplicate_slices", self.on_duplicate_slices, ("error", "drop"))
         _choice("input.on_missing_slices", self.on_missing_slices, ("error", "resample"))
         _choice("input.on_gantry_tilt", self.on_gantry_tilt, ("error", "resample"))
@@ -294,6 +374,15 @@ class Config:
         return len(self.data.labels)
 
     @property
+    def in_channels(self) -> int:
+        """Input channels of the network: one per ``data.channels`` name (1 when none are named)."""
+        return max(1, len(self.data.channels))
+
+    @property
+    def channel_names(self) -> list[str]:
+        return list(self.data.channels) or ["0"]
+
+    @property
     def label_names(self) -> list[str]:
         return [name for name, _ in sorted(self.data.labels.items(), key=lambda kv: kv[1])]
 
@@ -302,3 +391,8 @@ class Config:
         dims = self.model.spatial_dims
         _sizes("sampling.patch_size", self.sampling.patch_size, dims)
         _sizes("inference.roi_size", self.inference.roi_size, dims)
+        norms = self.preprocess.intensity.channels
+        if self.preprocess.intensity.mode == "auto" and norms and self.data.channels \
+                and len(norms) != len(self.data.channels):
+            _fail("preprocess.intensity.channels", [c.name for c in norms],
+                  f"one entry per data.channels ({self.data.channels}), in the same order")

@@ -89,12 +89,14 @@ class CaseResult:
     started: str = ""
     finished: str = ""
     host: str = ""
+    channel_series_uids: list = field(default_factory=list)  # DICOM studies: each channel's series UID
     lesions: list = field(default_factory=list, repr=False)  # list[Lesion]
 
     def to_row(self) -> dict:
         row = {name: getattr(self, name, None) for name in ALL_COLUMNS}
         row["shape"] = list(self.shape) or None
         row["spacing_mm"] = [round(float(s), 6) for s in self.spacing_mm] or None
+        row["channel_series_uids"] = list(self.channel_series_uids) or None
         for name in ("seconds_load", "seconds_infer", "seconds_post", "seconds_write", "seconds"):
             row[name] = None if self.status == "skipped" else round(row[name], 4)
         return row
@@ -133,7 +135,8 @@ def segment_folder(
         raise InputError(f"input folder not found: '{input_dir}'. Pass a folder holding NIfTI files or DICOM series")
     segmenter = model if isinstance(model, Segmenter) else Segmenter.from_checkpoint(model, device=device, backend=backend)
     select = select or segmenter.config.input
-    discovery = discover(input_dir, select)
+    _check_channel_rules(select, segmenter.config)
+    discovery = discover(input_dir, select, channels=segmenter.config.data.channels)
     if not discovery.cases:
         raise InputError(_nothing_found(input_dir, discovery))
     if dicom_seg and any(case.kind == "dicom" for case in discovery.cases):
@@ -331,6 +334,7 @@ class _BatchRun:
             case = item.case
             result = CaseResult(case.case_id, case.display_source, "failed", error=message,
                                 series_uid=case.series_uid, kind=case.kind, fingerprint=item.fingerprint,
+                                channel_series_uids=list(case.channel_series_uids),
                                 model_sha256=self.segmenter.model_sha256, started=item.started,
                                 finished=_now(), host=self.host, seconds_load=item.seconds_load,
                                 seconds_infer=item.seconds_infer)
@@ -359,7 +363,7 @@ class _BatchRun:
         outputs.sidecar.unlink(missing_ok=True)  # the case counts as unfinished until the new sidecar
         write_mask(seg.labels, seg.affine, outputs.mask, source=case.source if case.kind == "nifti" else None)
         if self.dicom_seg and case.kind == "dicom":
-            _dicom_seg_writer()(seg.labels, seg.affine, case.files, outputs.dicom_seg, config.label_names)
+            _dicom_seg_writer()(seg.labels, seg.affine, case.reference_files, outputs.dicom_seg, config.label_names)
         if self.qc:
             from pipeline.report.qc import display_window, write_qc_png
 
@@ -378,6 +382,7 @@ class _BatchRun:
             sidecar=str(outputs.sidecar), qc_png=str(outputs.qc_png) if self.qc else "",
             dicom_seg=str(outputs.dicom_seg) if self.dicom_seg and case.kind == "dicom" else "",
             started=item.started, host=self.host, lesions=lesions,
+            channel_series_uids=list(case.channel_series_uids),
         )
         result.seconds_write = time.perf_counter() - start
         result.seconds = result.seconds_load + result.seconds_infer + result.seconds_post + result.seconds_write
@@ -437,7 +442,8 @@ def _result_from_sidecar(data: dict, case: Case, outputs: CaseOutputs) -> CaseRe
         qc_png=str(outputs.qc_png) if outputs.qc_png.is_file() else "",
         dicom_seg=str(outputs.dicom_seg) if outputs.dicom_seg.is_file() else "",
         started=str(data.get("started") or ""), finished=str(data.get("finished") or ""),
-        host=str(data.get("host") or ""), lesions=lesions, **timing,
+        host=str(data.get("host") or ""), lesions=lesions, channel_series_uids=list(case.channel_series_uids),
+        **timing,
     )
 
 
@@ -452,6 +458,15 @@ def _nothing_found(input_dir, discovery: Discovery) -> str:
         first = discovery.skipped[0]
         message += f" ({len(discovery.skipped)} item(s) skipped, e.g. '{first.source}': {first.reason})"
     return message
+
+
+def _check_channel_rules(select: InputConfig, config) -> None:
+    if select.channels and len(select.channels) != config.in_channels:
+        raise InputError(
+            f"input.channels names {len(select.channels)} channel(s) ({', '.join(r.name for r in select.channels)}) "
+            f"but the model takes {config.in_channels} ({', '.join(config.channel_names)}): give one rule per "
+            "model channel, in the model's order"
+        )
 
 
 def _dicom_seg_writer():

@@ -50,7 +50,7 @@ class Segmentation:
 class Prepared:
     """A scan read and preprocessed: what :meth:`Segmenter.predict` and :meth:`Segmenter.finish` need."""
 
-    image: torch.Tensor  # the preprocessed MetaTensor (1, *spatial), with its recorded transforms
+    image: torch.Tensor  # the preprocessed MetaTensor (channels, *spatial), with its recorded transforms
     source_image: np.ndarray  # [i, j, k] intensities as read (the file's dtype), the source grid
     source: str
 
@@ -73,7 +73,7 @@ class Prediction:
 class Segmenter:
     """Holds one network and its config; ``segment(source)`` returns a :class:`Segmentation`.
 
-    The network may be any module mapping (B, 1, *roi) to (B, C, *roi'), so tests can pass a model
+    The network may be any module mapping (B, channels, *roi) to (B, C, *roi'), so tests can pass a model
     whose output is known. How it runs (``inference.backend``, ``inference.amp``, the CPU-fused copy
     of our U-Net) is settled at the first prediction; see :meth:`forward`.
     """
@@ -87,14 +87,14 @@ class Segmenter:
         self.backend_requested = backend or config.inference.backend
         self.backend: Optional[str] = None  # torch | onnxruntime, once chosen
         self._forward = None
-        self.preprocess = preprocess_transforms(config.preprocess)
+        self.preprocess = preprocess_transforms(config.preprocess, channels=config.data.channels)
         self.to_source = ToSourceGrid(self.preprocess)
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: str = "auto", backend: Optional[str] = None) -> "Segmenter":
         ckpt = load_checkpoint(path)
         config = ckpt.config
-        network = build_model(config.model, in_channels=1, out_channels=config.num_classes)
+        network = build_model(config.model, in_channels=config.in_channels, out_channels=config.num_classes)
         network.load_state_dict(ckpt.state_dict)
         return cls(network, config, device=device, model_sha256=ckpt.sha256, backend=backend)
 
@@ -107,7 +107,7 @@ class Segmenter:
         return max(batch, 2) if self.device.type == "cpu" else batch
 
     def forward(self):
-        """The callable that maps a batch of windows (B, 1, *roi) to logits, built once.
+        """The callable that maps a batch of windows (B, channels, *roi) to logits, built once.
 
         * CUDA: the network under ``inference_mode``, float16 autocast (``inference.amp``), cuDNN autotuning.
         * CPU, torch: the fused channels-last copy of our U-Net (:mod:`pipeline.model.fused`), float32 (no
@@ -135,7 +135,7 @@ class Segmenter:
                 return fast(x).float()
 
         roi = list(cfg.roi_size)
-        input_shape = (1, *roi)
+        input_shape = (self.config.in_channels, *roi)
         self.backend = select_backend(self.backend_requested, self.network, device, self.model_sha256,
                                       input_shape, self.window_batch, torch_forward=_as_windows(torch_forward, roi))
         if self.backend == "onnxruntime":
@@ -154,7 +154,7 @@ class Segmenter:
 
     def prepare(self, loaded: dict) -> Prepared:
         """Preprocess what :meth:`read` returned."""
-        loaded_array = loaded["image"].as_tensor()[0].numpy()
+        loaded_array = loaded["image"].as_tensor()[0].numpy()  # channel 0: the reference scan
         # Preprocessing starts with a float32 conversion: a copy, unless the scan already is float32, in
         # which case later steps (z-score normalisation) could work in place on it, so it is copied here.
         source_image = loaded_array.copy(order="K") if loaded_array.dtype == np.float32 else loaded_array
@@ -177,7 +177,7 @@ class Segmenter:
         return self._predict(prepared.image, progress, keep_all=False)
 
     def probabilities(self, image: torch.Tensor, progress=None) -> torch.Tensor:
-        """Class probabilities (C, *spatial), float32, for a preprocessed image (1, *spatial)."""
+        """Class probabilities (C, *spatial), float32, for a preprocessed image (channels, *spatial)."""
         return self._predict(image, progress, keep_all=True).probs.float()
 
     def _predict(self, image: torch.Tensor, progress, keep_all: bool) -> Prediction:
@@ -302,7 +302,8 @@ def _argmax_classes(values: torch.Tensor) -> torch.Tensor:
 
 
 def _as_windows(forward, roi: list[int]):
-    """A forward over (B, 1, *roi) for 3D windows; for a 2D roi, over windows of depth 1 (B, 1, X, Y, 1)."""
+    """A forward over (B, channels, *roi) for 3D windows; for a 2D roi, over windows of depth 1
+    (B, channels, X, Y, 1)."""
     if len(roi) == 3:
         return forward
     return lambda x: forward(x[..., 0])[..., None] if x.ndim == 5 else forward(x)

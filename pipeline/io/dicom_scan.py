@@ -43,6 +43,8 @@ class SeriesInfo:
     study_uid: str
     frame_of_reference_uid: str
     sop_class_uid: str
+    sequence_name: str = ""  # SequenceName, else ScanningSequence (for input.channels rules)
+    contrast_agent: str = ""  # ContrastBolusAgent ("" when none is recorded)
 
 
 @dataclass(frozen=True)
@@ -295,7 +297,18 @@ def _series_info(ds, sop_class: str) -> SeriesInfo:
         study_uid=str(ds.get("StudyInstanceUID", "") or ""),
         frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
         sop_class_uid=sop_class,
+        sequence_name=_joined(ds.get("SequenceName")) or _joined(ds.get("ScanningSequence")),
+        contrast_agent=str(ds.get("ContrastBolusAgent", "") or "").strip(),
     )
+
+
+def _joined(value) -> str:
+    """A (possibly multi-valued) string attribute as DICOM writes it: values joined by backslashes."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
 
 
 def _names(ds) -> dict:

@@ -10,6 +10,9 @@
   plus ``_s<SeriesNumber>`` when a folder holds several series, plus the split suffix.
 * Selection rules (``input.*`` in the config) choose what is segmented; everything else is returned in
   :attr:`Discovery.skipped` with a reason.
+* Multi-channel models (``channels``: their channel names): ``<case>_0000``… files become one case, and
+  with ``input.channels`` a DICOM study's series become the channels of one case
+  (:mod:`pipeline.io.channel_cases`).
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from pipeline.config.schema import InputConfig
 from pipeline.errors import InputError
+from pipeline.io.channel_cases import group_channel_files, group_studies
+from pipeline.io.channels import Channels
 from pipeline.io.dicom_scan import Frame, looks_like_dicom, scan_file
 from pipeline.io.dicom_series import DicomVolume, group_volumes
 from pipeline.io.dicom_stack import StackPolicy
@@ -51,15 +56,28 @@ class Case:
     echo_number: str = ""
     image_type: str = ""
     volume: Optional[DicomVolume] = field(default=None, repr=False)
+    # multi-channel cases: what each channel reads (channel 0 is this case's own source and series)
+    channels: Optional[Channels] = field(default=None, repr=False)
+    channel_files: list = field(default_factory=list, repr=False)  # every file of every channel
+    channel_series_uids: list = field(default_factory=list)  # DICOM studies: each channel's series UID
 
     @property
     def files(self) -> list[str]:
-        """Every file the case reads."""
+        """Every file the case reads (every channel's)."""
+        if self.channel_files:
+            return list(self.channel_files)
+        return self.reference_files
+
+    @property
+    def reference_files(self) -> list[str]:
+        """The files of channel 0 (the scan whose grid the mask takes, and which a DICOM SEG references)."""
         return list(self.source) if isinstance(self.source, list) else [self.source]
 
     @property
     def reader_input(self):
         """What the loading step reads for this case (``ScanReader``/``LoadScand`` accept it)."""
+        if self.channels is not None:
+            return self.channels
         return self.volume if self.volume is not None else self.source
 
     @property
@@ -87,8 +105,13 @@ class Discovery:
     skipped: list[Skipped]
 
 
-def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None) -> Discovery:
-    """Cases under ``input_dir`` (recursive, sorted by case id, ids unique) and what was skipped, with why."""
+def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None,
+             channels: Sequence[str] = ()) -> Discovery:
+    """Cases under ``input_dir`` (recursive, sorted by case id, ids unique) and what was skipped, with why.
+
+    ``channels``: the channel names of a multi-channel model (see the module docstring); none or one:
+    every volume is a case.
+    """
     select = select or InputConfig()
     root = Path(input_dir)
     if not root.exists():
@@ -145,6 +168,15 @@ def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None) 
             log.info("not segmenting %s (%s): %s", case.case_id, case.volume.describe(), reason)
         else:
             cases.append(case)
+    if len(channels) > 1:
+        cases = group_channel_files(cases, list(channels), _strip_ending,
+                                    lambda folder, name: _safe(_path_id(folder, base, name)))
+    if select.channels:
+        studies, unused = group_studies([c for c in cases if c.kind == "dicom"], select.channels,
+                                        lambda members: _study_id(members, base))
+        cases = [c for c in cases if c.kind != "dicom"] + studies
+        for case, reason in unused:
+            skipped.append(Skipped(case.display_source, reason, case.case_id, case.series_uid))
     _make_unique(cases)
     for case in cases:
         if case.volume is not None:
@@ -177,17 +209,32 @@ def _count(names: list[str]) -> str:
     return f"{len(names)} file{'s' if len(names) != 1 else ''} ({shown})"
 
 
-def _volume_case(path: Path, root: Path) -> Case:
-    name = path.name
+def _strip_ending(name: str) -> str:
     for suffix in VOLUME_SUFFIXES:
         if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    name = _CHANNEL_SUFFIX.sub("", name)
-    rel_parent = path.parent.relative_to(root) if path.parent != root else Path()
-    case_id = "_".join(list(rel_parent.parts) + [name]) if rel_parent.parts else name
+            return name[: -len(suffix)]
+    return name
+
+
+def _path_id(folder: Path, root: Path, name: str) -> str:
+    rel_parent = folder.relative_to(root) if folder != root else Path()
+    return "_".join(list(rel_parent.parts) + [name]) if rel_parent.parts else name
+
+
+def _volume_case(path: Path, root: Path) -> Case:
+    name = _CHANNEL_SUFFIX.sub("", _strip_ending(path.name))
     kind = "nifti" if path.name.lower().endswith(NIFTI_SUFFIXES) else "itk"
-    return Case(case_id=_safe(case_id), source=str(path), kind=kind)
+    return Case(case_id=_safe(_path_id(path.parent, root, name)), source=str(path), kind=kind)
+
+
+def _study_id(members: list[Case], root: Path) -> str:
+    """A DICOM study's case id: the folder holding all its channels' series, as :func:`_folder_id` names it."""
+    folders = [Path(c.volume.folder) for c in members]
+    common = Path(os.path.commonpath([str(f) for f in folders])) if len(folders) > 1 else folders[0]
+    private = {}
+    for case in members:
+        private.update(case.volume.frames[0].private)
+    return _safe(_folder_id(common, root, private))
 
 
 def _dicom_cases(volumes: list[DicomVolume], root: Path) -> list[Case]:

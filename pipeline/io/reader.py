@@ -6,6 +6,9 @@
   the normal, geometry checked, decoded by GDCM with rescale applied) and put in the geometry dcm2niix
   gives the series (see :mod:`pipeline.io.geometry`).
 * Other ITK formats (``.nrrd``, ``.nha``, ``.mha``, ``.mhd``, single DICOM files) through SimpleITK.
+* Several channels of one case: a :class:`~pipeline.io.channels.Channels` (one source per channel,
+  stacked on channel 0's grid), or a 4D NIfTI with the channels on its 4th axis (MSD). A reader made
+  with ``channels=N`` gives (X, Y, Z, N) arrays and refuses scans with another channel count.
 
 Metadata follows MONAI's conventions (``affine`` in RAS, ``spatial_shape``, ``original_channel_dim``)
 and adds ``source_format`` (``nifti`` | ``dicom`` | ``itk``) so writers can reproduce the source grid.
@@ -23,6 +26,7 @@ from monai.data import ImageReader
 from monai.utils import MetaKeys, SpaceKeys
 
 from pipeline.errors import InputError
+from pipeline.io.channels import Channels, stack_channels
 from pipeline.io.dicom_scan import looks_like_dicom, scan_file
 from pipeline.io.dicom_series import DicomVolume, group_volumes
 from pipeline.io.dicom_stack import stack
@@ -49,12 +53,22 @@ class _Loaded:
 
 
 class ScanReader(ImageReader):
-    """Reads one scan per call: a NIfTI/ITK file, a DICOM series folder, or a list of DICOM files."""
+    """Reads one scan per call: a NIfTI/ITK file, a DICOM series folder, a list of DICOM files, or the
+    :class:`Channels` of a multi-channel case.
+
+    ``channels``: how many channels :meth:`get_data` must give (``channel_names`` for its messages).
+    """
+
+    def __init__(self, channels: int = 1, channel_names: Sequence[str] = ()):
+        super().__init__()
+        self.channels, self.channel_names = int(channels), tuple(channel_names)
 
     def verify_suffix(self, filename: Union[Sequence[PathLike], PathLike]) -> bool:
         return True  # every input the pipeline accepts goes through this reader
 
-    def read(self, data: Union[Sequence[PathLike], PathLike, DicomVolume], **kwargs) -> _Loaded:
+    def read(self, data: Union[Sequence[PathLike], PathLike, DicomVolume, Channels], **kwargs) -> _Loaded:
+        if isinstance(data, Channels):
+            return self._read_channels(data)
         if isinstance(data, DicomVolume):
             return _read_dicom_volume(data)
         paths = [Path(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
@@ -72,24 +86,52 @@ class ScanReader(ImageReader):
             return _read_dicom_volume(_one_volume([path], str(path)))
         return _read_itk_file(path)
 
+    def _read_channels(self, channels: Channels) -> _Loaded:
+        first = channels.sources[0] if channels.sources else None
+        where = first.folder if isinstance(first, DicomVolume) else str(first)
+        channels.check_complete(where)
+        loaded = [self.read(source) for source in channels.sources]
+        names = [channels.name(c) for c in range(len(loaded))]
+        array = stack_channels([x.array for x in loaded], [x.affine for x in loaded], names, loaded[0].source)
+        return _Loaded(array, loaded[0].affine, loaded[0].source, loaded[0].source_format)
+
     def get_data(self, img: _Loaded) -> tuple[np.ndarray, dict]:
+        """The voxels (X, Y, Z), or (X, Y, Z, C) for a reader of ``channels > 1``, and MONAI's metadata."""
         array = img.array
         if array.ndim == 4 and array.shape[3] == 1:
             array = array[..., 0]
-        if array.ndim != 3:
-            raise InputError(
-                f"scan '{img.source}' has shape {array.shape}: expected a single 3D volume. "
-                "Split 4D/multi-channel files into one 3D file per volume"
-            )
+        self._check_channels(img, array)
         meta = {
             MetaKeys.AFFINE: img.affine.copy(),
             MetaKeys.ORIGINAL_AFFINE: img.affine.copy(),
             MetaKeys.SPATIAL_SHAPE: np.asarray(array.shape),
             MetaKeys.SPACE: SpaceKeys.RAS,
-            MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
+            MetaKeys.ORIGINAL_CHANNEL_DIM: -1 if array.ndim == 4 else float("nan"),
             "source_format": img.source_format,
         }
+        if array.ndim == 4:
+            meta[MetaKeys.SPATIAL_SHAPE] = np.asarray(array.shape[:3])
         return array, meta
+
+    def _check_channels(self, img: _Loaded, array: np.ndarray) -> None:
+        found = 1 if array.ndim == 3 else (array.shape[3] if array.ndim == 4 else None)
+        names = f" ({', '.join(self.channel_names)})" if self.channel_names else ""
+        if found is None:
+            raise InputError(f"scan '{img.source}' has shape {array.shape}: expected a 3D volume, or a 4D NIfTI "
+                             "with the channels on its 4th axis")
+        if found == self.channels:
+            return
+        if self.channels == 1:
+            raise InputError(
+                f"scan '{img.source}' has shape {array.shape} ({found} channels on the 4th axis): expected a "
+                "single 3D volume (a one-channel model). Split 4D/multi-channel files into one 3D file per "
+                "volume, or use a multi-channel model"
+            )
+        raise InputError(
+            f"scan '{img.source}' has {found} channel(s) (shape {array.shape}): the model takes {self.channels}"
+            f"{names}. Give one file per channel (<case>_0000, <case>_0001, ...), a 4D NIfTI with "
+            f"{self.channels} volumes, or for DICOM studies input.channels rules that pick each series"
+        )
 
 
 def _read_nifti(path: Path) -> _Loaded:

@@ -30,7 +30,7 @@ MANIFEST_COLUMNS = [
 ]
 EXTRA_COLUMNS = [
     "kind", "resumed", "seconds_post", "seconds", "output", "sidecar", "qc_png", "dicom_seg",
-    "fingerprint", "started", "finished", "host",
+    "fingerprint", "started", "finished", "host", "channel_series_uids",
 ]
 ALL_COLUMNS = MANIFEST_COLUMNS + EXTRA_COLUMNS
 MANIFEST_FORMAT = "medseg-manifest"
@@ -87,7 +87,7 @@ def write_manifest(rows: list[dict], csv_path: Path, json_path: Path, meta: Opti
             writer = csv.writer(handle)
             writer.writerow(ALL_COLUMNS)
             for row in rows:
-                writer.writerow([csv_cell(row.get(name)) for name in ALL_COLUMNS])
+                writer.writerow([csv_cell(row.get(name), LIST_SEPARATORS.get(name, "x")) for name in ALL_COLUMNS])
 
 
 def read_manifest_json(path: Union[str, Path]) -> tuple[dict, list[dict]]:
@@ -100,7 +100,10 @@ def read_manifest_json(path: Union[str, Path]) -> tuple[dict, list[dict]]:
     return meta, rows
 
 
-def csv_cell(value) -> str:
+LIST_SEPARATORS = {"channel_series_uids": ";"}  # lists of UIDs: "x" (as in shapes) would be ambiguous
+
+
+def csv_cell(value, separator: str = "x") -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -108,5 +111,5 @@ def csv_cell(value) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6g}"
     if isinstance(value, (list, tuple)):
-        return "x".join(csv_cell(v) for v in value)
+        return separator.join(csv_cell(v) for v in value)
     return " ".join(str(value).split())  # one line per row, whatever the error message held

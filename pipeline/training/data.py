@@ -84,7 +84,8 @@ PREFETCH_FACTOR = 2  # batches each loader worker keeps ready
 
 
 def train_loader(items: list[dict], cfg: Config) -> DataLoader:
-    deterministic = preprocess_transforms(cfg.preprocess, label_key="label", num_classes=cfg.num_classes)
+    deterministic = preprocess_transforms(cfg.preprocess, label_key="label", num_classes=cfg.num_classes,
+                                          channels=cfg.data.channels)
     sampling = sampling_transforms(cfg.sampling, cfg.model.spatial_dims)
     if cfg.sampling.cache:
         sampling = with_cached_crop_indices(sampling)
@@ -152,5 +153,6 @@ def _is_random(step) -> bool:
 
 
 def validation_dataset(items: list[dict], cfg: Config) -> CacheDataset:
-    transform = preprocess_transforms(cfg.preprocess, label_key="label", num_classes=cfg.num_classes)
+    transform = preprocess_transforms(cfg.preprocess, label_key="label", num_classes=cfg.num_classes,
+                                      channels=cfg.data.channels)
     return CacheDataset(data=items, transform=transform, cache_rate=1.0, num_workers=0, progress=False)

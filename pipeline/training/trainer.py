@@ -92,7 +92,7 @@ class Trainer:
         self.log_path = self.out_dir / "log.csv"
         save_config(cfg, self.out_dir / "config.yaml")
 
-        self.model = build_model(cfg.model, in_channels=1, out_channels=cfg.num_classes).to(self.device)
+        self.model = build_model(cfg.model, in_channels=cfg.in_channels, out_channels=cfg.num_classes).to(self.device)
         # Fail now, not after caching the data, if the patch or window does not fit the network.
         self.model.output_size(tuple(cfg.sampling.patch_size))
         self.model.output_size(tuple(cfg.inference.roi_size))

@@ -10,6 +10,7 @@ from monai.data import MetaTensor
 from monai.transforms import EnsureChannelFirst, MapTransform
 
 from pipeline.errors import InputError
+from pipeline.io.channels import Channels
 from pipeline.io.dicom_series import DicomVolume
 from pipeline.io.reader import ScanReader
 
@@ -23,19 +24,23 @@ class LoadScand(MapTransform):
     (``affine``, ``original_affine``, ``spatial_shape``, ``filename_or_obj``...); the float32 conversion is
     the first preprocessing step. The reader's own errors (missing file, truncated scan, several series in
     one folder) reach the user with their message.
+
+    ``channels``: the channels the first key (the image) must have; any other key (a label) is one 3D
+    volume. A multi-channel image becomes (C, X, Y, Z) on channel 0's grid.
     """
 
-    def __init__(self, keys, allow_missing_keys: bool = False):
+    def __init__(self, keys, allow_missing_keys: bool = False, channels: int = 1, channel_names=()):
         super().__init__(keys, allow_missing_keys)
-        self._scan_reader = ScanReader()
+        self._scan_reader = ScanReader(channels, channel_names)
+        self._volume_reader = ScanReader()
 
     def __call__(self, data, reader=None):
-        reader = reader or self._scan_reader
         d = dict(data)
         for key in self.key_iterator(d):
+            key_reader = reader or (self._scan_reader if key == self.keys[0] else self._volume_reader)
             source = d[key]
-            array, meta = reader.get_data(reader.read(source))
-            meta["filename_or_obj"] = source.folder if isinstance(source, DicomVolume) else _name(source)
+            array, meta = key_reader.get_data(key_reader.read(source))
+            meta["filename_or_obj"] = _name(source)
             d[key] = EnsureChannelFirst()(MetaTensor(torch.from_numpy(_torch_compatible(array)), meta=meta))
         return d
 
@@ -54,6 +59,10 @@ def _torch_compatible(array: np.ndarray) -> np.ndarray:
 
 
 def _name(source) -> str:
+    if isinstance(source, Channels):
+        return _name(source.sources[0]) if source.sources else ""
+    if isinstance(source, DicomVolume):
+        return source.folder
     if isinstance(source, (list, tuple)):
         return str(source[0]) if len(source) == 1 else str(Path(str(source[0])).parent)
     return str(source)

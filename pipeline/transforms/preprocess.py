@@ -1,7 +1,9 @@
 """The one definition of deterministic preprocessing, shared by training, validation and inference.
 
 load → channel-first → orientation → (low-pass) resample to the configured spacing → intensity normalisation →
-crop to the body. Each spatial step is recorded on the MetaTensor, so inference can invert it exactly
+crop to the body. Multi-channel images (C, X, Y, Z) go through the same steps, every channel with the
+same spatial transform; ``intensity.mode: auto`` normalises each channel by its name
+(:mod:`pipeline.transforms.normalize`). Each spatial step is recorded on the MetaTensor, so inference can invert it exactly
 (``pipeline.postprocess.invert``).
 """
 
@@ -23,6 +25,7 @@ from monai.transforms import (
 from pipeline.config import PreprocessConfig
 from pipeline.transforms.antialias import AntiAliasd
 from pipeline.transforms.load import CheckLabelsd, LoadScand
+from pipeline.transforms.normalize import NormalizeChannelsd, body_foreground, resolve_channel_norms
 
 
 def preprocess_transforms(
@@ -30,10 +33,14 @@ def preprocess_transforms(
     image_key: str = "image",
     label_key: str | None = None,
     num_classes: int | None = None,
+    channels: Sequence[str] = (),
 ) -> Compose:
-    """Deterministic transforms for an image (and optionally its label map)."""
+    """Deterministic transforms for an image (and optionally its label map).
+
+    ``channels``: the image's channel names (``data.channels``); none: one channel.
+    """
     keys: Sequence[str] = [image_key] if label_key is None else [image_key, label_key]
-    steps = [LoadScand(keys)]
+    steps = [LoadScand(keys, channels=max(1, len(channels)), channel_names=channels)]
     if label_key is not None and num_classes is not None:
         steps.append(CheckLabelsd([label_key], num_classes))
     steps += [
@@ -45,7 +52,7 @@ def preprocess_transforms(
         steps.append(AntiAliasd([image_key], pixdim=cfg.spacing))
         # float32 resampling: MONAI computes in float64 by default (twice the memory and time, no gain here)
         steps.append(Spacingd(keys, pixdim=list(cfg.spacing), mode=modes, padding_mode="border", dtype=torch.float32))
-    steps.append(_intensity(cfg, image_key))
+    steps.append(_intensity(cfg, image_key, channels))
     if cfg.crop_foreground:
         steps.append(
             CropForegroundd(
@@ -59,16 +66,21 @@ def preprocess_transforms(
     return Compose(steps)
 
 
-def _intensity(cfg: PreprocessConfig, key: str):
+def _intensity(cfg: PreprocessConfig, key: str, channels: Sequence[str]):
     if cfg.intensity.mode == "ct_window":
         low, high = cfg.intensity.window
         return ScaleIntensityRanged([key], a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+    if cfg.intensity.mode == "auto":
+        names = list(channels) or [c.name for c in cfg.intensity.channels] or ["0"]
+        return NormalizeChannelsd([key], resolve_channel_norms(names, cfg.intensity.channels))
     return NormalizeIntensityd([key], nonzero=False, channel_wise=True)
 
 
 def _foreground_fn(cfg: PreprocessConfig):
     if cfg.intensity.mode == "ct_window":
         return _above_window_floor
+    if cfg.intensity.mode == "auto":
+        return body_foreground
     return _above_minimum
 
 
