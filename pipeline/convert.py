@@ -4,6 +4,10 @@ Discovery, selection and geometry are exactly those of ``segment`` (the same :fu
 :class:`ScanReader`), so a converted image and a segmentation mask of the same case share their grid.
 Each volume is written atomically; one that fails is listed with its reason and nothing is written for
 it; the others go on.
+
+With ``input.channels`` (rules that pick a DICOM study's series as channels), each study is written as
+nnU-Net-style channel files ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``... on channel 0's grid (the
+other channels resampled onto it in world coordinates), ready to be training images.
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ class ConvertedRow:
     """One row of ``index.csv`` (the column order is the file's)."""
 
     case_id: str = ""
-    nifti: str = ""  # file name inside the output folder
-    series_uid: str = ""
+    nifti: str = ""  # file name inside the output folder (channel files: names joined by ";")
+    series_uid: str = ""  # channels of a study: each channel's series UID, joined by ";"
     series_number: str = ""
     series_description: str = ""
     modality: str = ""
@@ -59,10 +63,12 @@ def convert_folder(
     overwrite: bool = True,
 ) -> list[ConvertedRow]:
     """Convert every discovered volume; returns the rows written to ``output_dir/index.csv``."""
-    found = discover(input_dir, select)
+    select = select or InputConfig()
+    names = [rule.name for rule in select.channels]
+    found = discover(input_dir, select, channels=names)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    reader = ScanReader()
+    reader = ScanReader(channels=max(1, len(names)), channel_names=names)
     rows = []
     for case in found.cases:
         rows.append(_convert_case(case, output_dir, reader, overwrite))
@@ -85,24 +91,29 @@ def _convert_case(case: Case, output_dir: Path, reader: ScanReader, overwrite: b
         n_files=len(case.files),
         source=case.display_source,
     )
-    out_path = output_dir / f"{case.case_id}.nii.gz"
+    multi = case.channels is not None
+    out_paths = ([output_dir / f"{case.case_id}_{c:04d}.nii.gz" for c in range(reader.channels)] if multi
+                 else [output_dir / f"{case.case_id}.nii.gz"])
     try:
         array, meta = reader.get_data(reader.read(case.reader_input))
         affine = np.asarray(meta["affine"], dtype=np.float64)
-        if overwrite or not out_path.exists():
-            image = nib.Nifti1Image(np.asarray(array), affine)
-            image.set_sform(affine, code=1)
-            image.set_qform(affine, code=1)
-            atomic_save(image, out_path)
+        volumes = [array[..., c] for c in range(array.shape[3])] if multi else [array]
+        for volume, out_path in zip(volumes, out_paths):
+            if overwrite or not out_path.exists():
+                image = nib.Nifti1Image(np.asarray(volume), affine)
+                image.set_sform(affine, code=1)
+                image.set_qform(affine, code=1)
+                atomic_save(image, out_path)
     except Exception as exc:  # isolate the volume: record why, go on with the others
         row.status, row.reason = "failed", describe_error(exc)
         log.error("cannot convert %s: %s", case.case_id, row.reason)
         return row
-    row.nifti = out_path.name
-    row.shape = "x".join(str(int(s)) for s in array.shape)
+    row.nifti = ";".join(p.name for p in out_paths)
+    row.series_uid = ";".join(case.channel_series_uids) or row.series_uid
+    row.shape = "x".join(str(int(s)) for s in array.shape[:3])
     row.spacing_mm = "x".join(f"{s:.4g}" for s in voxel_spacing(affine))
     row.status = "converted"
-    log.info("converted %s -> %s (%s)", case.case_id, out_path, row.shape)
+    log.info("converted %s -> %s (%s)", case.case_id, row.nifti, row.shape)
     return row
 
 

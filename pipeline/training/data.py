@@ -12,7 +12,6 @@ in a background thread (:mod:`pipeline.training.trainer`).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -32,34 +31,17 @@ log = logging.getLogger(__name__)
 
 
 def training_cases(root: str | Path) -> list[dict]:
-    """``[{"case_id", "image", "label"}]`` from ``dataset.json`` (or imagesTr/ + labelsTr/ pairs)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(
-            f"training data folder not found: '{root}'. Set data.root to a folder in the nnU-Net/MSD layout "
-            "(imagesTr/, labelsTr/), e.g. one made by `medseg synth data/demo`"
-        )
-    items = []
-    manifest = root / "dataset.json"
-    if manifest.is_file():
-        listed = json.loads(manifest.read_text()).get("training", [])
-        for entry in listed:
-            image, label = root / entry["image"], root / entry["label"]
-            items.append({"case_id": Path(entry["label"]).name.split(".")[0], "image": str(image), "label": str(label)})
-    else:
-        for label in sorted((root / "labelsTr").glob("*.nii*")):
-            case_id = label.name.split(".")[0]
-            image = next(iter(sorted((root / "imagesTr").glob(f"{case_id}_0000.*"))), None)
-            if image is None:
-                raise InputError(f"label '{label}' has no image: expected imagesTr/{case_id}_0000.nii.gz")
-            items.append({"case_id": case_id, "image": str(image), "label": str(label)})
-    if not items:
-        raise InputError(f"no training cases in '{root}': expected imagesTr/<case>_0000.nii.gz + labelsTr/<case>.nii.gz")
-    for item in items:
-        for key in ("image", "label"):
-            if not Path(item[key]).exists():
-                raise InputError(f"training {key} not found: '{item[key]}' (listed in {root})")
-    return items
+    """``[{"case_id", "image", "label"}]`` of the dataset at ``root`` (nnU-Net v2, MSD or a plain folder:
+    :func:`pipeline.dataset.layout.read_dataset`); a layout problem (a missing channel or label file, a
+    duplicate case) raises :class:`InputError` naming it."""
+    from pipeline.dataset.layout import read_dataset
+    from pipeline.training.dataset_config import dataset_items
+
+    dataset = read_dataset(root)
+    if dataset.problems:
+        raise InputError(f"the dataset '{root}' has {len(dataset.problems)} problem(s): "
+                         + "; ".join(dataset.problems[:8]) + f". Run `medseg check {root}` for the full list")
+    return dataset_items(dataset)
 
 
 def split_cases(items: list[dict], cfg: Config) -> tuple[list[dict], list[dict]]:

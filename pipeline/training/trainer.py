@@ -39,7 +39,8 @@ from pipeline.infer.sliding import predict_logits
 from pipeline.model import build_model
 from pipeline.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from pipeline.runtime import resolve_device, seed_everything
-from pipeline.training.data import split_cases, train_loader, training_cases, validation_dataset
+from pipeline.training.data import split_cases, train_loader, validation_dataset
+from pipeline.training.dataset_config import load_training_data
 from pipeline.training.loss import build_loss, centre_crop_to
 from pipeline.training.schedule import build_scheduler
 
@@ -85,6 +86,8 @@ class Trainer:
         return TrainResult(self.best_path, self.last_path, self.log_path, self.best_metric, self.cfg.train.epochs)
 
     def setup(self, resume: bool) -> None:
+        # The dataset decides the channels, labels and CT statistics (checked first, every problem listed).
+        self.cfg, items = load_training_data(self.cfg)
         cfg = self.cfg
         seed_everything(cfg.train.seed)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +99,6 @@ class Trainer:
         # Fail now, not after caching the data, if the patch or window does not fit the network.
         self.model.output_size(tuple(cfg.sampling.patch_size))
         self.model.output_size(tuple(cfg.inference.roi_size))
-        items = training_cases(cfg.data.root)
         self.train_items, self.val_items = split_cases(items, cfg)
         if not self.train_items:
             raise InputError(f"no training cases left after the validation split of {len(items)} cases")
