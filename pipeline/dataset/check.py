@@ -4,7 +4,7 @@ What is checked, per case (one case in memory at a time):
 
 * the layout problems of :func:`~pipeline.dataset.layout.read_dataset` (missing channel or label,
   duplicate case id, misnamed or unlisted files, ``numTraining`` mismatch);
-* each file: empty (0 bytes, or no voxel), unreadable (the reader's reason), an image with NaN or Inf
+* each file (NaN/Inf in NIfTI images by nibabel: SimpleITK reads them as 0): empty (0 bytes, or no voxel), unreadable (the reader's reason), an image with NaN or Inf
   voxels, a channel or label that is not a 3D volume, an MSD 4D image whose 4th axis does not hold one
   volume per modality;
 * grids: every channel on the grid of the first, the label on the grid of the image. Two grids match
@@ -113,7 +113,7 @@ class _CaseChecker:
             if array.ndim != 3:
                 found.append(f"{what} has shape {array.shape}: expected a 3D volume per channel")
                 continue
-            found.extend(f"{what} {message}" for message in _non_finite(array))
+            found.extend(f"{what} {message}" for message in _non_finite(path, array))
             if grid is None:
                 grid = (array.shape, volume.affine, name)
                 continue
@@ -133,7 +133,7 @@ class _CaseChecker:
             axis = f"{array.shape[3]} volume(s) on its 4th axis" if array.ndim == 4 else f"{array.ndim}D"
             found.append(f"{what} has shape {array.shape} ({axis}): expected a 4D image with one volume per "
                          f"modality on the 4th axis, {len(names)} ({', '.join(names)})")
-        found.extend(f"{what} {message}" for message in _non_finite(array))
+        found.extend(f"{what} {message}" for message in _non_finite(path, array))
         return (array.shape[:3], volume.affine, "the image")
 
     def _check_label(self, path: str, grid, found: list[str]) -> None:
@@ -149,6 +149,7 @@ class _CaseChecker:
             difference = grid_difference(grid[0], grid[1], array.shape, volume.affine, self.tolerance_mm)
             if difference:
                 found.append(f"{what}: grid differs from the image's: {difference}")
+        array = _squeeze_channel(_as_stored(path, array))
         found.extend(f"{what} {message}" for message in _label_value_problems(array, self.labels))
 
     def _read(self, path: str, what: str, found: list[str]):
@@ -181,7 +182,21 @@ def _squeeze_channel(array: np.ndarray) -> np.ndarray:
     return array[..., 0] if array.ndim == 4 and array.shape[3] == 1 else array
 
 
-def _non_finite(array: np.ndarray) -> list[str]:
+def _as_stored(path: str, array: np.ndarray) -> np.ndarray:
+    """The voxels with their NaN and Inf: SimpleITK, which reads NIfTI voxels for the scan reader, reads
+    them as 0, so a float NIfTI file is read again by nibabel, which keeps them (one more volume in memory)."""
+    from pipeline.io.reader import is_nifti
+
+    if not is_nifti(path):
+        return array
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    return np.asanyarray(image.dataobj) if image.get_data_dtype().kind in "fc" else array
+
+
+def _non_finite(path: str, array: np.ndarray) -> list[str]:
+    array = _as_stored(path, array)
     if array.dtype.kind not in "fc" or np.isfinite(array).all():
         return []
     out = []
