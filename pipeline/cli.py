@@ -4,7 +4,7 @@ Heavy libraries are imported inside the commands, so ``medseg --help`` is instan
 input print one line (``error: ...``) and exit non-zero; ``--debug`` shows the traceback.
 
 Exit codes: 0 success; 1 some cases failed (``segment``) or an unexpected error; 2 bad input, config
-or command line, or no case succeeded.
+or command line, no case succeeded, or ``check`` found a problem.
 """
 
 from __future__ import annotations
@@ -75,6 +75,18 @@ def cmd_convert(args) -> int:
         print("error: nothing could be converted (see index.csv for the reasons)", file=sys.stderr)
         return 2
     return 1 if failed else 0
+
+
+def cmd_check(args) -> int:
+    from pipeline.dataset import check_dataset
+
+    labels = dict(args.labels) if args.labels else None
+    report = check_dataset(args.dataset, labels=labels, affine_tolerance_mm=args.tolerance, split=args.split,
+                           progress=not args.quiet)
+    for line in report.lines():
+        print(f"error: {line}")
+    print(f"{report.cases} case(s), {len(report.problems)} problem(s) ({report.layout} layout, {args.dataset})")
+    return 0 if report.ok else 2
 
 
 def cmd_train(args) -> int:
@@ -232,6 +244,24 @@ def _shard(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _label_pair(text: str) -> tuple[str, int]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with a non-negative integer value, e.g. lesion=1; "
+                                         f"got {text!r}")
+    return name, int(value)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -273,6 +303,16 @@ def _parser() -> argparse.ArgumentParser:
                                                 "input.on_missing_slices=resample")
     p.add_argument("--config", default=None, help="YAML config whose input: section to use (default: built-in)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("check", parents=[common],
+                       help="read every file of a dataset (nnU-Net v2, MSD, plain folder) and list every problem")
+    p.add_argument("dataset", help="dataset folder: imagesTr/ + labelsTr/, with or without dataset.json")
+    p.add_argument("--labels", type=_label_pair, nargs="+", default=None, metavar="NAME=VALUE",
+                   help="the allowed label values, e.g. background=0 lesion=1 (default: dataset.json's labels)")
+    p.add_argument("--split", choices=("Tr", "Ts"), default="Tr", help="imagesTr/labelsTr (default) or imagesTs/labelsTs")
+    p.add_argument("--tolerance", type=_non_negative_float, default=1e-3, metavar="MM",
+                   help="largest difference of two grids' affine entries (voxel axes, origin) in mm (default 0.001)")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("train", parents=[common], help="train a model from a YAML config")
     p.add_argument("config", help="YAML config, e.g. configs/lesion3d.yaml")

@@ -1,7 +1,10 @@
 """YAML files + dotted command-line overrides → a validated :class:`Config`.
 
 A config file may start with ``extends: other.yaml`` (a path relative to the file) to reuse another
-config and change only some keys, so shared pieces are referenced rather than copied.
+config and change only some keys, so shared pieces are referenced rather than copied. Sections merge key
+by key; the mappings named in :data:`REPLACED_ON_EXTEND` are values, not sections: a child's copy
+replaces its parent's whole (a child's ``data.labels: {background: 0, tumour: 1}`` must not inherit the
+parent's ``lesion: 1``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from pipeline.config.schema import Config
 from pipeline.errors import ConfigError
 
 _NONE_TYPE = type(None)
+
+# Dotted keys whose mapping a child config replaces instead of merging into its parent's.
+REPLACED_ON_EXTEND = frozenset({"data.labels"})
 
 
 def load_config(path: Union[str, Path, None] = None, overrides: Iterable[str] = ()) -> Config:
@@ -78,11 +84,12 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return _merge(base, data)
 
 
-def _merge(base: dict, update: dict) -> dict:
+def _merge(base: dict, update: dict, prefix: str = "") -> dict:
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and dotted not in REPLACED_ON_EXTEND:
+            out[key] = _merge(out[key], value, dotted + ".")
         else:
             out[key] = value
     return out

@@ -29,6 +29,16 @@ def affine_from_sitk(image) -> np.ndarray:
     return LPS_TO_RAS @ affine
 
 
+def set_sitk_geometry(image, affine: np.ndarray) -> None:
+    """Give a SimpleITK image (made from an ``[i, j, k]`` array transposed to ``[k, j, i]``) the RAS
+    ``affine``: the inverse of :func:`affine_from_sitk`."""
+    lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    spacing = voxel_spacing(lps)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing[None, :]).ravel()])
+    image.SetOrigin([float(v) for v in lps[:3, 3]])
+
+
 def closest_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flip/permute ``array`` (spatial axes first) and ``affine`` to the closest RAS frame, losslessly.
 

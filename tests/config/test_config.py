@@ -50,6 +50,24 @@ def test_extends_chain_is_relative_to_the_file(tmp_path):
     assert (config.train.epochs, config.train.lr, config.model.features) == (3, 0.01, 4)
 
 
+def test_extends_replaces_the_parents_labels(tmp_path):
+    (tmp_path / "child.yaml").write_text(
+        f"extends: {CONFIGS / 'lesion2d.yaml'}\ndata:\n  labels: {{background: 0, tumour: 1}}\n")
+    config = load_config(tmp_path / "child.yaml")
+    assert config.data.labels == {"background": 0, "tumour": 1}
+    assert config.label_names == ["background", "tumour"]
+    assert config.data.root == "data/demo" and config.model.spatial_dims == 2  # the rest still merges
+
+
+def test_extends_replaces_labels_at_every_level_of_a_chain(tmp_path):
+    (tmp_path / "base.yaml").write_text("data:\n  labels: {background: 0, a: 1, b: 2}\n  val_fraction: 0.3\n")
+    (tmp_path / "mid.yaml").write_text("extends: base.yaml\ndata:\n  labels: {background: 0, c: 1}\n")
+    (tmp_path / "leaf.yaml").write_text("extends: mid.yaml\ntrain:\n  epochs: 2\n")
+    config = load_config(tmp_path / "leaf.yaml")
+    assert config.data.labels == {"background": 0, "c": 1}
+    assert config.data.val_fraction == 0.3 and config.train.epochs == 2
+
+
 def test_extends_cycle_is_reported(tmp_path):
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
