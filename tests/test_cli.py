@@ -243,12 +243,12 @@ def train_args(tmp_path, *extra):
 
 
 def test_train_label_outside_classes(tmp_path, capsys):
-    """The label check runs inside MONAI's Compose, which wraps the InputError; the CLI still reports it."""
+    """The dataset check before training lists every case whose label is outside the classes, on one line."""
     write_msd_dataset(tmp_path / "ds", n_cases=3, label_values=[2, 2, 2])
     code, out, err = run(capsys, *train_args(tmp_path))
     assert code == 2
-    line = assert_one_error_line(err, "holds values [2] outside the configured classes 0..1", "data.labels")
-    assert any(str(tmp_path / "ds" / "labelsTr" / f"case_00{k}.nii.gz") in line for k in range(3))
+    line = assert_one_error_line(err, "has 3 problem(s)", "holds values [2] outside the labels", "medseg check")
+    assert all(f"labelsTr/case_00{k}.nii.gz" in line for k in range(3))
     assert "--debug" not in line
 
 

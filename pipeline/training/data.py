@@ -71,7 +71,7 @@ def train_loader(items: list[dict], cfg: Config) -> DataLoader:
     sampling = sampling_transforms(cfg.sampling, cfg.model.spatial_dims)
     if cfg.sampling.cache:
         sampling = with_cached_crop_indices(sampling)
-    random_steps = sampling + augment_transforms(cfg.augment, cfg.model.spatial_dims)
+    random_steps = sampling + augment_transforms(cfg.augment, cfg.model.spatial_dims, channels=cfg.in_channels)
     transform = Compose(list(deterministic.transforms) + random_steps + [EnsureTyped(["image", "label"], track_meta=False)])
     dataset_cls = CacheDataset if cfg.sampling.cache else Dataset
     kwargs = {"cache_rate": 1.0, "num_workers": 0, "progress": False} if cfg.sampling.cache else {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -50,6 +51,11 @@ def load_training_data(cfg: Config, check: bool = True) -> tuple[Config, list[di
     from pipeline.dataset.check import check_dataset
     from pipeline.dataset.layout import read_dataset
 
+    if not Path(cfg.data.root).is_dir():
+        raise InputError(
+            f"training data folder not found: '{cfg.data.root}'. Set data.root to a dataset folder (nnU-Net v2, "
+            "MSD, or imagesTr/ + labelsTr/), e.g. one made by `medseg synth data/demo`"
+        )
     dataset = read_dataset(cfg.data.root)
     labels = _labels(cfg, dataset)
     if check:

@@ -1,7 +1,8 @@
 """Random augmentation for training, from ``AugmentConfig``; 2D or 3D by ``spatial_dims``.
 
-Spatial transforms are applied to image and label together (label with nearest interpolation);
-intensity transforms to the image only.
+Spatial transforms are applied to image and label together (label with nearest interpolation), the
+same transform to every channel of the image; intensity transforms to the image only, drawn per
+channel for multi-channel images (each sequence's scaling varies on its own).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from monai.transforms import (
 from pipeline.config import AugmentConfig
 
 
-def augment_transforms(cfg: AugmentConfig, spatial_dims: int, image_key="image", label_key="label") -> list:
+def augment_transforms(cfg: AugmentConfig, spatial_dims: int, image_key="image", label_key="label",
+                       channels: int = 1) -> list:
     keys = [image_key, label_key]
     modes = ["bilinear", "nearest"]
     steps: list = []
@@ -57,9 +59,11 @@ def augment_transforms(cfg: AugmentConfig, spatial_dims: int, image_key="image",
             )
         )
     if cfg.intensity_scale_prob > 0:
-        steps.append(RandScaleIntensityd([image_key], factors=cfg.intensity_scale, prob=cfg.intensity_scale_prob))
+        steps.append(RandScaleIntensityd([image_key], factors=cfg.intensity_scale, prob=cfg.intensity_scale_prob,
+                                         channel_wise=channels > 1))
     if cfg.intensity_shift_prob > 0:
-        steps.append(RandShiftIntensityd([image_key], offsets=cfg.intensity_shift, prob=cfg.intensity_shift_prob))
+        steps.append(RandShiftIntensityd([image_key], offsets=cfg.intensity_shift, prob=cfg.intensity_shift_prob,
+                                         channel_wise=channels > 1))
     if cfg.noise_prob > 0:
         steps.append(RandGaussianNoised([image_key], prob=cfg.noise_prob, std=cfg.noise_std))
     return steps
