@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import ConfigError
 from pipeline.io.dicom_write import write_dicom_series
 from pipeline.io.geometry import closest_canonical
 from pipeline.synth.phantom import ORIENTATIONS, SynthCase, make_case
-from pipeline.synth.store import save_nifti, write_dataset_once
+from pipeline.synth.store import save_nifti, split_params, write_dataset_once
 
 logger = logging.getLogger(__name__)
 
@@ -64,33 +63,9 @@ def synthesize(
     the dataset is built in a temporary sibling folder and renamed into place, so an interrupted run
     never leaves half a dataset behind.
     """
-    params = _params(cases, seed, test_fraction, dicom_test_cases, shape, spacing)
+    params = split_params(cases, seed, test_fraction, dicom_test_cases, shape, spacing, RECIPE_VERSION)
     return write_dataset_once(out_dir, params, marker="synthesis",
                               write=lambda root: _write_dataset(root, params), files=_listed_files)
-
-
-def _params(cases, seed, test_fraction, dicom_test_cases, shape, spacing) -> dict:
-    shape = [int(n) for n in shape]
-    spacing = [float(s) for s in spacing]
-    if int(cases) < 1:
-        raise ConfigError(f"synthesize: expected cases >= 1, found {cases}.")
-    if not 0 <= float(test_fraction) < 1:
-        raise ConfigError(f"synthesize: expected 0 <= test_fraction < 1, found {test_fraction}.")
-    if int(dicom_test_cases) < 0:
-        raise ConfigError(f"synthesize: expected dicom_test_cases >= 0, found {dicom_test_cases}.")
-    if len(shape) != 3 or len(spacing) != 3:
-        raise ConfigError(f"synthesize: expected 3D shape and spacing, found {shape} and {spacing}.")
-    n_test = int(round(int(cases) * float(test_fraction)))
-    return {
-        "seed": int(seed),
-        "cases": int(cases),
-        "test_fraction": float(test_fraction),
-        "num_test": n_test,
-        "dicom_test_cases": min(int(dicom_test_cases), n_test),
-        "shape": shape,
-        "spacing": spacing,
-        "recipe_version": RECIPE_VERSION,
-    }
 
 
 def _listed_files(meta: dict) -> list[str]:

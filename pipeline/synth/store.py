@@ -20,7 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ def write_dataset_once(
 ) -> Path:
     """Make ``out_dir`` hold the dataset ``write(folder)`` writes for ``params``; returns ``out_dir``.
 
-    ``write`` must leave a ``dataset.json`` whose ``marker`` key equals ``params``; ``files(meta)``
-    lists the paths (relative to the folder) a complete dataset holds, from that ``dataset.json``.
+    ``write`` must leave a ``dataset.json`` whose ``marker`` key equals ``params`` (a dotted marker,
+    ``"medseg.recipe"``, names a nested key); ``files(meta)`` lists the paths (relative to the folder) a
+    complete dataset holds, from that ``dataset.json``.
     """
     out_dir = Path(out_dir)
     if _is_complete(out_dir, params, marker, files):
@@ -61,6 +62,32 @@ def write_dataset_once(
     return out_dir
 
 
+def split_params(cases, seed, test_fraction, dicom_test_cases, shape, spacing, recipe_version: int) -> dict:
+    """The validated recipe of a dataset: ``cases`` cases, the last ``round(cases * test_fraction)`` of
+    them the test split, whose first ``dicom_test_cases`` are written as DICOM."""
+    shape = [int(n) for n in shape]
+    spacing = [float(s) for s in spacing]
+    if int(cases) < 1:
+        raise ConfigError(f"synthesize: expected cases >= 1, found {cases}.")
+    if not 0 <= float(test_fraction) < 1:
+        raise ConfigError(f"synthesize: expected 0 <= test_fraction < 1, found {test_fraction}.")
+    if int(dicom_test_cases) < 0:
+        raise ConfigError(f"synthesize: expected dicom_test_cases >= 0, found {dicom_test_cases}.")
+    if len(shape) != 3 or len(spacing) != 3:
+        raise ConfigError(f"synthesize: expected 3D shape and spacing, found {shape} and {spacing}.")
+    n_test = int(round(int(cases) * float(test_fraction)))
+    return {
+        "seed": int(seed),
+        "cases": int(cases),
+        "test_fraction": float(test_fraction),
+        "num_test": n_test,
+        "dicom_test_cases": min(int(dicom_test_cases), n_test),
+        "shape": shape,
+        "spacing": spacing,
+        "recipe_version": int(recipe_version),
+    }
+
+
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     """``array`` as NIfTI with ``affine`` in both the sform and the qform (code 1, scanner), in mm."""
     image = nib.Nifti1Image(array, affine)
@@ -79,7 +106,10 @@ def _read_json(path: Path) -> dict | None:
 
 def _is_complete(out_dir: Path, params: dict, marker: str, files) -> bool:
     meta = _read_json(out_dir / "dataset.json")
-    if not meta or meta.get(marker) != params:
+    recipe = meta
+    for key in marker.split("."):
+        recipe = recipe.get(key) if isinstance(recipe, dict) else None
+    if recipe != params:
         return False
     return all((out_dir / name).exists() for name in files(meta))
 
