@@ -9,10 +9,10 @@ RAS affine), so two grids of one case show the same anatomy at the same world po
   bright on T1), skull (~40 on both), a thin CSF layer and two ventricles (FLAIR ~70: suppressed
   fluid, T1c ~130), brain (FLAIR ~420, T1c ~440) with a smooth grey/white texture of opposite sign on
   the two sequences; air outside (0);
-* lesions (0-3): an oedema-like ellipsoid 5-25 mm across (log-uniform, so small ones are common)
-  holding an enhancing core. On FLAIR oedema and core are the same (~680): FLAIR shows the whole
+* lesions (0-3): an oedema-like ellipsoid 5-25 mm across (one in three 5-10 mm) holding an
+  enhancing core 35-65 % of its size (at least 4 mm). On FLAIR oedema and core are the same (~680): FLAIR shows the whole
   lesion but cannot tell core from oedema. On T1c the oedema is invisible (brain tissue) and the core
-  enhances (~820), solid or, for cores of 8 mm and more, sometimes a ring around a dark necrotic
+  enhances (~820), solid or, for cores of 7 mm and more, sometimes a ring around a dark necrotic
   centre (~260). Labels: 1 oedema (oedema minus core), 2 core (necrosis included);
 * a smooth multiplicative bias field (+-10-20 %) and a gain per sequence, then Rician noise (the
   magnitude of complex Gaussian noise, std 6-14), so the background is ~0 plus noise.
@@ -37,9 +37,10 @@ BIAS = (0.10, 0.20)  # amplitude of the log bias field
 GAIN = (0.85, 1.2)
 NOISE = (6.0, 14.0)
 OEDEMA_DIAMETER_MM = (5.0, 25.0)
-CORE_FRACTION = (0.35, 0.6)  # core / oedema semi-axes
+SMALL_LESION_PROBABILITY = 0.35  # oedema 5-10 mm (log-uniform); else 10-25 mm (uniform)
+CORE_FRACTION = (0.35, 0.65)  # core / oedema semi-axes
 MIN_CORE_SEMI_MM = 2.0  # a core of 4 mm or more holds voxel centres on a 1x1x3 mm grid
-RING_MIN_CORE_MM = 8.0
+RING_MIN_CORE_MM = 7.0
 RING_PROBABILITY = 0.6
 EDGE_WIDTH_MM = 0.3  # sigmoid scale of lesion edges (~1.3 mm from 10 % to 90 %)
 
@@ -132,11 +133,6 @@ class MRHead:
                 image = rician(image, self.noise[channel], rng)
             images.append(np.clip(np.rint(image), 0, np.iinfo(np.int16).max).astype(np.int16))
         return images[0], images[1], label
-
-    def parenchyma_rho(self, point) -> tuple[float, list[float]]:
-        """Normalised radius of ``point`` (world mm) in the brain and in each ventricle."""
-        xyz = [np.float32(v) for v in point]
-        return float(self.shells["brain"].rho(xyz)), [float(v.rho(xyz)) for v in self.ventricles]
 
     def _anatomy(self, xyz):
         """Tissue values without lesions, and the parenchyma mask (brain outside the ventricles)."""
@@ -238,8 +234,11 @@ def _waves(rng, n: int, wavelength_mm: tuple[float, float]) -> Waves:
 def _draw_lesion(rng, head: MRHead, affine, shape, placed: list[Lesion]) -> Lesion | None:
     """An oedema with its core, centred in the brain away from the ventricles, the grid's border and the
     other lesions; smaller on each failed round of attempts, None when even a small one finds no room."""
-    low, high = np.log(OEDEMA_DIAMETER_MM[0]), np.log(OEDEMA_DIAMETER_MM[1])
-    diameter = float(np.exp(rng.uniform(low, high)))
+    low, high = OEDEMA_DIAMETER_MM
+    if rng.random() < SMALL_LESION_PROBABILITY:
+        diameter = float(np.exp(rng.uniform(np.log(low), np.log(2 * low))))
+    else:
+        diameter = float(rng.uniform(2 * low, high))
     semi = diameter / 2 * np.array([1.0, *rng.uniform(0.75, 1.0, size=2)])
     axes = random_rotation(rng)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
@@ -258,12 +257,14 @@ def _find_room(rng, head, affine, shape, spacing, radius, placed) -> np.ndarray 
     for _ in range(50):
         index = rng.uniform(low, high)
         centre = affine[:3, :3] @ index + affine[:3, 3]
-        brain_rho, ventricle_rho = head.parenchyma_rho(centre)
-        brain_room = (1 - brain_rho) * float(head.shells["brain"].semi.min()) > radius + 1
-        clear = all((rho - 1) * float(v.semi.min()) > radius + 1 for rho, v in zip(ventricle_rho, head.ventricles))
+        point = [np.float32(v) for v in centre]
+        # the brain shrunk, and each ventricle grown, by the lesion's radius + 1 mm
+        brain = head.shells["brain"]
+        room = Ellipsoid(brain.centre, brain.semi - (radius + 1)).rho(point) < 1
+        clear = all(Ellipsoid(v.centre, v.semi + radius + 1).rho(point) > 1 for v in head.ventricles)
         apart = all(np.linalg.norm(centre - other.oedema.centre) > radius + other.oedema.semi.max() + 2
                     for other in placed)
-        if brain_room and clear and apart:
+        if room and clear and apart:
             return centre
     return None
 
