@@ -3,7 +3,7 @@
 ::
 
     out_dir/
-      dataset.json                                   nnU-Net v2 (no file list); recipe and cases under "medseg"
+      dataset.json                 nnU-Net v2 (no file list); recipe and cases under "medseg"
       imagesTr/mr_000_0000.nii.gz  mr_000_0001.nii.gz     labelsTr/mr_000.nii.gz    (FLAIR, T1c; one grid)
       imagesTs/mr_018/FLAIR/IM_*.dcm  mr_018/T1c/IM_*.dcm labelsTs/mr_018.nii.gz    (first test cases: DICOM)
       imagesTs/mr_020_0000.nii.gz  mr_020_0001.nii.gz     labelsTs/mr_020.nii.gz    (other test cases)

@@ -10,10 +10,10 @@ RAS affine), so two grids of one case show the same anatomy at the same world po
   fluid, T1c ~130), brain (FLAIR ~420, T1c ~440) with a smooth grey/white texture of opposite sign on
   the two sequences; air outside (0);
 * lesions (0-3): an oedema-like ellipsoid 5-25 mm across (one in three 5-10 mm) holding an
-  enhancing core 35-65 % of its size (at least 4 mm). On FLAIR oedema and core are the same (~680): FLAIR shows the whole
-  lesion but cannot tell core from oedema. On T1c the oedema is invisible (brain tissue) and the core
-  enhances (~820), solid or, for cores of 7 mm and more, sometimes a ring around a dark necrotic
-  centre (~260). Labels: 1 oedema (oedema minus core), 2 core (necrosis included);
+  enhancing core 35-65 % of its size (at least 4 mm). On FLAIR oedema and core are the same (~680):
+  FLAIR shows the whole lesion but cannot tell core from oedema. On T1c the oedema is invisible
+  (brain tissue) and the core enhances (~820), solid or, for cores of 7 mm and more, sometimes a ring
+  around a dark necrotic centre (~260). Labels: 1 oedema (oedema minus core), 2 core (necrosis included);
 * a smooth multiplicative bias field (+-10-20 %) and a gain per sequence, then Rician noise (the
   magnitude of complex Gaussian noise, std 6-14), so the background is ~0 plus noise.
 """
@@ -181,7 +181,7 @@ def world_points(shape, affine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def rician(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """Magnitude of ``image`` plus complex Gaussian noise of std ``sigma``: what a magnitude MR image holds."""
+    """Magnitude of ``image`` plus complex Gaussian noise of std ``sigma`` (a magnitude MR image)."""
     real = image + np.float32(sigma) * rng.standard_normal(image.shape, dtype=np.float32)
     imaginary = np.float32(sigma) * rng.standard_normal(image.shape, dtype=np.float32)
     return np.sqrt(real**2 + imaginary**2)
@@ -203,7 +203,8 @@ def draw_head(rng: np.random.Generator, affine: np.ndarray, shape, n_lesions: in
         shells[tissue] = Ellipsoid(centre, semi)
     brain = shells["brain"].semi
     ventricles = tuple(
-        Ellipsoid(centre + brain * [side * 0.13, 0.05, 0.08], brain * [0.07, 0.30, 0.20] * rng.uniform(0.8, 1.2))
+        Ellipsoid(centre + brain * [side * 0.13, 0.05, 0.08],
+                  brain * [0.07, 0.30, 0.20] * rng.uniform(0.8, 1.2))
         for side in (-1, 1)
     )
     head = MRHead(

@@ -81,7 +81,8 @@ def other_grid(shape, affine) -> tuple[tuple[int, int, int], np.ndarray]:
     slice_mm = OTHER_SLICE_MM if not np.isclose(spacing[2], OTHER_SLICE_MM) else spacing[2] * 2 / 3
     new_spacing = np.array([spacing[0], spacing[1], slice_mm])
     extent = (shape[2] - 1) * spacing[2]
-    new_shape = (shape[0] + 2 * OTHER_MARGIN, shape[1] + 2 * OTHER_MARGIN, int(np.ceil(extent / slice_mm)) + 3)
+    new_shape = (shape[0] + 2 * OTHER_MARGIN, shape[1] + 2 * OTHER_MARGIN,
+                 int(np.ceil(extent / slice_mm)) + 3)
     directions = affine[:3, :3] / spacing
     centre = affine[:3, :3] @ grid_centre(shape) + affine[:3, 3]
     centre = centre + directions @ (new_spacing * [0.5, -0.5, 0.25])

@@ -1,4 +1,4 @@
-"""synthesize_mr(): nnU-Net v2 layout and dataset.json, determinism, caching, and the DICOM study's geometry."""
+"""synthesize_mr(): nnU-Net v2 layout and dataset.json, determinism, caching, the DICOM study's geometry."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def _world(mask, affine) -> np.ndarray:
 def test_layout(dataset):
     expected = ["dataset.json"]
     for n, split in NIFTI.items():
-        expected += [f"images{split}/mr_00{n}_000{c}.nii.gz" for c in (0, 1)] + [f"labels{split}/mr_00{n}.nii.gz"]
+        expected += [f"images{split}/mr_00{n}_000{c}.nii.gz" for c in (0, 1)]
+        expected.append(f"labels{split}/mr_00{n}.nii.gz")
     for n in (5, 6):
         expected.append(f"labelsTs/mr_00{n}.nii.gz")
         expected += [f"imagesTs/mr_00{n}/FLAIR/IM_{k:04d}.dcm" for k in range(1, 17)]
@@ -159,7 +160,8 @@ def test_dicom_lesion_at_the_same_millimetres_in_both_series_and_the_label(datas
     bright_t1c = _bright(t1c, near(t1c.shape, t1c_affine, float(lesion.core.semi.max()) + 3))
     np.testing.assert_allclose(_world(bright_t1c, t1c_affine), core_mm, atol=tolerance)
     bright_flair = _bright(flair, near(flair.shape, flair_affine, reach + 2))
-    np.testing.assert_allclose(_world(bright_flair, flair_affine), _world(whole, label_affine), atol=tolerance)
+    lesion_mm = _world(whole, label_affine)
+    np.testing.assert_allclose(_world(bright_flair, flair_affine), lesion_mm, atol=tolerance)
 
 
 def _bright(image, region):

@@ -42,7 +42,8 @@ def regions():
         for name, mask in masks.items():
             pooled[name]["FLAIR"].append(case.flair[mask].astype(np.float64))
             pooled[name]["T1c"].append(case.t1c[mask].astype(np.float64))
-    means = {name: {ch: float(np.concatenate(v).mean()) for ch, v in by.items()} for name, by in pooled.items()}
+    means = {name: {channel: float(np.concatenate(values).mean()) for channel, values in by.items()}
+             for name, by in pooled.items()}
     counts = {name: sum(len(v) for v in by["FLAIR"]) for name, by in pooled.items()}
     logger.info("region means %s, voxels %s", means, counts)
     assert counts["oedema"] > 200 and counts["core"] > 100
@@ -64,7 +65,8 @@ def test_tissue_ranges_and_background():
     for image in (case.flair, case.t1c):
         assert image.dtype == np.int16 and image.min() >= 0
         assert np.median(image[:4, :4, :]) < 40  # air: Rician noise only
-        assert 300 <= np.median(image[case.head.shells["brain"].rho(world_points(case.flair.shape, case.affine)) < 0.5]) <= 650
+        deep_brain = case.head.shells["brain"].rho(world_points(case.flair.shape, case.affine)) < 0.5
+        assert 300 <= np.median(image[deep_brain]) <= 650
     assert case.label.sum() == 0 and case.lesions == []
 
 
