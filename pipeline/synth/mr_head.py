@@ -45,7 +45,7 @@ RING_PROBABILITY = 0.6
 EDGE_WIDTH_MM = 0.3  # sigmoid scale of lesion edges (~1.3 mm from 10 % to 90 %)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # numpy fields: compare by identity
 class Ellipsoid:
     """An ellipsoid in world mm: centre, principal axes (columns of ``axes``) and semi-axes."""
 
@@ -75,7 +75,7 @@ class Ellipsoid:
         return sum((q[a] / np.float32(self.semi[a])) ** 2 for a in range(3))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Waves:
     """A smooth random field: a normalised sum of plane cosines (std ~1), defined everywhere in world mm."""
 
@@ -89,7 +89,7 @@ class Waves:
         return out * np.float32(np.sqrt(2 / len(self.phases)))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Lesion:
     oedema: Ellipsoid
     core: Ellipsoid
@@ -105,7 +105,7 @@ class Lesion:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MRHead:
     """One case's anatomy and acquisition: everything but the noise, in world mm."""
 
