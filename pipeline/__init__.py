@@ -3,6 +3,7 @@
 The public Python API (the CLI is a thin layer over it)::
 
     from pipeline import load_config, synthesize, train, segment_folder, evaluate_folder
+    from pipeline import synthesize_mr     # synthetic FLAIR + T1c MR (labels oedema, core)
     from pipeline import rebuild_reports   # merge shard manifests / rebuild reports from sidecars
 """
 
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 _API = {
     "load_config": "pipeline.config",
     "synthesize": "pipeline.synth",
+    "synthesize_mr": "pipeline.synth",
     "train": "pipeline.training",
     "segment_folder": "pipeline.infer",
     "rebuild_reports": "pipeline.report",

@@ -50,10 +50,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_synth(args) -> int:
-    from pipeline.synth import synthesize
+    from pipeline.synth import synthesize, synthesize_mr
 
-    root = synthesize(args.out_dir, cases=args.cases, seed=args.seed, test_fraction=args.test_fraction,
-                      dicom_test_cases=args.dicom_test_cases)
+    write = synthesize_mr if args.kind == "mr" else synthesize
+    root = write(args.out_dir, cases=args.cases, seed=args.seed, test_fraction=args.test_fraction,
+                 dicom_test_cases=args.dicom_test_cases)
     print(f"synthetic dataset: {root}")
     return 0
 
@@ -287,8 +288,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("synth", parents=[common], help="generate a synthetic CT lesion dataset (nnU-Net/MSD layout)")
+    p = sub.add_parser("synth", parents=[common],
+                       help="generate a synthetic lesion dataset: CT, or FLAIR + T1c MR (nnU-Net layout)")
     p.add_argument("out_dir")
+    p.add_argument("--kind", choices=("ct", "mr"), default="ct",
+                   help="ct: one CT channel, label lesion; mr: FLAIR + T1c, labels oedema and core")
     p.add_argument("--cases", type=_positive_int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-fraction", type=_fraction, default=0.25)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -87,6 +88,15 @@ def test_argparse_rejects_bad_values(capsys):
         main(["synth", "out", "--cases", "0"])
     assert info.value.code == 2
     assert "expected a positive integer, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, channels", [(None, {"0": "CT"}), ("mr", {"0": "FLAIR", "1": "T1c"})])
+def test_synth_kind(tmp_path, capsys, kind, channels):
+    out = tmp_path / "ds"
+    argv = ["synth", str(out), "--cases", "2", "--test-fraction", "0.5", "--dicom-test-cases", "0"]
+    code, stdout, _ = run(capsys, *argv, *(["--kind", kind] if kind else []))
+    assert code == 0 and str(out) in stdout
+    assert json.loads((out / "dataset.json").read_text())["channel_names"] == channels
 
 
 # --- segment ---------------------------------------------------------------------------------------

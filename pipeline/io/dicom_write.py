@@ -48,6 +48,7 @@ def write_dicom_series(
     series_number: int = 1,
     study_uid: str | None = None,
     series_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
     modality: str = "CT",
     rescale_intercept: float = -1024.0,
     rescale_slope: float = 1.0,
@@ -58,8 +59,10 @@ def write_dicom_series(
     """Write ``volume`` (``[i, j, k]``, real-world values such as HU) as ``IM_0001.dcm`` ... in ``out_dir``.
 
     UIDs: ``study_uid``/``series_uid`` are used when given; otherwise they are derived from
-    ``uid_entropy`` (deterministic) or drawn at random. The frame-of-reference and per-slice SOP
-    instance UIDs are derived from the series UID, so a fixed series UID gives identical files.
+    ``uid_entropy`` (deterministic) or drawn at random. The per-slice SOP instance UIDs, and the
+    frame-of-reference UID unless ``frame_of_reference_uid`` is given (pass one to put several series
+    of a study in one patient space), are derived from the series UID, so a fixed series UID gives
+    identical files.
     ``out_dir`` must be missing or empty; the files appear there all at once (written to a temporary
     sibling folder first). Returns the written paths in slice order ``k = 0, 1, ...``.
     """
@@ -79,7 +82,7 @@ def write_dicom_series(
         series_number=series_number,
         study_uid=study_uid,
         series_uid=series_uid,
-        frame_uid=generate_uid(uid_prefix, [str(series_uid), "frame-of-reference"]),
+        frame_uid=frame_of_reference_uid or generate_uid(uid_prefix, [str(series_uid), "frame-of-reference"]),
         modality=modality,
         rescale_intercept=rescale_intercept,
         rescale_slope=rescale_slope,

@@ -18,18 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from pipeline.errors import ConfigError, InputError
 from pipeline.io.dicom_write import write_dicom_series
 from pipeline.io.geometry import closest_canonical
 from pipeline.synth.phantom import ORIENTATIONS, SynthCase, make_case
+from pipeline.synth.store import save_nifti, split_params, write_dataset_once
 
 logger = logging.getLogger(__name__)
 
@@ -67,88 +63,14 @@ def synthesize(
     the dataset is built in a temporary sibling folder and renamed into place, so an interrupted run
     never leaves half a dataset behind.
     """
-    out_dir = Path(out_dir)
-    params = _params(cases, seed, test_fraction, dicom_test_cases, shape, spacing)
-    if _is_complete(out_dir, params):
-        logger.info("synthetic dataset already in %s (seed %d, %d cases)", out_dir, seed, cases)
-        return out_dir
-    _check_replaceable(out_dir)
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        started = time.perf_counter()
-        _write_dataset(tmp_dir, params)
-        _move_into_place(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    logger.info("wrote %d synthetic cases to %s in %.1f s", cases, out_dir, time.perf_counter() - started)
-    return out_dir
+    params = split_params(cases, seed, test_fraction, dicom_test_cases, shape, spacing, RECIPE_VERSION)
+    return write_dataset_once(out_dir, params, marker="synthesis",
+                              write=lambda root: _write_dataset(root, params), files=_listed_files)
 
 
-def _params(cases, seed, test_fraction, dicom_test_cases, shape, spacing) -> dict:
-    shape = [int(n) for n in shape]
-    spacing = [float(s) for s in spacing]
-    if int(cases) < 1:
-        raise ConfigError(f"synthesize: expected cases >= 1, found {cases}.")
-    if not 0 <= float(test_fraction) < 1:
-        raise ConfigError(f"synthesize: expected 0 <= test_fraction < 1, found {test_fraction}.")
-    if int(dicom_test_cases) < 0:
-        raise ConfigError(f"synthesize: expected dicom_test_cases >= 0, found {dicom_test_cases}.")
-    if len(shape) != 3 or len(spacing) != 3:
-        raise ConfigError(f"synthesize: expected 3D shape and spacing, found {shape} and {spacing}.")
-    n_test = int(round(int(cases) * float(test_fraction)))
-    return {
-        "seed": int(seed),
-        "cases": int(cases),
-        "test_fraction": float(test_fraction),
-        "num_test": n_test,
-        "dicom_test_cases": min(int(dicom_test_cases), n_test),
-        "shape": shape,
-        "spacing": spacing,
-        "recipe_version": RECIPE_VERSION,
-    }
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _is_complete(out_dir: Path, params: dict) -> bool:
-    meta = _read_json(out_dir / "dataset.json")
-    if not meta or meta.get("synthesis") != params:
-        return False
+def _listed_files(meta: dict) -> list[str]:
     entries = meta.get("training", []) + meta.get("test", [])
-    return all((out_dir / entry[key]).exists() for entry in entries for key in ("image", "label"))
-
-
-def _check_replaceable(out_dir: Path) -> None:
-    """Only an empty folder or one of our own synthetic datasets may be replaced."""
-    if not out_dir.exists():
-        return
-    meta = _read_json(out_dir / "dataset.json") if out_dir.is_dir() else None
-    ours = bool(meta) and "synthesis" in meta
-    if not out_dir.is_dir() or (any(out_dir.iterdir()) and not ours):
-        raise InputError(
-            f"synthesize: expected {out_dir} to be missing, empty, or a synthetic dataset made by this "
-            "tool, found other content. Choose another output folder or move that one away."
-        )
-    logger.info("replacing the synthetic dataset in %s (different arguments)", out_dir)
-
-
-def _move_into_place(tmp_dir: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        tmp_dir.rename(out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    old.rmdir()
-    out_dir.rename(old)
-    tmp_dir.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    return [entry[key] for entry in entries for key in ("image", "label")]
 
 
 def _write_dataset(root: Path, params: dict) -> None:
@@ -188,18 +110,10 @@ def _write_dataset(root: Path, params: dict) -> None:
     (root / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    image = nib.Nifti1Image(array, affine)
-    image.set_sform(affine, code=1)
-    image.set_qform(affine, code=1)
-    image.header.set_xyzt_units("mm")
-    nib.save(image, path)
-
-
 def _write_nifti_case(root: Path, case: SynthCase, case_id: str, split: str) -> dict:
     entry = {"image": f"images{split}/{case_id}_0000.nii.gz", "label": f"labels{split}/{case_id}.nii.gz"}
-    _save_nifti(case.image, case.affine, root / entry["image"])
-    _save_nifti(case.label, case.affine, root / entry["label"])
+    save_nifti(case.image, case.affine, root / entry["image"])
+    save_nifti(case.label, case.affine, root / entry["label"])
     return entry
 
 
@@ -214,7 +128,7 @@ def _write_dicom_case(root: Path, case: SynthCase, case_id: str, seed: int) -> d
         uid_entropy=["pipeline.synth", str(seed), case_id],
     )
     label, affine = closest_canonical(case.label, case.affine)  # the series' source geometry
-    _save_nifti(label, affine, root / entry["label"])
+    save_nifti(label, affine, root / entry["label"])
     return entry
 
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.synth.grid import ORIENTATIONS, grid_centre, make_affine, random_rotation, world_grid
 
 logger = logging.getLogger(__name__)
 
-ORIENTATIONS = ("RAS", "LPS", "oblique")
 MAX_LESIONS = 6
 LESION_DIAMETER_MM = (3.0, 30.0)
 LESION_CONTRAST_HU = (15.0, 60.0)
@@ -61,15 +61,15 @@ def make_case(
 ) -> SynthCase:
     """Draw one case from ``rng``. ``n_lesions=None`` draws 0 (one case in six) or 1-6 lesions."""
     shape, spacing = _check_args(shape, spacing, orientation, n_lesions)
-    affine = _make_affine(rng, shape, spacing, orientation)
-    xyz = _world_grid(shape, affine[:3, :3])
+    affine = make_affine(rng, shape, spacing, orientation)
+    xyz = world_grid(shape, affine[:3, :3])
     image, organ, organ_rho, organ_size = _anatomy(rng, shape, spacing, xyz)
     if n_lesions is None:
         n_lesions = 0 if rng.random() < 1 / 6 else int(rng.integers(1, MAX_LESIONS + 1))
     label = np.zeros(shape, dtype=np.uint8)
     budget_mm3 = MAX_LESION_FRACTION * np.prod(shape) * np.prod(spacing)
     lesions, placed = [], []
-    volume_centre = affine[:3, :3] @ _centre(shape) + affine[:3, 3]
+    volume_centre = affine[:3, :3] @ grid_centre(shape) + affine[:3, 3]
     for _ in range(n_lesions):
         lesion, centre = _draw_lesion(rng, xyz, organ, organ_rho, organ_size, placed, budget_mm3)
         budget_mm3 -= np.pi / 6 * np.prod(lesion["diameters_mm"])
@@ -98,40 +98,6 @@ def _check_args(shape, spacing, orientation, n_lesions):
     if n_lesions is not None and not 0 <= n_lesions <= 50:
         raise ConfigError(f"n_lesions: expected None or 0-50, found {n_lesions}.")
     return shape, spacing
-
-
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    a, b = [n for n in range(3) if n != axis]
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    rot = np.eye(3)
-    rot[a, a], rot[a, b], rot[b, a], rot[b, b] = c, -s, s, c
-    return rot
-
-
-def _centre(shape) -> np.ndarray:
-    return (np.asarray(shape, dtype=np.float64) - 1) / 2
-
-
-def _make_affine(rng, shape, spacing, orientation) -> np.ndarray:
-    rotation = np.eye(3)
-    if orientation == "LPS":
-        rotation = np.diag([-1.0, -1.0, 1.0])
-    elif orientation == "oblique":
-        for axis in rng.choice(3, size=int(rng.integers(1, 3)), replace=False):
-            rotation = rotation @ _rotation(int(axis), rng.choice([-1, 1]) * rng.uniform(5, 20))
-    affine = np.eye(4)
-    affine[:3, :3] = rotation @ np.diag(spacing)
-    centre_world = rng.uniform(-30, 30, size=3)
-    affine[:3, 3] = centre_world - affine[:3, :3] @ _centre(shape)
-    return affine
-
-
-def _world_grid(shape, linear) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """World coordinates (mm, float32) of every voxel centre, relative to the volume centre."""
-    offsets = [np.arange(n, dtype=np.float32) - np.float32((n - 1) / 2) for n in shape]
-    i, j, k = offsets[0][:, None, None], offsets[1][None, :, None], offsets[2][None, None, :]
-    rows = linear.astype(np.float32)
-    return tuple(np.ascontiguousarray(np.broadcast_to(r[0] * i + r[1] * j + r[2] * k, shape)) for r in rows)
 
 
 def _smooth_field(rng, shape, spacing, scale_mm: float) -> np.ndarray:
@@ -185,14 +151,6 @@ def _anatomy(rng, shape, spacing, xyz):
     return image, organ, rho, semi
 
 
-def _random_rotation(rng) -> np.ndarray:
-    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
-
-
 def _draw_lesion(rng, xyz, organ, organ_rho, organ_size, placed, budget_mm3) -> tuple[dict, np.ndarray]:
     """Size, shape and contrast of one lesion, and its centre in mm relative to the volume centre."""
     largest = min(LESION_DIAMETER_MM[1], 1.7 * float(organ_size.min()),
@@ -201,7 +159,7 @@ def _draw_lesion(rng, xyz, organ, organ_rho, organ_size, placed, budget_mm3) -> 
     if rng.random() < 0.5:
         diameters, axes = np.full(3, diameter), np.eye(3)
     else:
-        diameters, axes = diameter * np.array([1.0, *rng.uniform(0.6, 1.0, size=2)]), _random_rotation(rng)
+        diameters, axes = diameter * np.array([1.0, *rng.uniform(0.6, 1.0, size=2)]), random_rotation(rng)
     contrast = float(rng.choice([-1.0, 1.0]) * rng.uniform(*LESION_CONTRAST_HU))
 
     radius = float(diameters.max()) / 2
@@ -233,7 +191,7 @@ def _render_lesion(lesion, centre, image, label, organ, xyz, affine) -> None:
     semi = np.asarray(lesion["diameters_mm"]) / 2
     reach = semi.max() + 6 * EDGE_WIDTH_MM
     corners = centre + reach * np.array(list(np.ndindex(2, 2, 2))) * 2 - reach
-    index = np.linalg.solve(affine[:3, :3], corners.T).T + _centre(image.shape)
+    index = np.linalg.solve(affine[:3, :3], corners.T).T + grid_centre(image.shape)
     lo = np.clip(np.floor(index.min(axis=0)).astype(int), 0, image.shape)
     hi = np.clip(np.ceil(index.max(axis=0)).astype(int) + 1, 0, image.shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))

@@ -133,6 +133,16 @@ def test_explicit_uids_are_used(tmp_path):
     assert (ds.StudyInstanceUID, ds.SeriesInstanceUID) == ("1.2.3", "1.2.3.4")
 
 
+def test_series_of_one_study_can_share_a_frame_of_reference(tmp_path):
+    kwargs = {"study_uid": "1.2.3", "frame_of_reference_uid": "1.2.3.9", "modality": "MR",
+              "rescale_intercept": 0.0}
+    a = write_dicom_series(_volume(), AFFINES["RAS"], tmp_path / "a", series_uid="1.2.3.4", **kwargs)
+    b = write_dicom_series(_volume(), AFFINES["RAS"], tmp_path / "b", series_uid="1.2.3.5", **kwargs)
+    first, second = pydicom.dcmread(a[0]), pydicom.dcmread(b[0])
+    assert first.FrameOfReferenceUID == second.FrameOfReferenceUID == "1.2.3.9"
+    assert first.SeriesInstanceUID != second.SeriesInstanceUID and first.Modality == "MR"
+
+
 @pytest.mark.parametrize(
     "volume, affine, message",
     [
