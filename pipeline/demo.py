@@ -1,6 +1,7 @@
 """``run_demo``: the whole product on its embedded synthetic default.
 
-synthesize → train → segment the held-out scans (NIfTI files and DICOM series) → evaluate.
+synthesize (``synth.kind``: CT, or FLAIR + T1c MR) → train → segment the held-out scans (NIfTI files, and
+DICOM series or, for MR, two-series DICOM studies) → evaluate.
 Everything lands under ``out_dir``: ``model/`` (checkpoints, log), ``masks/``, ``evaluation/`` and
 ``summary.json``.
 """
@@ -17,7 +18,7 @@ from pipeline.config import Config
 from pipeline.evaluate import CaseMetrics, evaluate_folder
 from pipeline.io.atomic import write_json
 from pipeline.infer import CaseResult, segment_folder
-from pipeline.synth import synthesize
+from pipeline.synth import synthesize, synthesize_mr
 from pipeline.training import train
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ def run_demo(config: Config, out_dir: Union[str, Path] = "runs/demo", progress: 
 
     t = time.perf_counter()
     s = config.synth
-    root = synthesize(config.data.root, cases=s.cases, seed=s.seed, test_fraction=s.test_fraction,
+    write = synthesize_mr if s.kind == "mr" else synthesize
+    root = write(config.data.root, cases=s.cases, seed=s.seed, test_fraction=s.test_fraction,
                       dicom_test_cases=s.dicom_test_cases, shape=tuple(s.shape), spacing=tuple(s.spacing))
     timings["synth_seconds"] = time.perf_counter() - t
 

@@ -40,6 +40,7 @@ def _sizes(key: str, value, n: Optional[int] = None) -> None:
 
 
 DEFAULT_LABELS = {"background": 0, "lesion": 1}
+SYNTH_KINDS = ("ct", "mr")
 
 
 @dataclass
@@ -67,6 +68,7 @@ class DataConfig:
 class SynthConfig:
     """The synthetic dataset `medseg demo` generates into ``data.root`` (see `medseg synth`)."""
 
+    kind: str = "ct"  # ct: one CT channel, lesion; mr: FLAIR + T1c, oedema and enhancing core (nnU-Net v2 layout)
     cases: int = 24
     seed: int = 0
     test_fraction: float = 0.25
@@ -75,6 +77,7 @@ class SynthConfig:
     spacing: list[float] = field(default_factory=lambda: [0.8, 0.8, 2.5])
 
     def _check(self) -> None:
+        _choice("synth.kind", self.kind, SYNTH_KINDS)
         _positive("synth.cases", self.cases)
         _in_range("synth.test_fraction", self.test_fraction, 0.0, 0.9)
         _positive("synth.dicom_test_cases", self.dicom_test_cases, allow_zero=True)
