@@ -205,3 +205,10 @@ def test_nan_in_a_float_nifti_label(tmp_path):
     write_volume(label, written["b"].affine, written["b"].label_path)
     assert check_dataset(tmp_path).lines() == [
         "b: label labelsTr/b.nii.gz holds NaN or Inf values: expected integer class values"]
+
+
+def test_zero_voxel_image(tmp_path):
+    written = write_nnunet_v2(tmp_path, cases=("a", "b"))
+    write_volume(np.zeros((0, 10, 8), np.float32), written["b"].affine, written["b"].image_paths[1])
+    lines = check_dataset(tmp_path).lines()
+    assert len(lines) == 1 and lines[0].startswith("b: channel 1 (T1c) imagesTr/b_0001.nii.gz is empty: shape (0")
