@@ -45,7 +45,8 @@ class CheckReport:
         return not self.problems
 
     def lines(self) -> list[str]:
-        """One ``<case>: <message>`` line per problem, in the order found (dataset-wide ones first)."""
+        """One ``<case>: <message>`` line per problem: the layout problems, then each case's files in case order
+        (``(dataset)`` for a problem of the whole dataset, e.g. numTraining)."""
         return [f"{p.case_id}: {p.message}" for p in self.problems]
 
 
