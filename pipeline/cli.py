@@ -82,8 +82,8 @@ def cmd_check(args) -> int:
     from pipeline.dataset import check_dataset
 
     labels = dict(args.labels) if args.labels else None
-    report = check_dataset(args.dataset, labels=labels, affine_tolerance_mm=args.tolerance, split=args.split,
-                           progress=not args.quiet)
+    tolerance = {} if args.tolerance is None else {"affine_tolerance_mm": args.tolerance}
+    report = check_dataset(args.dataset, labels=labels, split=args.split, progress=not args.quiet, **tolerance)
     for line in report.lines():
         print(f"error: {line}")
     print(f"{report.cases} case(s), {len(report.problems)} problem(s) ({report.layout} layout, {args.dataset})")
@@ -314,7 +314,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=_label_pair, nargs="+", default=None, metavar="NAME=VALUE",
                    help="the allowed label values, e.g. background=0 lesion=1 (default: dataset.json's labels)")
     p.add_argument("--split", choices=("Tr", "Ts"), default="Tr", help="imagesTr/labelsTr (default) or imagesTs/labelsTs")
-    p.add_argument("--tolerance", type=_non_negative_float, default=1e-3, metavar="MM",
+    p.add_argument("--tolerance", type=_non_negative_float, default=None, metavar="MM",
                    help="largest difference of two grids' affine entries (voxel axes, origin) in mm (default 0.001)")
     p.set_defaults(func=cmd_check)
 

@@ -4,14 +4,14 @@ What is checked, per case (one case in memory at a time):
 
 * the layout problems of :func:`~pipeline.dataset.layout.read_dataset` (missing channel or label,
   duplicate case id, misnamed or unlisted files, ``numTraining`` mismatch);
-* each file (NaN/Inf in NIfTI images by nibabel: SimpleITK reads them as 0): empty (0 bytes, or no voxel), unreadable (the reader's reason), an image with NaN or Inf
-  voxels, a channel or label that is not a 3D volume, an MSD 4D image whose 4th axis does not hold one
-  volume per modality;
-* grids: every channel on the grid of the first, the label on the grid of the image. Two grids match
-  when their shapes are equal and every entry of the affines' first three rows (the voxel axes, i.e.
-  direction x spacing, and the origin, all in mm) differs by at most ``affine_tolerance_mm`` (default
-  1e-3 mm: far above the float32 rounding of NIfTI headers, ~1e-5 mm at 500 mm from the origin, and far
-  below any real misregistration or resampling);
+* each file: empty (0 bytes, or no voxel), unreadable (the reader's reason), an image with NaN or Inf
+  voxels (float NIfTI files are read again by nibabel for this: SimpleITK reads NaN and Inf as 0), a
+  channel or label that is not a 3D volume, an MSD 4D image whose 4th axis does not hold one volume per
+  modality;
+* grids: every channel on the grid of the first, the label on the grid of the image
+  (:func:`pipeline.io.geometry.grid_difference`: equal shapes, and affine entries within
+  ``affine_tolerance_mm``, default :data:`~pipeline.io.geometry.AFFINE_TOLERANCE_MM` = 1e-3 mm, the rule
+  ``medseg evaluate`` applies to masks);
 * label values: integers only, and only values of ``labels`` (the argument, else the dataset's own; a
   plain folder declares none, so only integrality is checked there).
 """
@@ -28,10 +28,9 @@ import numpy as np
 from pipeline.dataset.layout import Dataset, DatasetCase, list_dataset
 from pipeline.dataset.problem import Problem
 from pipeline.errors import InputError, describe_error
+from pipeline.io.geometry import AFFINE_TOLERANCE_MM, grid_difference
 
 log = logging.getLogger(__name__)
-
-DEFAULT_AFFINE_TOLERANCE_MM = 1e-3
 
 
 @dataclass
@@ -46,12 +45,13 @@ class CheckReport:
         return not self.problems
 
     def lines(self) -> list[str]:
-        """One ``<case>: <message>`` line per problem, in the order found (dataset-wide ones first)."""
+        """One ``<case>: <message>`` line per problem: the layout problems, then each case's files in case order
+        (``(dataset)`` for a problem of the whole dataset, e.g. numTraining)."""
         return [f"{p.case_id}: {p.message}" for p in self.problems]
 
 
 def check_dataset(root: Union[str, Path], labels: Optional[dict[str, int]] = None,
-                  affine_tolerance_mm: float = DEFAULT_AFFINE_TOLERANCE_MM, split: str = "Tr",
+                  affine_tolerance_mm: float = AFFINE_TOLERANCE_MM, split: str = "Tr",
                   progress: bool = False) -> CheckReport:
     """Every problem of the dataset in ``root``; ``labels`` (name -> value) replaces the dataset's own."""
     dataset, problems = list_dataset(root, split)
@@ -65,22 +65,6 @@ def check_dataset(root: Union[str, Path], labels: Optional[dict[str, int]] = Non
     for case in cases:
         problems.extend(checker.check(case))
     return CheckReport(dataset.root, dataset.layout, len(dataset.cases), problems)
-
-
-def grid_difference(shape_a, affine_a: np.ndarray, shape_b, affine_b: np.ndarray,
-                    tolerance_mm: float = DEFAULT_AFFINE_TOLERANCE_MM) -> Optional[str]:
-    """How grid b differs from grid a (shape, else affine beyond ``tolerance_mm``), or None if they match."""
-    if tuple(shape_a) != tuple(shape_b):
-        return f"shape {tuple(int(s) for s in shape_b)} vs {tuple(int(s) for s in shape_a)}"
-    a, b = np.asarray(affine_a, dtype=np.float64)[:3], np.asarray(affine_b, dtype=np.float64)[:3]
-    delta = float(np.abs(a - b).max())
-    if delta <= tolerance_mm:
-        return None
-    origin = float(np.abs(a[:, 3] - b[:, 3]).max())
-    axes = float(np.abs(a[:, :3] - b[:, :3]).max())
-    return (f"affine differs by up to {delta:.4g} mm (tolerance {tolerance_mm:g} mm; origin by {origin:.4g} mm, "
-            f"voxel axes by {axes:.4g} mm): origin {_mm(b[:, 3])} vs {_mm(a[:, 3])}, spacing "
-            f"{_mm(np.linalg.norm(b[:, :3], axis=0))} vs {_mm(np.linalg.norm(a[:, :3], axis=0))}")
 
 
 class _CaseChecker:
@@ -244,7 +228,3 @@ def _values(array: np.ndarray) -> list:
 def _list(values: list) -> str:
     shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values[:8])
     return f"[{shown}{', ...' if len(values) > 8 else ''}]"
-
-
-def _mm(vector) -> str:
-    return "(" + ", ".join(f"{float(v):.4g}" for v in vector) + ")"

@@ -5,7 +5,8 @@
     nnunetv2   dataset.json {channel_names, labels, numTraining, file_ending}
                imagesTr/<case>_0000<ending> ... <case>_000N<ending>   labelsTr/<case><ending>
     msd        dataset.json {modality, labels: {"0": "background"}, training: [{image, label}]}
-               imagesTr/<case>.nii.gz (4D, channels on the 4th axis, when there are several modalities)
+               imagesTr/<case>.nii.gz (4D, channels on the 4th axis, when there are several modalities);
+               nnU-Net v1 lists the same names for imagesTr/<case>_0000.nii.gz ...: those are read
     folder     no dataset.json: imagesTr/<case>_000k<ending> + labelsTr/<case><ending>
 
 A ``dataset.json`` with a ``training`` list (``test`` for ``split="Ts"``) is read as MSD: the listed
@@ -245,7 +246,6 @@ def _list_msd(listing: _Listing, meta: dict) -> None:
             continue
         image_path = listing.root / image
         label_path = listing.root / label if label else None
-        listed_paths.add(image_path.resolve())
         case_id = _case_id(label_path.name if label_path is not None else image_path.name, strip_channel=not four_d)
         endings[_ending(image_path.name) or ""] += 1
         if case_id in listed_at:
@@ -253,7 +253,7 @@ def _list_msd(listing: _Listing, meta: dict) -> None:
                                      f"{key}[{listed_at[case_id]}] are both case '{case_id}'; the first is used")
             continue
         listed_at[case_id] = index
-        _add_msd_case(listing, case_id, image_path, label_path, four_d)
+        listed_paths.update(p.resolve() for p in _add_msd_case(listing, case_id, image_path, label_path, four_d))
     listing.seen = len(listed_at)
     ending = meta.get("file_ending") or (endings.most_common(1)[0][0] if endings else "")
     listing.file_ending = ending if ending in ENDINGS else ".nii.gz"
@@ -284,18 +284,38 @@ def _msd_entry(listing: _Listing, key: str, index: int, entry) -> tuple[Optional
     return image, label if isinstance(label, str) else None
 
 
-def _add_msd_case(listing: _Listing, case_id: str, image: Path, label: Optional[Path], four_d: bool) -> None:
+def _add_msd_case(listing: _Listing, case_id: str, image: Path, label: Optional[Path], four_d: bool) -> list[Path]:
+    """Adds the case (if its images exist); returns its image files."""
+    images = [image]
     if not image.exists():
-        listing.problem(case_id, f"image missing: expected {listing.rel(image)} (listed in dataset.json)")
+        images = _v1_channel_files(listing, case_id, image)
+        four_d = False
     if label is None:
         if listing.split == "Tr":
             listing.problem(case_id, f"no label: dataset.json lists {listing.rel(image)} without one")
     elif not label.is_file():
         listing.problem(case_id, f"label missing: expected {listing.rel(label)} (listed in dataset.json)")
         label = None
-    if image.exists():
-        listing.cases[case_id] = DatasetCase(case_id, [str(image)], str(label) if label is not None else None,
-                                             four_d=four_d)
+    if images and all(p.exists() for p in images):
+        listing.cases[case_id] = DatasetCase(case_id, [str(p) for p in images],
+                                             str(label) if label is not None else None, four_d=four_d)
+    return images
+
+
+def _v1_channel_files(listing: _Listing, case_id: str, image: Path) -> list[Path]:
+    """nnU-Net v1 lists ``imagesTr/<case>.nii.gz`` for the files ``<case>_0000.nii.gz``, ``_0001``...: those
+    files when any exists (a missing one is a problem), else none (the listed image is missing)."""
+    ending = _ending(image.name) or ""
+    stem = image.name[: len(image.name) - len(ending)]
+    names = listing.channel_names
+    channels = [image.with_name(f"{stem}_{c:04d}{ending}") for c in range(len(names))]
+    if not any(p.is_file() for p in channels):
+        listing.problem(case_id, f"image missing: expected {listing.rel(image)} (listed in dataset.json)")
+        return []
+    for c, path in enumerate(channels):
+        if not path.is_file():
+            listing.problem(case_id, f"channel {c} ({names[c]}) missing: expected {listing.rel(path)}")
+    return channels
 
 
 # --- file names ------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Optional, Union
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.io.geometry import voxel_spacing
+from pipeline.io.geometry import AFFINE_TOLERANCE_MM, voxel_spacing
 from pipeline.evaluate.case import CaseMetrics, EvaluationOptions, evaluate_arrays, labels_present
 from pipeline.evaluate.summary import summarise
 
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 PRED_SUFFIX = "_seg.nii.gz"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-AFFINE_TOLERANCE_MM = 1e-3
 
 PathLike = Union[str, Path]
 

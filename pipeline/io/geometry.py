@@ -18,6 +18,12 @@ import nibabel.orientations as nio
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
+# Two grids are the same when their shapes are equal and every entry of their affines' first three rows
+# (voxel axes, i.e. direction x spacing, and origin, all in mm) differs by at most this: far above the
+# float32 rounding of NIfTI headers (~1e-5 mm at 500 mm from the origin), far below any real
+# misregistration or resampling.
+AFFINE_TOLERANCE_MM = 1e-3
+
 
 def affine_from_sitk(image) -> np.ndarray:
     """RAS affine of a SimpleITK image, for its array transposed to ``[i, j, k]``."""
@@ -62,3 +68,23 @@ def voxel_spacing(affine: np.ndarray) -> np.ndarray:
 def voxel_volume_mm3(affine: np.ndarray) -> float:
     """Volume of one voxel in mm³ (absolute determinant of the linear part)."""
     return float(abs(np.linalg.det(np.asarray(affine)[:3, :3])))
+
+
+def grid_difference(shape_a, affine_a: np.ndarray, shape_b, affine_b: np.ndarray,
+                    tolerance_mm: float = AFFINE_TOLERANCE_MM) -> "str | None":
+    """How grid b differs from grid a (shape, else affine beyond ``tolerance_mm``), or None if they match."""
+    if tuple(shape_a) != tuple(shape_b):
+        return f"shape {tuple(int(s) for s in shape_b)} vs {tuple(int(s) for s in shape_a)}"
+    a, b = np.asarray(affine_a, dtype=np.float64)[:3], np.asarray(affine_b, dtype=np.float64)[:3]
+    delta = float(np.abs(a - b).max())
+    if delta <= tolerance_mm:
+        return None
+    origin = float(np.abs(a[:, 3] - b[:, 3]).max())
+    axes = float(np.abs(a[:, :3] - b[:, :3]).max())
+    return (f"affine differs by up to {delta:.4g} mm (tolerance {tolerance_mm:g} mm; origin by {origin:.4g} mm, "
+            f"voxel axes by {axes:.4g} mm): origin {_mm(b[:, 3])} vs {_mm(a[:, 3])}, spacing "
+            f"{_mm(voxel_spacing(b))} vs {_mm(voxel_spacing(a))}")
+
+
+def _mm(vector) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in vector) + ")"

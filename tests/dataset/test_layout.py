@@ -141,6 +141,23 @@ def test_msd_problems(tmp_path):
         ("BRATS_001", False), ("BRATS_002", True), ("BRATS_003", False)]
 
 
+def test_nnunet_v1_lists_case_names_of_channel_files(tmp_path):
+    """nnU-Net v1's dataset.json: an MSD-style training list naming imagesTr/<case>.nii.gz, whose files are
+    imagesTr/<case>_0000.nii.gz, _0001..."""
+    write_nnunet_v2(tmp_path, cases=("la_003", "la_004", "la_005"))
+    (tmp_path / "imagesTr" / "la_005_0001.nii.gz").unlink()
+    meta = {"modality": {"0": "FLAIR", "1": "T1c"}, "labels": {"0": "background", "1": "edema", "2": "tumour"},
+            "numTraining": 3, "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"}
+                                           for c in ("la_003", "la_004", "la_005")]}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    dataset = read_dataset(tmp_path)
+    assert dataset.layout == "msd" and dataset.labels == LABELS
+    assert [c.case_id for c in dataset.cases] == ["la_003", "la_004"]
+    assert dataset.cases[1].images == [str(tmp_path / "imagesTr" / f"la_004_000{c}.nii.gz") for c in (0, 1)]
+    assert not dataset.cases[1].four_d
+    assert dataset.problems == ["case 'la_005': channel 1 (T1c) missing: expected imagesTr/la_005_0001.nii.gz"]
+
+
 @pytest.mark.parametrize("ending", [".nii.gz", ".mha"])
 def test_plain_folder(tmp_path, ending):
     write_folder(tmp_path, cases=("a", "b", "c", "d"), channels=2, ending=ending)
