@@ -40,7 +40,7 @@ from pipeline.model import build_model
 from pipeline.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from pipeline.runtime import resolve_device, seed_everything
 from pipeline.training.data import split_cases, train_loader, training_cases, validation_dataset
-from pipeline.training.loss import build_loss, centre_crop_to
+from pipeline.training.loss import build_loss
 from pipeline.training.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -151,9 +151,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             output = self.model(image)
-            first = output[0] if isinstance(output, (list, tuple)) else output
-            label = centre_crop_to(label, first.shape[2:])
-            loss = self.loss_fn(output, label)
+            loss = self.loss_fn(output, label)  # each head against the label at its voxels (valid padding)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()}: lower train.lr or check the input intensities")
         self.scaler.scale(loss).backward()
