@@ -34,7 +34,7 @@ import torch
 
 from pipeline.config import Config, save_config
 from pipeline.errors import InputError
-from pipeline.evaluate.metrics import dice
+from pipeline.evaluate.metrics import case_dice
 from pipeline.infer.sliding import predict_logits
 from pipeline.model import build_model
 from pipeline.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -164,7 +164,9 @@ class Trainer:
         return float(loss.detach())
 
     def validate(self) -> float:
-        """Mean foreground Dice over validation volumes (sliding window on whole volumes)."""
+        """Mean over validation volumes (sliding window on whole volumes) of each case's foreground Dice,
+        :func:`~pipeline.evaluate.metrics.case_dice`: a class absent from the truth scores 1 when it is not
+        predicted either and 0 on a false positive, as in evaluation."""
         if self.val_data is None:
             return float("nan")
         self.model.eval()
@@ -174,9 +176,7 @@ class Trainer:
                 logits = predict_logits(self.model, item["image"], self.cfg.inference, self.cfg.model.spatial_dims)
                 pred = logits.argmax(0).cpu().numpy()
                 truth = np.asarray(item["label"][0]).round().astype(np.int64)
-                per_class = [dice(pred == c, truth == c) for c in range(1, self.cfg.num_classes) if (truth == c).any()]
-                if per_class:
-                    scores.append(float(np.mean(per_class)))
+                scores.append(case_dice(pred, truth, range(1, self.cfg.num_classes)))
         self.model.train()
         return float(np.mean(scores)) if scores else float("nan")
 
