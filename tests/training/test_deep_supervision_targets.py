@@ -152,5 +152,5 @@ def test_valid_deep_supervision_loss_is_finite_and_weighted():
     targets = head_targets(label, [o.shape[2:] for o in outputs])
     expected = sum(w * base(o, t) for w, o, t in zip([1.0, 0.5], outputs, targets))
     value = deep(outputs, label)
-    assert math.isfinite(float(value))
+    assert math.isfinite(value.item())
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
