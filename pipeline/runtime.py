@@ -27,3 +27,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def epoch_seeds(seed: int, epoch: int, n: int = 3) -> list[int]:
+    """``n`` independent 32-bit seeds for epoch ``epoch`` of a run seeded with ``seed``.
+
+    They depend on nothing else, so an epoch can be re-seeded identically in an uninterrupted and in a
+    resumed run (numpy ``SeedSequence``: distinct streams for distinct (seed, epoch) pairs).
+    """
+    entropy = [int(seed) % 2**63, int(epoch)]
+    return [int(s) for s in np.random.SeedSequence(entropy).generate_state(n)]

@@ -458,10 +458,12 @@ def train_step_benchmark(config, data_root: Union[str, Path], steps: int = 5, wa
     cfg.data.root = str(data_root)
     cfg.data.val_fraction, cfg.data.val_cases = 0.0, []
     cfg.train.out_dir = str(out_dir or data_root.parent / f"{data_root.name}_run")
+    cfg.train.steps_per_epoch = max(cfg.train.steps_per_epoch, warmup + steps)  # all in one epoch's batches
     trainer = Trainer(cfg)
     start = time.perf_counter()
     trainer.setup(resume=False)
     setup_seconds = time.perf_counter() - start
+    trainer.on_epoch_start(0)
     trainer.model.train()
     waits, totals, shape = [], [], None
     try:

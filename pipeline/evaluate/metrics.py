@@ -21,6 +21,21 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 2.0 * int(np.count_nonzero(pred & truth)) / total
 
 
+def case_dice(pred: np.ndarray, truth: np.ndarray, labels) -> float:
+    """Mean Dice over ``labels`` of two label maps on one grid, every label scored whether present or not.
+
+    A label absent from both maps scores 1.0, one found in only one of them (a false positive on a
+    lesion-free case, a missed lesion) 0.0: the conventions of :func:`dice`, and the mean of the ``dice``
+    column of evaluation's rows (:func:`pipeline.evaluate.evaluate_arrays`) for those labels. Training
+    validation scores each case with it, so false positives on lesion-free cases count against ``best.pt``.
+    """
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    scores = [dice(pred == label, truth == label) for label in labels]
+    if not scores:
+        raise ValueError("case_dice: no labels to score; give the foreground labels, e.g. range(1, num_classes)")
+    return float(np.mean(scores))
+
+
 def iou(pred: np.ndarray, truth: np.ndarray) -> float:
     """Intersection over union (Jaccard index); 1.0 when both masks are empty."""
     pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)

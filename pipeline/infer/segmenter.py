@@ -208,10 +208,11 @@ class Segmenter:
             store["labels"][0, ..., z0:z1].copy_(_argmax_classes(probs))
             store["probs"][0, ..., z0:z1].copy_(probs[1:].sum(dim=0))
 
-        if dims == 3 and not any(_margin(self.network, cfg.roi_size, dims)):
+        valid = any(_margin(self.network, cfg.roi_size, dims))
+        if dims == 3 and not valid:
             stats = stream_windows(x, forward, cfg.roi_size, cfg.overlap, cfg.blend, self.window_batch, on_slab,
                                    device=self.device, progress=progress)
-        elif dims == 2:
+        elif dims == 2 and not valid:
             stats = stream_windows(x, _as_windows(forward, list(cfg.roi_size)), list(cfg.roi_size) + [1],
                                    cfg.overlap, cfg.blend, self.window_batch, on_slab, device=self.device,
                                    progress=progress)

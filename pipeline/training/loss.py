@@ -1,6 +1,14 @@
-"""Dice + focal loss for imbalanced lesions (MONAI ``DiceFocalLoss``), with deep supervision."""
+"""Dice + focal loss for imbalanced lesions (MONAI ``DiceFocalLoss``), with deep supervision.
+
+The loss takes the network's output (one tensor, or the deep-supervision list) and the label of the
+network's *input*: each output head is scored against the label at its own voxels (:func:`head_targets`),
+which with valid padding is a centre crop for the full-resolution head and a wider region, downsampled,
+for the deeper ones.
+"""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from monai.losses import DeepSupervisionLoss, DiceFocalLoss
@@ -20,20 +28,33 @@ def build_loss(cfg: LossConfig, deep_supervision: bool) -> torch.nn.Module:
         smooth_nr=1e-5,
         smooth_dr=1e-5,
     )
-    if not deep_supervision:
-        return base
-    return _FloatTarget(DeepSupervisionLoss(base, weight_mode="exp", weights=cfg.deep_supervision_weights))
+    weights = DeepSupervisionLoss(base, weight_mode="exp", weights=cfg.deep_supervision_weights)
+    return HeadLoss(base, weights if deep_supervision else None)
 
 
-class _FloatTarget(torch.nn.Module):
-    """Class-index targets as float: DeepSupervisionLoss resizes them with F.interpolate (no integers)."""
+class HeadLoss(torch.nn.Module):
+    """``loss(output, label)``: ``base`` of each output head against :func:`head_targets` of ``label``.
 
-    def __init__(self, loss: torch.nn.Module):
+    ``output`` is one tensor or, with deep supervision, the list of heads (full resolution first), summed
+    with MONAI ``DeepSupervisionLoss``'s weights (``weights.get_weights``). ``label`` (B, 1, *S) is the label
+    of the network's input (class indices, integer or float).
+    """
+
+    def __init__(self, base: torch.nn.Module, weights: Optional[DeepSupervisionLoss] = None):
         super().__init__()
-        self.loss = loss
+        self.base = base
+        self.weights = weights
 
-    def forward(self, output, target: torch.Tensor) -> torch.Tensor:
-        return self.loss(output, target.float())
+    def forward(self, output, label: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, (list, tuple)):
+            return self.base(output, head_targets(label, [output.shape[2:]])[0])
+        targets = head_targets(label, [head.shape[2:] for head in output])
+        if self.weights is None or len(output) == 1:
+            return self.base(output[0].float(), targets[0])
+        loss = torch.zeros((), dtype=torch.float32, device=label.device)
+        for weight, head, target in zip(self.weights.get_weights(len(output)), output, targets):
+            loss = loss + weight * self.base(head.float(), target)
+        return loss
 
 
 def centre_crop_to(label: torch.Tensor, spatial: torch.Size) -> torch.Tensor:
@@ -45,3 +66,32 @@ def centre_crop_to(label: torch.Tensor, spatial: torch.Size) -> torch.Tensor:
         start = (have - want) // 2
         slices.append(slice(start, start + want))
     return label[tuple(slices)]
+
+
+def head_targets(label: torch.Tensor, output_sizes) -> list[torch.Tensor]:
+    """The label each output head learns from: ``label`` (B, 1, *S) of the network input, at its voxels.
+
+    Head ``k`` (``output_sizes[k]``, the U-Net's output at index ``k``: ``1/2**k`` resolution) has ``n``
+    voxels per axis, each covering ``2**k`` input voxels, centred in the input (valid convolutions, even
+    pooling sizes and centred skip crops are symmetric; with "same" padding ``n * 2**k`` is the input
+    size). Its target is the label on the ``n * 2**k`` input voxels it covers, sampled once per voxel at
+    the input voxel just past its centre (index ``2**(k-1)`` of its block): the nearest-exact downsampling
+    MONAI's ``DeepSupervisionLoss`` gives same-padding heads, now also right for valid padding, where a
+    deeper head covers a wider region than the full-resolution output. Head 0 is a centre crop.
+    """
+    targets = []
+    for k, size in enumerate(output_sizes):
+        step = 2**k
+        index = [slice(None), slice(None)]
+        for axis, (have, n) in enumerate(zip(label.shape[2:], size)):
+            spare = have - n * step
+            if spare < 0 or (k > 0 and spare % 2):
+                raise ValueError(
+                    f"head {k} ({tuple(size)} voxels of {step} input voxels each) does not fit centred in "
+                    f"a label of spatial size {tuple(label.shape[2:])} on axis {axis}: give the label of the "
+                    "network's input"
+                )
+            start = spare // 2
+            index.append(slice(start + step // 2, start + n * step, step))
+        targets.append(label[tuple(index)])
+    return targets

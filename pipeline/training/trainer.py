@@ -1,8 +1,19 @@
 """``train(config)``: the training procedure as a skeleton of named steps.
 
-setup → for each epoch: train_epoch → (every ``val_every``) validate → save last/best → log row.
-Checkpoints are self-describing (:mod:`pipeline.model.checkpoint`); ``resume=True`` continues from
-``last.pt`` with the optimiser and schedule state.
+setup → for each epoch: on_epoch_start → train_epoch → (every ``val_every``) validate → save last/best →
+log row. Checkpoints are self-describing (:mod:`pipeline.model.checkpoint`); ``resume=True`` continues
+from ``last.pt`` with the weights and the optimiser, schedule and gradient-scaler state.
+
+Resuming is bit for bit (tested on a CPU with ``train.num_workers = 0``): every random state an epoch
+draws from is re-derived at its start from ``(train.seed, epoch)`` alone
+(:func:`~pipeline.runtime.epoch_seeds`), in an uninterrupted run as in a resumed one, so nothing random
+has to be saved. ``on_epoch_start`` seeds
+torch's, numpy's and Python's global generators (dropout), the loader's ``generator`` (shuffle order) and
+every MONAI randomizable transform of the dataset (patch centres, augmentation; ``set_rnd``, as MONAI's
+``DataLoader`` does once at construction), and starts a fresh pass of the loader: an epoch draws exactly
+``steps_per_epoch`` batches, from a new shuffle, never the rest of the previous epoch's pass. With
+``train.num_workers > 0`` the shuffle order is re-seeded the same way, but the persistent workers keep the
+transform random states they were seeded with at start-up, so a resumed run draws other augmentations.
 
 Data loading overlaps the optimiser steps where that is free: with ``train.num_workers = 0`` and the
 network on a GPU, or on a CPU with cores to spare (more than torch's threads), a background thread draws
@@ -19,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import logging
 import math
 import os
@@ -31,17 +43,18 @@ from typing import Optional
 
 import numpy as np
 import torch
+from monai.data.utils import set_rnd
 
 from pipeline.config import Config, save_config
 from pipeline.errors import InputError
-from pipeline.evaluate.metrics import dice
+from pipeline.evaluate.metrics import case_dice
 from pipeline.infer.sliding import predict_logits
 from pipeline.model import build_model
 from pipeline.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from pipeline.runtime import resolve_device, seed_everything
+from pipeline.runtime import epoch_seeds, resolve_device, seed_everything
 from pipeline.training.data import split_cases, train_loader, validation_dataset
 from pipeline.training.dataset_config import load_training_data
-from pipeline.training.loss import build_loss, centre_crop_to
+from pipeline.training.loss import build_loss
 from pipeline.training.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -78,6 +91,7 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, self.cfg.train.epochs):
                 start = time.perf_counter()
+                self.on_epoch_start(epoch)
                 loss, data_seconds = self.train_epoch(epoch)
                 val = self.validate() if self._is_validation_epoch(epoch) else float("nan")
                 self.on_epoch_end(epoch, loss, val, time.perf_counter() - start, data_seconds)
@@ -118,9 +132,19 @@ class Trainer:
             self._restore()
         elif self.log_path.exists():
             self.log_path.unlink()
+        self._batches = None  # each epoch's batches: on_epoch_start
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Re-seed everything epoch ``epoch`` draws from, from ``(train.seed, epoch)``, and start its batches:
+        a fresh pass of the loader, ``steps_per_epoch`` batches (see the module docstring)."""
         self.close()
-        depth = prefetch_depth(self.device, cfg.train.num_workers)
-        self._batches = Prefetch(_endless(self.loader), depth) if depth > 0 else _endless(self.loader)
+        global_seed, loader_seed, transform_seed = epoch_seeds(self.cfg.train.seed, epoch)
+        seed_everything(global_seed)
+        self.loader.generator.manual_seed(loader_seed)
+        set_rnd(self.loader.dataset, transform_seed)
+        batches = itertools.islice(_endless(self.loader), self.cfg.train.steps_per_epoch)
+        depth = prefetch_depth(self.device, self.cfg.train.num_workers)
+        self._batches = Prefetch(batches, depth) if depth > 0 else batches
 
     def close(self) -> None:
         """Stop the background batch preparation (``run`` does it at the end; safe to call twice)."""
@@ -129,7 +153,9 @@ class Trainer:
             batches.close()
 
     def next_batch(self) -> tuple[dict, float]:
-        """The next training batch and the seconds spent waiting for it."""
+        """The next batch of the epoch :meth:`on_epoch_start` began, and the seconds spent waiting for it."""
+        if self._batches is None:
+            raise RuntimeError("Trainer.next_batch: call on_epoch_start(epoch) first (it seeds and starts the epoch)")
         start = time.perf_counter()
         batch = next(self._batches)
         return batch, time.perf_counter() - start
@@ -153,9 +179,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             output = self.model(image)
-            first = output[0] if isinstance(output, (list, tuple)) else output
-            label = centre_crop_to(label, first.shape[2:])
-            loss = self.loss_fn(output, label)
+            loss = self.loss_fn(output, label)  # each head against the label at its voxels (valid padding)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()}: lower train.lr or check the input intensities")
         self.scaler.scale(loss).backward()
@@ -168,7 +192,9 @@ class Trainer:
         return float(loss.detach())
 
     def validate(self) -> float:
-        """Mean foreground Dice over validation volumes (sliding window on whole volumes)."""
+        """Mean over validation volumes (sliding window on whole volumes) of each case's foreground Dice,
+        :func:`~pipeline.evaluate.metrics.case_dice`: a class absent from the truth scores 1 when it is not
+        predicted either and 0 on a false positive, as in evaluation."""
         if self.val_data is None:
             return float("nan")
         self.model.eval()
@@ -178,9 +204,7 @@ class Trainer:
                 logits = predict_logits(self.model, item["image"], self.cfg.inference, self.cfg.model.spatial_dims)
                 pred = logits.argmax(0).cpu().numpy()
                 truth = np.asarray(item["label"][0]).round().astype(np.int64)
-                per_class = [dice(pred == c, truth == c) for c in range(1, self.cfg.num_classes) if (truth == c).any()]
-                if per_class:
-                    scores.append(float(np.mean(per_class)))
+                scores.append(case_dice(pred, truth, range(1, self.cfg.num_classes)))
         self.model.train()
         return float(np.mean(scores)) if scores else float("nan")
 
@@ -220,7 +244,7 @@ class Trainer:
         extra = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "grad_scaler": self.scaler.state_dict(),  # empty when disabled (CPU, bf16)
         }
         return Checkpoint(self.cfg, self.model.state_dict(), epoch, self.best_metric, extra=extra)
 
@@ -232,10 +256,11 @@ class Trainer:
         if ckpt.extra:
             self.optimizer.load_state_dict(ckpt.extra["optimizer"])
             self.scheduler.load_state_dict(ckpt.extra["scheduler"])
-            torch.set_rng_state(ckpt.extra["torch_rng"].cpu())
+            if ckpt.extra.get("grad_scaler"):
+                self.scaler.load_state_dict(ckpt.extra["grad_scaler"])
         self.start_epoch = ckpt.epoch
         self.best_metric = ckpt.best_metric if not math.isnan(ckpt.best_metric) else -math.inf
-        seed_everything(self.cfg.train.seed + self.start_epoch)
+        # The random states need no restoring: on_epoch_start derives them from (seed, epoch).
         log.info("resuming from %s at epoch %d", self.last_path, self.start_epoch)
 
     def _append_log(self, row: dict) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.evaluate import dice, iou
-from pipeline.evaluate.metrics import safe_ratio, volume_ml
+from pipeline.evaluate.metrics import case_dice, safe_ratio, volume_ml
 from tests.evaluate.blobs import random_blob
 
 SHAPE = (24, 24, 12)
@@ -82,3 +82,14 @@ def test_dice_and_iou_match_simpleitk(seed):
                      sitk.GetImageFromArray(pred.astype(np.uint8)))
     assert dice(pred, truth) == pytest.approx(measures.GetDiceCoefficient(), abs=1e-6)
     assert iou(pred, truth) == pytest.approx(measures.GetJaccardCoefficient(), abs=1e-6)
+
+
+def test_case_dice_scores_every_label_with_the_empty_conventions():
+    truth = box(slice(2, 8), slice(3, 9), slice(1, 4))  # label 1 only
+    pred = truth.copy()
+    assert case_dice(pred, truth, [1, 2]) == 1.0  # label 2 absent from both: 1
+    pred[15:18, 15:18, 5:7] = 2  # a false positive of label 2: 0
+    assert case_dice(pred, truth, [1, 2]) == pytest.approx(0.5)
+    assert case_dice(np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8), [1]) == 1.0
+    with pytest.raises(ValueError, match="no labels"):
+        case_dice(pred, truth, [])
