@@ -390,7 +390,8 @@ class _BatchRun:
         row.pop("status"), row.pop("error"), row.pop("resumed"), row.pop("sidecar")
         return {**row, "model": self.manifest.meta["model"], "source_files": len(case.files),
                 "affine": [[round(float(v), 6) for v in r] for r in affine], "config": self.config_dict,
-                "versions": self.versions, "lesions": [asdict(lesion) for lesion in result.lesions]}
+                "versions": self.versions, "lesions": [asdict(lesion) for lesion in result.lesions],
+                "assumptions": list(case.volume.assumptions) if case.volume is not None else []}
 
     # --- reports ----------------------------------------------------------------------------------
 
