@@ -48,6 +48,17 @@ def default_file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
+def make_partial_dir(target: Union[str, Path], tag: str = "partial") -> Path:
+    """A new empty folder beside ``target`` (``.<name>.<tag>-XXXXXXXX``) to build it in and rename into
+    place, with the mode a plain ``mkdir`` gives under the umask (``0o755`` for ``022``), not
+    :func:`tempfile.mkdtemp`'s ``0o700``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-", dir=target.parent))
+    os.chmod(folder, 0o777 & ~current_umask())
+    return folder
+
+
 def fsync_file(path: Union[str, Path]) -> None:
     """Flush a file's data and metadata to disk (whoever wrote it, through whichever descriptor)."""
     fd = os.open(path, os.O_RDONLY)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID, ExplicitVR
 from pydicom.valuerep import DSfloat
 
 from pipeline.errors import InputError
+from pipeline.io.atomic import make_partial_dir
 from pipeline.io.geometry import LPS_TO_RAS
 
 logger = logging.getLogger(__name__)
@@ -93,8 +93,7 @@ def write_dicom_series(
         window=_window(volume, modality),
     )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp_dir = make_partial_dir(out_dir)
     try:
         names = []
         for k in range(volume.shape[2]):

@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.errors import ConfigError, InputError
+from pipeline.io.atomic import make_partial_dir
 from pipeline.io.dicom_write import write_dicom_series
 from pipeline.io.geometry import closest_canonical
 from pipeline.synth.phantom import ORIENTATIONS, SynthCase, make_case
@@ -74,8 +75,7 @@ def synthesize(
         return out_dir
     _check_replaceable(out_dir)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp_dir = make_partial_dir(out_dir)
     try:
         started = time.perf_counter()
         _write_dataset(tmp_dir, params)

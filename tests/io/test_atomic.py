@@ -117,3 +117,20 @@ def test_failed_write_leaves_nothing_and_syncs_nothing(tmp_path, monkeypatch):
             raise RuntimeError("writer failed")
     assert list(tmp_path.iterdir()) == []
     assert synced == []
+
+
+@pytest.mark.parametrize("mask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o002, 0o775, 0o664)])
+def test_folders_built_aside_get_the_umask_mode(tmp_path, umask, mask, folder_mode, file_mode):
+    """DICOM series and synthetic datasets are built in a temporary folder (mkdtemp: 0700) and renamed."""
+    from pipeline.io.dicom_write import write_dicom_series
+    from pipeline.synth import synthesize
+
+    umask(mask)
+    paths = write_dicom_series(np.zeros((4, 4, 2), np.int16), np.eye(4), tmp_path / "series")
+    assert stat.S_IMODE((tmp_path / "series").stat().st_mode) == folder_mode
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths} == {file_mode}
+
+    root = synthesize(tmp_path / "synth", cases=2, seed=0, test_fraction=0.5, dicom_test_cases=1,
+                      shape=(40, 40, 12), spacing=(0.8, 0.8, 2.5))
+    assert {stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")] if p.is_dir()} == {folder_mode}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*") if p.is_file()} == {file_mode}
