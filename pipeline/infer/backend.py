@@ -13,9 +13,9 @@ Design
   another process) reuse it. A network that was not loaded from a checkpoint has no sha256 and is not
   exported (there would be nothing to key the cache on).
 * **Safe files.** Exports and calibration results are written with :func:`pipeline.io.atomic.atomic_path`
-  (a temporary file in the target folder, synced and moved into place), so a reader never sees half a file, even with two processes
-  exporting at once. A cached ONNX file that ONNX Runtime cannot load (truncated, corrupt, from another
-  exporter) is deleted and exported again, once.
+  (a temporary file in the target folder, synced, moved into place), so a reader never sees half a
+  file, even with two processes exporting at once. A cached ONNX file that ONNX Runtime cannot load
+  (truncated, corrupt, from another exporter) is deleted and exported again, once.
 * **The exporter.** The legacy TorchScript exporter (``dynamo=False``, opset 17) works for every U-Net
   variant (2D/3D, same/valid padding, deep supervision). It runs on a deep copy of the network moved to
   the CPU in eval mode, so the caller's module, its device and its train/eval mode are untouched. Its

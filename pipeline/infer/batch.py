@@ -360,7 +360,8 @@ class _BatchRun:
         start = time.perf_counter()
         outputs.sidecar.unlink(missing_ok=True)  # the case counts as unfinished until the new sidecar
         write_mask(seg.labels, seg.affine, outputs.mask, source=case.source if case.kind == "nifti" else None)
-        seg_error = self._write_dicom_seg(case, seg, outputs) if self.dicom_seg and case.kind == "dicom" else ""
+        wants_seg = self.dicom_seg and case.kind == "dicom"
+        seg_error = self._write_dicom_seg(case, seg, outputs) if wants_seg else ""
         if self.qc:
             from pipeline.report.qc import display_window, write_qc_png
 
@@ -377,7 +378,7 @@ class _BatchRun:
             lesion_volume_ml=volume, seconds_load=item.seconds_load, seconds_infer=item.seconds_infer,
             seconds_post=seconds_post, fingerprint=item.fingerprint, model_sha256=self.segmenter.model_sha256,
             sidecar=str(outputs.sidecar), qc_png=str(outputs.qc_png) if self.qc else "",
-            dicom_seg=str(outputs.dicom_seg) if self.dicom_seg and case.kind == "dicom" and not seg_error else "",
+            dicom_seg=str(outputs.dicom_seg) if wants_seg and not seg_error else "",
             dicom_seg_error=seg_error, started=item.started, host=self.host, lesions=lesions,
         )
         result.seconds_write = time.perf_counter() - start
