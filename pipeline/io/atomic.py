@@ -86,25 +86,21 @@ def fsync_dir(folder: Union[str, Path]) -> None:
 
 @contextlib.contextmanager
 def atomic_path(target: Union[str, Path], suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success make it durable and rename it to ``target``,
-    else delete it.
+    """Yield a temporary path beside ``target``; on success make it durable, give it the umask's mode
+    and rename it to ``target``, else delete it.
 
-    The temporary file exists (empty) with the umask's normal mode when the block starts; writers that
-    open it by name (``nib.save``, ``torch.save``, ``savefig``...) keep that mode.
+    The temporary file exists (empty, owner-only) while the block writes it by name (``nib.save``,
+    ``torch.save``, ``savefig``...): the final mode is set only once it is complete, so a umask that
+    leaves the owner without write permission cannot stop the writer.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, default_file_mode())
-        else:
-            os.chmod(tmp, default_file_mode())
-    finally:
-        os.close(fd)
+    os.close(fd)
     try:
         yield Path(tmp)
         fsync_file(tmp)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -134,3 +134,9 @@ def test_folders_built_aside_get_the_umask_mode(tmp_path, umask, mask, folder_mo
                       shape=(40, 40, 12), spacing=(0.8, 0.8, 2.5))
     assert {stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")] if p.is_dir()} == {folder_mode}
     assert {stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*") if p.is_file()} == {file_mode}
+
+
+def test_a_umask_without_owner_write_does_not_stop_the_writer(tmp_path, umask):
+    umask(0o277)
+    write_json({"a": 1}, tmp_path / "x.json")
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o400
