@@ -325,7 +325,8 @@ class InputConfig:
 
     Used the same way by ``segment`` and ``convert``. A volume that is not selected is listed with the
     reason. For inconsistent geometry the default refuses the series with an error; ``drop``/``resample``
-    repair it with a warning.
+    repair it with a warning; ``assume`` reads a series whose voxel size the headers do not give, with a
+    warning and the assumption recorded.
     """
 
     modalities: list[str] = field(default_factory=list)  # e.g. [CT]; empty: any modality
@@ -340,6 +341,9 @@ class InputConfig:
     slice_tolerance: float = 0.05  # mm (or 2 % of the spacing if larger) a slice may sit off a regular grid
     # multi-channel models on DICOM studies: which series of a study is each channel, in channel order
     channels: list[ChannelRule] = field(default_factory=list)
+    # error | assume: no PixelSpacing (assume: ImagerPixelSpacing, else 1 x 1 mm), a legacy multi-frame step
+    # without SpacingBetweenSlices (assume: SliceThickness, else 1 mm), a lone slice without either (1 mm)
+    on_missing_spacing: str = "error"
 
     def _check(self) -> None:
         _positive("input.min_slices", self.min_slices)
@@ -351,6 +355,7 @@ class InputConfig:
         _choice("input.on_duplicate_slices", self.on_duplicate_slices, ("error", "drop"))
         _choice("input.on_missing_slices", self.on_missing_slices, ("error", "resample"))
         _choice("input.on_gantry_tilt", self.on_gantry_tilt, ("error", "resample"))
+        _choice("input.on_missing_spacing", self.on_missing_spacing, ("error", "assume"))
         _positive("input.slice_tolerance", self.slice_tolerance)
         for key in ("series_description", "exclude_series_description"):
             try:

@@ -12,10 +12,10 @@ Design
   :func:`cache_dir`. The first :class:`OnnxRunner` for a checkpoint exports it; later ones (in this or
   another process) reuse it. A network that was not loaded from a checkpoint has no sha256 and is not
   exported (there would be nothing to key the cache on).
-* **Safe files.** Exports and calibration results are written to a temporary file in the target folder
-  and moved into place with ``os.replace``, so a reader never sees half a file, even with two processes
-  exporting at once. A cached ONNX file that ONNX Runtime cannot load (truncated, corrupt, from another
-  exporter) is deleted and exported again, once.
+* **Safe files.** Exports and calibration results are written with :func:`pipeline.io.atomic.atomic_path`
+  (a temporary file in the target folder, synced, moved into place), so a reader never sees half a
+  file, even with two processes exporting at once. A cached ONNX file that ONNX Runtime cannot load
+  (truncated, corrupt, from another exporter) is deleted and exported again, once.
 * **The exporter.** The legacy TorchScript exporter (``dynamo=False``, opset 17) works for every U-Net
   variant (2D/3D, same/valid padding, deep supervision). It runs on a deep copy of the network moved to
   the CPU in eval mode, so the caller's module, its device and its train/eval mode are untouched. Its
@@ -41,18 +41,17 @@ import logging
 import os
 import re
 import statistics
-import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -158,22 +157,8 @@ def onnx_path(model_sha256: str, input_shape: Sequence[int]) -> Path:
 # ---- atomic files ----------------------------------------------------------------------------------
 
 
-@contextmanager
-def _atomic_target(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``; moved onto ``path`` if the block succeeds, removed otherwise."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_json_atomic(path: Path, data: dict) -> None:
-    with _atomic_target(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -209,7 +194,7 @@ def export_onnx(network: nn.Module, input_shape: Sequence[int], path: str | Path
     model = _MainOutput(_cpu_eval_copy(network)).eval()
     example = torch.randn((_EXPORT_BATCH, *shape), generator=torch.Generator().manual_seed(0))
     started = time.perf_counter()
-    with _atomic_target(path) as tmp:
+    with atomic_path(path) as tmp:
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")

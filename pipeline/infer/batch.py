@@ -90,6 +90,7 @@ class CaseResult:
     finished: str = ""
     host: str = ""
     channel_series_uids: list = field(default_factory=list)  # DICOM studies: each channel's series UID
+    dicom_seg_error: str = ""  # why the DICOM SEG asked for was not written (the mask is kept)
     lesions: list = field(default_factory=list, repr=False)  # list[Lesion]
 
     def to_row(self) -> dict:
@@ -279,7 +280,8 @@ class _BatchRun:
             return None
         if self.qc and not outputs.qc_png.is_file():
             return None
-        if self.dicom_seg and case.kind == "dicom" and not outputs.dicom_seg.is_file():
+        if self.dicom_seg and case.kind == "dicom" and not outputs.dicom_seg.is_file() \
+                and not data.get("dicom_seg_error"):  # a SEG that cannot be written is not retried
             return None
         result = _result_from_sidecar(data, case, outputs)
         result.resumed = True
@@ -362,8 +364,8 @@ class _BatchRun:
         start = time.perf_counter()
         outputs.sidecar.unlink(missing_ok=True)  # the case counts as unfinished until the new sidecar
         write_mask(seg.labels, seg.affine, outputs.mask, source=case.source if case.kind == "nifti" else None)
-        if self.dicom_seg and case.kind == "dicom":
-            _dicom_seg_writer()(seg.labels, seg.affine, case.reference_files, outputs.dicom_seg, config.label_names)
+        wants_seg = self.dicom_seg and case.kind == "dicom"
+        seg_error = self._write_dicom_seg(case, seg, outputs) if wants_seg else ""
         if self.qc:
             from pipeline.report.qc import display_window, write_qc_png
 
@@ -380,8 +382,8 @@ class _BatchRun:
             lesion_volume_ml=volume, seconds_load=item.seconds_load, seconds_infer=item.seconds_infer,
             seconds_post=seconds_post, fingerprint=item.fingerprint, model_sha256=self.segmenter.model_sha256,
             sidecar=str(outputs.sidecar), qc_png=str(outputs.qc_png) if self.qc else "",
-            dicom_seg=str(outputs.dicom_seg) if self.dicom_seg and case.kind == "dicom" else "",
-            started=item.started, host=self.host, lesions=lesions,
+            dicom_seg=str(outputs.dicom_seg) if wants_seg and not seg_error else "",
+            dicom_seg_error=seg_error, started=item.started, host=self.host, lesions=lesions,
             channel_series_uids=list(case.channel_series_uids),
         )
         result.seconds_write = time.perf_counter() - start
@@ -390,12 +392,26 @@ class _BatchRun:
         write_sidecar(outputs.sidecar, self._sidecar(result, case, seg.affine))  # last: the case is finished
         return result
 
+    def _write_dicom_seg(self, case: Case, seg, outputs: CaseOutputs) -> str:
+        """Write the case's DICOM SEG; a SEG that cannot be written never costs the case its mask: the
+        reason is returned (for ``dicom_seg_error``) and logged, and the case stays done."""
+        try:
+            _dicom_seg_writer()(seg.labels, seg.affine, case.reference_files, outputs.dicom_seg,
+                                self.segmenter.config.label_names)
+        except Exception as exc:  # any SEG failure (unsupported source, highdicom, disk) is secondary
+            outputs.dicom_seg.unlink(missing_ok=True)
+            reason = describe_error(exc)
+            log.warning("%s: DICOM SEG not written (the mask is): %s", case.case_id, reason)
+            return reason
+        return ""
+
     def _sidecar(self, result: CaseResult, case: Case, affine) -> dict:
         row = result.to_row()
         row.pop("status"), row.pop("error"), row.pop("resumed"), row.pop("sidecar")
         return {**row, "model": self.manifest.meta["model"], "source_files": len(case.files),
                 "affine": [[round(float(v), 6) for v in r] for r in affine], "config": self.config_dict,
-                "versions": self.versions, "lesions": [asdict(lesion) for lesion in result.lesions]}
+                "versions": self.versions, "lesions": [asdict(lesion) for lesion in result.lesions],
+                "assumptions": list(case.volume.assumptions) if case.volume is not None else []}
 
     # --- reports ----------------------------------------------------------------------------------
 
@@ -441,6 +457,7 @@ def _result_from_sidecar(data: dict, case: Case, outputs: CaseOutputs) -> CaseRe
         model_sha256=str(data.get("model_sha256") or ""), sidecar=str(outputs.sidecar),
         qc_png=str(outputs.qc_png) if outputs.qc_png.is_file() else "",
         dicom_seg=str(outputs.dicom_seg) if outputs.dicom_seg.is_file() else "",
+        dicom_seg_error="" if outputs.dicom_seg.is_file() else str(data.get("dicom_seg_error") or ""),
         started=str(data.get("started") or ""), finished=str(data.get("finished") or ""),
         host=str(data.get("host") or ""), lesions=lesions, channel_series_uids=list(case.channel_series_uids),
         **timing,

@@ -1,33 +1,111 @@
-"""Atomic file writes: write to a temporary name in the target folder, then rename into place.
+"""Atomic, durable file writes: write to a temporary name in the target folder, then rename into place.
 
 A reader (or a re-run after ``kill -9``) never sees half a file: the target either does not exist
-or is complete.
+or is complete. The file is flushed to disk (``fsync``) before the rename and the folder after it,
+so a power cut cannot leave an empty or partial file under the final name either.
+
+The file gets the mode any ordinary ``open()`` would give it (``0o666`` less the process umask), not
+the ``0o600`` of :func:`tempfile.mkstemp`: masks, manifests and checkpoints in a shared folder stay
+readable by the group when the umask says so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator, Union
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS says it (Linux: ``/proc/self/status``).
+
+    Elsewhere it is set and restored at once under a lock (``os.umask`` can only be read by setting
+    it); files other threads create in that instant without this lock could get mode ``0o077``-masked.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """Mode of a new regular file under the current umask (``0o644`` for umask ``022``)."""
+    return 0o666 & ~current_umask()
+
+
+def make_partial_dir(target: Union[str, Path], tag: str = "partial") -> Path:
+    """A new empty folder beside ``target`` (``.<name>.<tag>-XXXXXXXX``) to build it in and rename into
+    place, with the mode a plain ``mkdir`` gives under the umask (``0o755`` for ``022``), not
+    :func:`tempfile.mkdtemp`'s ``0o700``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-", dir=target.parent))
+    os.chmod(folder, 0o777 & ~current_umask())
+    return folder
+
+
+def fsync_file(path: Union[str, Path]) -> None:
+    """Flush a file's data and metadata to disk (whoever wrote it, through whichever descriptor)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: Union[str, Path]) -> None:
+    """Flush a folder's entries (a rename in it) to disk; a no-op where folders cannot be opened
+    (Windows) or synced (some network file systems: ``EINVAL``)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def atomic_path(target: Union[str, Path], suffix: str = ".tmp") -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success rename it to ``target``, else delete it."""
+    """Yield a temporary path beside ``target``; on success make it durable, give it the umask's mode
+    and rename it to ``target``, else delete it.
+
+    The temporary file exists (empty, owner-only) while the block writes it by name (``nib.save``,
+    ``torch.save``, ``savefig``...): the final mode is set only once it is complete, so a umask that
+    leaves the owner without write permission cannot stop the writer.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        fsync_file(tmp)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(target.parent)
 
 
 def write_json(data, target: Union[str, Path], indent: int = 2) -> Path:

@@ -4,7 +4,13 @@ A record (:class:`Frame`) holds what grouping and stacking need — geometry, se
 image type, acquisition order — read with ``stop_before_pixels``, so scanning thousands of files never
 decodes pixel data. Classic single-frame files give one record; enhanced multi-frame files give one
 per frame (per-frame functional groups); a Siemens mosaic gives one record for the whole file (it is
-one volume, unpacked when read).
+one volume, unpacked when read; :attr:`Frame.mosaic_slices` holds its slice count).
+
+Records say where their geometry came from, and never guess silently: a missing PixelSpacing leaves
+``spacing_tag`` empty (or ``"ImagerPixelSpacing"`` when only that detector-plane spacing is there) with
+a 1 x 1 mm placeholder, and ``thickness_tag`` names the tag ``thickness`` came from. Whether a volume
+with such a gap is refused or read under a stated assumption is decided when it is stacked
+(``input.on_missing_spacing``, :func:`pipeline.io.dicom_stack.check_layout`).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ _NOT_SCANS = {
     "1.2.840.10008.5.1.4.1.1.481.2": "an RT dose grid, not a scan",
     "1.2.840.10008.1.3.10": "a DICOMDIR (media directory), not a scan",
 }
-_FALLBACK_SPACING = (1.0, 1.0)
+_PLACEHOLDER_SPACING = (1.0, 1.0)  # where no spacing tag is present; refused unless input.on_missing_spacing=assume
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ class Frame:
     series: SeriesInfo
     position: tuple[float, float, float]  # ImagePositionPatient, LPS mm
     orientation: tuple[float, ...]  # ImageOrientationPatient: row direction, then column direction
-    pixel_spacing: tuple[float, float]  # (between rows, between columns) mm
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) mm; see spacing_tag
     rows: int
     columns: int
     sop_uid: str
@@ -69,6 +75,10 @@ class Frame:
     gantry_tilt: float  # GantryDetectorTilt, degrees
     thickness: float = 0.0  # SpacingBetweenSlices or SliceThickness (used for single-slice volumes), mm
     mosaic: bool = False
+    spacing_tag: str = "PixelSpacing"  # where pixel_spacing came from: PixelSpacing | ImagerPixelSpacing | "" (none)
+    thickness_tag: str = ""  # where thickness came from: SpacingBetweenSlices | SliceThickness | "" (none)
+    derived_position: bool = False  # legacy multi-frame: position = first + frame x thickness along the normal
+    mosaic_slices: int = 0  # slices tiled in a Siemens mosaic (0: unknown)
     private: dict = field(default_factory=dict, compare=False, hash=False)  # names only used for case ids
 
     @property
@@ -142,10 +152,13 @@ def _classic_records(path: Path, ds, sop_class: str) -> list[Frame]:
     image_type = _image_type(ds)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     mosaic = "MOSAIC" in image_type and (0x0029, 0x1010) in ds
+    pixel_spacing, spacing_tag = _spacing(ds.get("PixelSpacing"), ds.get("ImagerPixelSpacing"))
+    thickness, thickness_tag = _thickness(ds.get("SpacingBetweenSlices"), ds.get("SliceThickness"))
     common = dict(
         series=_series_info(ds, sop_class),
         orientation=tuple(float(v) for v in orientation),
-        pixel_spacing=_spacing(ds.get("PixelSpacing")),
+        pixel_spacing=pixel_spacing,
+        spacing_tag=spacing_tag,
         rows=int(ds.Rows),
         columns=int(ds.Columns),
         sop_uid=str(ds.get("SOPInstanceUID", "")),
@@ -153,25 +166,30 @@ def _classic_records(path: Path, ds, sop_class: str) -> list[Frame]:
         echo=_echo(ds),
         image_type=image_type,
         gantry_tilt=_float(ds.get("GantryDetectorTilt"), 0.0),
-        thickness=_float(ds.get("SpacingBetweenSlices"), 0.0) or _float(ds.get("SliceThickness"), 0.0),
+        thickness=thickness,
+        thickness_tag=thickness_tag,
         mosaic=mosaic,
+        mosaic_slices=_mosaic_slices(ds) if mosaic else 0,
         private=_names(ds),
     )
     order = (_int(ds.get("TemporalPositionIdentifier")), _time(ds.get("AcquisitionDate"), ds.get("AcquisitionTime")),
              _time(ds.get("ContentDate"), ds.get("ContentTime")), _int(ds.get("InstanceNumber")), str(path))
     if n_frames > 1:  # a legacy multi-frame file with one geometry: frames follow each other along the normal
-        step = common["thickness"] or 1.0
+        # The step is only certain from SpacingBetweenSlices; SliceThickness (or 1 mm without either) is an
+        # assumption that check_layout refuses or records (input.on_missing_spacing).
+        step = thickness or 1.0
         start = np.asarray(position, dtype=float)
         normal = _normal(common["orientation"])
         rescale = (_float(ds.get("RescaleSlope"), 1.0), _float(ds.get("RescaleIntercept"), 0.0))
         return [
             Frame(path=str(path), frame=f, n_frames_in_file=n_frames,
                   position=tuple(float(v) for v in start + f * step * normal),
-                  order=order + (f,), rescale=rescale, **common)
+                  order=order + (f,), rescale=rescale, derived_position=True, **common)
             for f in range(n_frames)
         ]
+    rescale = (_float(ds.get("RescaleSlope"), 1.0), _float(ds.get("RescaleIntercept"), 0.0))
     return [Frame(path=str(path), frame=None, n_frames_in_file=1, position=tuple(float(v) for v in position),
-                  order=order, rescale=None, **common)]
+                  order=order, rescale=rescale, **common)]
 
 
 # --- enhanced multi-frame files -------------------------------------------------------------------
@@ -190,7 +208,11 @@ def _multiframe_records(path: Path, ds, sop_class: str) -> list[Frame]:
         orientation = _functional(group, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
         if position is None or orientation is None:
             return []
-        spacing = _functional(group, shared, "PixelMeasuresSequence", "PixelSpacing")
+        pixel_spacing, spacing_tag = _spacing(_functional(group, shared, "PixelMeasuresSequence", "PixelSpacing"),
+                                              ds.get("ImagerPixelSpacing"))
+        thickness, thickness_tag = _thickness(
+            _functional(group, shared, "PixelMeasuresSequence", "SpacingBetweenSlices"),
+            _functional(group, shared, "PixelMeasuresSequence", "SliceThickness"))
         slope = _functional(group, shared, "PixelValueTransformationSequence", "RescaleSlope")
         intercept = _functional(group, shared, "PixelValueTransformationSequence", "RescaleIntercept")
         temporal = _functional(group, shared, "FrameContentSequence", "TemporalPositionIndex")
@@ -202,7 +224,8 @@ def _multiframe_records(path: Path, ds, sop_class: str) -> list[Frame]:
             path=str(path), frame=f, n_frames_in_file=n_frames, series=series,
             position=tuple(float(v) for v in position),
             orientation=tuple(float(v) for v in orientation),
-            pixel_spacing=_spacing(spacing),
+            pixel_spacing=pixel_spacing,
+            spacing_tag=spacing_tag,
             rows=int(ds.Rows), columns=int(ds.Columns),
             sop_uid=str(ds.get("SOPInstanceUID", "")),
             instance_number=_int(ds.get("InstanceNumber")),
@@ -211,8 +234,8 @@ def _multiframe_records(path: Path, ds, sop_class: str) -> list[Frame]:
             image_type=tuple(str(v).upper() for v in frame_type) if frame_type else image_type,
             rescale=(_float(slope, 1.0), _float(intercept, 0.0)) if slope is not None or intercept is not None else None,
             gantry_tilt=0.0,
-            thickness=_float(_functional(group, shared, "PixelMeasuresSequence", "SpacingBetweenSlices"), 0.0)
-            or _float(_functional(group, shared, "PixelMeasuresSequence", "SliceThickness"), 0.0),
+            thickness=thickness,
+            thickness_tag=thickness_tag,
             private=_names(ds),
         ))
     return frames
@@ -355,10 +378,49 @@ def _echo(ds) -> str:
     return str(value)
 
 
-def _spacing(value) -> tuple[float, float]:
-    if value is None or len(value) != 2:
-        return _FALLBACK_SPACING
-    return float(value[0]), float(value[1])
+def _spacing(pixel_spacing, imager_spacing) -> tuple[tuple[float, float], str]:
+    """In-plane spacing and the tag it came from: PixelSpacing (in the patient), else ImagerPixelSpacing
+    (at the detector: a projection's magnification is not in it), else a placeholder and ``""``."""
+    for value, tag in ((pixel_spacing, "PixelSpacing"), (imager_spacing, "ImagerPixelSpacing")):
+        pair = _positive_pair(value)
+        if pair is not None:
+            return pair, tag
+    return _PLACEHOLDER_SPACING, ""
+
+
+def _positive_pair(value) -> Optional[tuple[float, float]]:
+    try:
+        if value is None or isinstance(value, (str, bytes)) or len(value) != 2:
+            return None
+        pair = float(value[0]), float(value[1])
+    except (TypeError, ValueError):
+        return None
+    return pair if all(np.isfinite(pair)) and min(pair) > 0 else None
+
+
+def _thickness(spacing_between, slice_thickness) -> tuple[float, str]:
+    """Slice step or extent and its tag: SpacingBetweenSlices, else SliceThickness, else ``(0, "")``."""
+    for value, tag in ((spacing_between, "SpacingBetweenSlices"), (slice_thickness, "SliceThickness")):
+        number = _float(value, 0.0)
+        if np.isfinite(number) and number > 0:
+            return number, tag
+    return 0.0, ""
+
+
+def _mosaic_slices(ds) -> int:
+    """Slices in a Siemens mosaic: NumberOfImagesInMosaic from the CSA image header (0 when unreadable)."""
+    import warnings
+
+    raw = getattr(ds, "ds", ds)  # the pydicom dataset under a _Header
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nibabel.nicom warns that its DICOM readers are experimental
+            from nibabel.nicom import csareader
+
+            return int(csareader.get_n_mosaic(csareader.get_csa_header(raw, "image")) or 0)
+    except Exception as exc:  # a private header in an unexpected layout
+        log.debug("cannot read NumberOfImagesInMosaic from %s: %s", getattr(raw, "filename", "?"), exc)
+        return 0
 
 
 def _int(value) -> int:

@@ -3,7 +3,8 @@
 The mask is never assumed to share the series' file or axis order. Each source image's pixels are
 placed in world space from its own header (ImagePositionPatient, ImageOrientationPatient,
 PixelSpacing) and mapped to mask indices through the mask's affine, so the SEG holds one frame per
-source instance and segment, pixel-for-pixel with that instance. Reading walks the other way: each
+source instance (or source frame, for an enhanced multi-frame source) and segment, pixel-for-pixel with
+it. Reading walks the other way: each
 SEG frame is placed through its plane position/orientation/pixel measures (per-frame or shared
 functional groups) onto the caller's grid.
 
@@ -154,7 +155,10 @@ def write_dicom_seg(
     series_number: int | None = None,
     series_description: str | None = None,
 ) -> Path:
-    """Write ``labels`` as a BINARY DICOM SEG of the single-frame series ``source_files``.
+    """Write ``labels`` as a BINARY DICOM SEG of the series ``source_files``: classic single-frame files,
+    or one enhanced multi-frame file (each frame placed by its own functional groups). A Siemens mosaic
+    or a legacy multi-frame file (frames without positions of their own) is refused with
+    :class:`InputError`: their slices have no plane of their own for a SEG frame to reference.
 
     ``labels`` (integers ``0..len(label_names) - 1``, 0 = background) and ``affine`` (4x4 RAS) are the
     mask on the grid :class:`~pipeline.io.reader.ScanReader` gives the series; any file order works.
@@ -205,16 +209,17 @@ def write_dicom_seg(
 
 def _gather_frames(labels, affine, headers, source_files) -> np.ndarray:
     """One frame per source image: the mask under each of its pixels (pixel-for-pixel)."""
-    frames = np.zeros((len(headers), headers[0].Rows, headers[0].Columns), np.uint8)
+    planes = [plane for path, header in zip(source_files, headers) for plane in _source_planes(header, path)]
+    frames = np.zeros((len(planes), headers[0].Rows, headers[0].Columns), np.uint8)
     covered = np.zeros(labels.shape, bool)
-    for n, (path, header) in enumerate(zip(source_files, headers)):
-        where = _source_plane(header, f"source image '{path}'").locate(affine, labels.shape)
+    for n, plane in enumerate(planes):
+        where = plane.locate(affine, labels.shape)
         frames[n] = where.read(labels)
         where.write(covered, np.ones(frames.shape[1:], bool))
     hit = int(np.count_nonzero(covered))
     if hit != labels.size or frames.size != labels.size:
         raise InputError(
-            f"mask grid does not match the series: its {len(headers)} image(s) of {frames.shape[1]}x"
+            f"mask grid does not match the series: its {len(planes)} image(s) of {frames.shape[1]}x"
             f"{frames.shape[2]} pixels cover {hit} of the mask's {labels.size} voxels {labels.shape} "
             f"({frames.size - hit} pixel(s) on an already covered voxel). Expected the grid ScanReader "
             "gives exactly these files (same spacing, no resampling, every slice passed once)"
@@ -224,7 +229,7 @@ def _gather_frames(labels, affine, headers, source_files) -> np.ndarray:
 
 def _segmentation(hd, headers, frames, descriptions, algorithm_name, version, series_number):
     return hd.seg.Segmentation(
-        source_images=headers,
+        source_images=[_with_shared_plane(h) for h in headers],
         pixel_array=frames,  # label-map style: pixel value n is segment n
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -296,13 +301,21 @@ def _dcmread_header(path: PathLike) -> Dataset:
 
 
 def _read_header(path: PathLike) -> Dataset:
-    """A source image's header, checked to be a single-frame image of a series."""
+    """A source image's header, checked to be a single-frame image of a series or an enhanced multi-frame
+    image whose frames carry their own planes."""
     header = _dcmread_header(path)
     frames = int(header.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
+    image_type = [str(v).upper() for v in (header.get("ImageType") or [])]
+    if "MOSAIC" in image_type:
         raise InputError(
-            f"source image '{path}' is a multi-frame (enhanced) image with {frames} frames: DICOM SEG "
-            "export supports classic single-frame series only. Convert the series to single-frame files"
+            f"source image '{path}' is a Siemens mosaic: its slices are tiles of one image, which a DICOM SEG "
+            "frame cannot reference. The NIfTI mask holds the segmentation"
+        )
+    if frames > 1 and "PerFrameFunctionalGroupsSequence" not in header:
+        raise InputError(
+            f"source image '{path}' is a legacy multi-frame image ({frames} frames without per-frame "
+            "functional groups): its frames have no plane of their own for a DICOM SEG to reference. The "
+            "NIfTI mask holds the segmentation"
         )
     required = ("SOPInstanceUID", "SOPClassUID", "Rows", "Columns", "FrameOfReferenceUID")
     missing = [keyword for keyword in required if keyword not in header]
@@ -325,6 +338,59 @@ def _check_single_series(headers: list[Dataset], paths: Sequence[PathLike]) -> N
     uids = [header.SOPInstanceUID for header in headers]
     if len(set(uids)) != len(uids):
         raise InputError("source files list the same SOP instance more than once: pass each slice once")
+    if len(headers) > 1 and any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in headers):
+        raise InputError(
+            f"the volume's frames come from {len(headers)} multi-frame files: a DICOM SEG references one "
+            "multi-frame source image. The NIfTI mask holds the segmentation"
+        )
+
+
+def _with_shared_plane(header: Dataset) -> Dataset:
+    """An enhanced source whose frames all share one orientation and pixel spacing, with them in the shared
+    functional groups (highdicom reads them only there; scanners such as Siemens XA put them per frame).
+    Other headers are returned as they are."""
+    per_frame = header.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame:
+        return header
+    shared = header.get("SharedFunctionalGroupsSequence")
+    missing = [g for g in ("PlaneOrientationSequence", "PixelMeasuresSequence") if not shared or g not in shared[0]]
+    if not missing:
+        return header
+    import copy
+
+    from pydicom.sequence import Sequence as DicomSequence
+
+    header = copy.deepcopy(header)
+    if not header.get("SharedFunctionalGroupsSequence"):
+        header.SharedFunctionalGroupsSequence = DicomSequence([Dataset()])
+    shared_item = header.SharedFunctionalGroupsSequence[0]
+    for group in missing:
+        items = [frame[group][0] for frame in header.PerFrameFunctionalGroupsSequence if group in frame]
+        if len(items) != len(header.PerFrameFunctionalGroupsSequence) or any(i != items[0] for i in items[1:]):
+            raise InputError(f"the frames of source image '{header.get('filename', '')}' differ in {group}: "
+                             "a DICOM SEG of it is not supported. The NIfTI mask holds the segmentation")
+        setattr(shared_item, group, DicomSequence([copy.deepcopy(items[0])]))
+        for frame in header.PerFrameFunctionalGroupsSequence:
+            del frame[group]
+    return header
+
+
+def _source_planes(header: Dataset, path: PathLike) -> list[_Plane]:
+    """The planes of a source image: one for a single-frame file, one per frame of an enhanced file."""
+    frames = int(header.get("NumberOfFrames", 1) or 1)
+    if frames == 1 and "PerFrameFunctionalGroupsSequence" not in header:
+        return [_source_plane(header, f"source image '{path}'")]
+    planes = []
+    for n in range(frames):
+        what = f"frame {n + 1} of source image '{path}'"
+        values = []
+        for keyword, group in zip(_PLANE_KEYWORDS, _PLANE_GROUPS):
+            item = _group_item(header, n, group)
+            if item is None or keyword not in item:
+                raise InputError(f"{what} has no {keyword} in its functional groups: cannot place it")
+            values.append(item[keyword].value)
+        planes.append(_Plane(*values, header.Rows, header.Columns, what))
+    return planes
 
 
 def _source_plane(header: Dataset, what: str) -> _Plane:

@@ -37,6 +37,8 @@ class DicomVolume:
     duplicates: list[list[Frame]] = field(default_factory=list)  # frames sharing a position (inconsistent)
     policy: object = None  # the StackPolicy discovery chose (from input.*); None: refuse inconsistencies
     case_id: str = ""  # set by discovery
+    # What reading it had to assume (input.on_missing_spacing=assume), one sentence each; set when stacked.
+    assumptions: list[str] = field(default_factory=list)
 
     @property
     def files(self) -> list[str]:
@@ -60,6 +62,9 @@ class DicomVolume:
 
     @property
     def n_slices(self) -> int:
+        """Slices of the volume: frames, or the tiles of a Siemens mosaic (1 when its header does not say)."""
+        if self.kind == "mosaic":
+            return max(1, self.frames[0].mosaic_slices)
         return len(self.frames)
 
     @property

@@ -7,9 +7,16 @@
   :class:`InputError` naming the series, unless the config (``input.on_*``) asks for a repair, which
   is logged as a warning: ``drop`` keeps the first acquired frame of a repeated position; ``resample``
   shifts tilted slices onto a grid orthogonal to them and/or interpolates linearly onto regular spacing.
+* The voxel size is never guessed silently. A missing PixelSpacing, a legacy multi-frame file whose slice
+  step is not given by SpacingBetweenSlices, or a single slice without SpacingBetweenSlices or
+  SliceThickness is refused, naming the series and the tag, unless ``input.on_missing_spacing=assume``:
+  then ImagerPixelSpacing (else 1 x 1 mm) in-plane and SliceThickness (else 1 mm) along the normal are
+  used, with a warning, and each assumption is recorded in :attr:`DicomVolume.assumptions`.
 * Pixels are decoded by SimpleITK/GDCM (every common compressed syntax, RescaleSlope/Intercept
   applied, signed and 12-bit data), or by pydicom for enhanced multi-frame files it can decode
-  (per-frame rescale from the functional groups), or by nibabel for Siemens mosaics.
+  (per-frame rescale from the functional groups), or by nibabel for Siemens mosaics. A classic series
+  whose RescaleSlope/Intercept differ between slices is decoded file by file (GDCM's series reader would
+  cast every slice to the first one's pixel type) and kept in float32.
 
 Returns ``[i, j, k]`` arrays (i along a row, j down the columns, k along the normal) and RAS affines
 before :func:`~pipeline.io.geometry.closest_canonical` is applied by the reader.
@@ -40,10 +47,12 @@ class StackPolicy:
     on_missing_slices: str = "error"  # error | resample
     on_gantry_tilt: str = "error"  # error | resample
     slice_tolerance: float = 0.05  # mm
+    on_missing_spacing: str = "error"  # error | assume
 
     @classmethod
     def from_config(cls, cfg) -> "StackPolicy":
-        return cls(cfg.on_duplicate_slices, cfg.on_missing_slices, cfg.on_gantry_tilt, cfg.slice_tolerance)
+        return cls(cfg.on_duplicate_slices, cfg.on_missing_slices, cfg.on_gantry_tilt, cfg.slice_tolerance,
+                   cfg.on_missing_spacing)
 
 
 @dataclass
@@ -59,6 +68,9 @@ class Layout:
 
 def check_layout(volume: DicomVolume, policy: StackPolicy) -> Layout:
     """Check (and decide how to repair) the slice geometry; raises for what the policy refuses."""
+    volume.assumptions = []
+    _check_in_plane_spacing(volume, policy)
+    _check_slice_step(volume, policy)
     if volume.duplicates:
         worst = max(volume.duplicates, key=len)
         message = (f"{volume.describe()}: {len(volume.duplicates)} slice position(s) occur more than once "
@@ -78,7 +90,7 @@ def check_layout(volume: DicomVolume, policy: StackPolicy) -> Layout:
     lateral = np.stack([lateral_mm @ row_dir / first.pixel_spacing[1], lateral_mm @ col_dir / first.pixel_spacing[0]], 1)
     n = len(frames)
     if n == 1:
-        return Layout(_single_slice_spacing(first), lateral, along, False, False)
+        return Layout(_single_slice_spacing(volume, policy), lateral, along, False, False)
     steps = np.diff(along)
     spacing = float(np.median(steps))
     tol = max(policy.slice_tolerance, 0.02 * spacing)
@@ -137,8 +149,60 @@ def _affine(first: Frame, spacing: float) -> np.ndarray:
     return LPS_TO_RAS @ affine
 
 
-def _single_slice_spacing(frame: Frame) -> float:
-    return frame.thickness or 1.0
+def _single_slice_spacing(volume: DicomVolume, policy: StackPolicy) -> float:
+    """The extent of a lone slice along its normal: SpacingBetweenSlices, else SliceThickness; without
+    either, 1 mm under ``input.on_missing_spacing=assume``."""
+    frame = volume.frames[0]
+    if frame.thickness_tag:
+        return frame.thickness
+    _assume_or_refuse(volume, policy, "a single slice without SpacingBetweenSlices (0018,0088) or SliceThickness "
+                                      "(0018,0050)", "slice thickness 1 mm (no SpacingBetweenSlices/SliceThickness)")
+    return 1.0
+
+
+# --- spacing that the headers do not give -----------------------------------------------------------
+
+
+def _check_in_plane_spacing(volume: DicomVolume, policy: StackPolicy) -> None:
+    first = volume.frames[0]
+    if first.spacing_tag == "PixelSpacing":
+        return
+    rows, columns = first.pixel_spacing
+    if first.spacing_tag == "ImagerPixelSpacing":
+        found = (f"no PixelSpacing (0028,0030); only ImagerPixelSpacing (0018,1164), {rows:g} x {columns:g} mm "
+                 "at the detector, not in the patient")
+        assumption = f"in-plane spacing {rows:g} x {columns:g} mm from ImagerPixelSpacing (no PixelSpacing)"
+    else:
+        found = "no PixelSpacing (0028,0030) nor ImagerPixelSpacing (0018,1164)"
+        assumption = "in-plane spacing 1 x 1 mm (no PixelSpacing)"
+    _assume_or_refuse(volume, policy, found, assumption)
+
+
+def _check_slice_step(volume: DicomVolume, policy: StackPolicy) -> None:
+    """Legacy multi-frame files: frame positions were derived from a step that only SpacingBetweenSlices
+    gives for certain."""
+    first = volume.frames[0]
+    if not first.derived_position or first.thickness_tag == "SpacingBetweenSlices":
+        return
+    if first.thickness_tag == "SliceThickness":
+        found = (f"a multi-frame file without per-frame positions or SpacingBetweenSlices (0018,0088); "
+                 f"only SliceThickness (0018,0050), {first.thickness:g} mm, which need not be the slice step")
+        assumption = f"slice step {first.thickness:g} mm from SliceThickness (no SpacingBetweenSlices)"
+    else:
+        found = ("a multi-frame file without per-frame positions, SpacingBetweenSlices (0018,0088) or "
+                 "SliceThickness (0018,0050)")
+        assumption = "slice step 1 mm (no SpacingBetweenSlices/SliceThickness)"
+    _assume_or_refuse(volume, policy, found, assumption)
+
+
+def _assume_or_refuse(volume: DicomVolume, policy: StackPolicy, found: str, assumption: str) -> None:
+    """Raise, naming the series, what is missing and the key that allows the assumption; or warn and record."""
+    message = f"{volume.describe()}: {found}"
+    if policy.on_missing_spacing != "assume":
+        raise InputError(f"{message}, so its voxel size is unknown. Fix the headers, or set "
+                         f"input.on_missing_spacing=assume to read it with {assumption}")
+    log.warning("%s; assuming %s (input.on_missing_spacing=assume)", message, assumption)
+    volume.assumptions.append(assumption)
 
 
 # --- decoding -------------------------------------------------------------------------------------
@@ -148,6 +212,8 @@ def decode_frames(volume: DicomVolume) -> np.ndarray:
     """Pixel data of the volume's frames, in stacking order, rescaled: (n, rows, columns)."""
     if volume.kind == "multiframe" or any(f.frame is not None for f in volume.frames):
         return _decode_multiframe(volume)
+    if len({f.rescale for f in volume.frames}) > 1:
+        return _decode_each_file(volume)
     return _decode_classic([f.path for f in volume.frames], volume)
 
 
@@ -177,6 +243,33 @@ def _decode_classic(paths: list[str], volume: DicomVolume) -> np.ndarray:
     if array.shape[0] != len(paths):
         raise InputError(f"cannot decode {volume.describe()}: expected {len(paths)} slices, decoded {array.shape[0]}")
     return array
+
+
+def _decode_each_file(volume: DicomVolume) -> np.ndarray:
+    """Slices whose RescaleSlope/Intercept differ: GDCM's series reader decodes every slice into the first
+    one's pixel type (an integer slope-1 first slice truncates or wraps the others), so each file is
+    decoded on its own, with its own rescale, into float32."""
+    sitk = _sitk()
+    slopes = sorted({f.rescale for f in volume.frames})
+    log.info("%s: %d different RescaleSlope/Intercept pairs (e.g. %s); decoding slice by slice in float32",
+             volume.describe(), len(slopes), ", ".join(f"{a:g}/{b:g}" for a, b in slopes[:3]))
+    out = None
+    for index, frame in enumerate(volume.frames):
+        try:
+            plane = sitk.GetArrayFromImage(sitk.ReadImage(frame.path, sitk.sitkFloat32))
+        except RuntimeError as exc:
+            raise InputError(
+                f"cannot decode {volume.describe()} (first bad file: {Path(frame.path).name}): {_itk_reason(exc)}. "
+                "A file may be truncated or use an unsupported transfer syntax; remove it or re-export the series"
+            ) from None
+        plane = plane.reshape(plane.shape[-2:])
+        if out is None:
+            out = np.empty((len(volume.frames), *plane.shape), dtype=np.float32)
+        if plane.shape != out.shape[1:]:
+            raise InputError(f"cannot decode {volume.describe()}: {Path(frame.path).name} has {plane.shape} "
+                             f"pixels, expected {out.shape[1:]}")
+        out[index] = plane
+    return out
 
 
 def _first_undecodable(paths: list[str]) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID, ExplicitVR
 from pydicom.valuerep import DSfloat
 
 from pipeline.errors import InputError
+from pipeline.io.atomic import make_partial_dir
 from pipeline.io.geometry import LPS_TO_RAS
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def write_dicom_series(
     frame_of_reference_uid: str | None = None,
     modality: str = "CT",
     rescale_intercept: float = -1024.0,
-    rescale_slope: float = 1.0,
+    rescale_slope: float | Sequence[float] = 1.0,
     uid_prefix: str = PYDICOM_ROOT_UID,
     uid_entropy: Sequence[str] | None = None,
     study_date: str = "20000101",
@@ -65,12 +65,18 @@ def write_dicom_series(
     identical files.
     ``out_dir`` must be missing or empty; the files appear there all at once (written to a temporary
     sibling folder first). Returns the written paths in slice order ``k = 0, 1, ...``.
+
+    ``rescale_slope`` may be one value per slice (real scanners sometimes vary it), to test readers.
     """
     volume = np.asarray(volume)
     affine = np.asarray(affine, dtype=np.float64)
     out_dir = Path(out_dir)
-    _check_inputs(volume, affine, out_dir, modality, rescale_slope)
-    stored = _stored_values(volume, rescale_intercept, rescale_slope)
+    slopes = np.asarray(rescale_slope, dtype=np.float64)
+    if slopes.ndim == 0:
+        slopes = np.full(volume.shape[2:3], float(slopes))
+    _check_inputs(volume, affine, out_dir, modality, slopes)
+    stored = _stored_values(volume, rescale_intercept, slopes)
+    rescale_slope = float(slopes[0])
 
     study_uid = study_uid or _uid(uid_prefix, uid_entropy, "study")
     series_uid = series_uid or _uid(uid_prefix, uid_entropy, "series")
@@ -90,13 +96,14 @@ def write_dicom_series(
         window=_window(volume, modality),
     )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp_dir = make_partial_dir(out_dir)
     try:
         names = []
         for k in range(volume.shape[2]):
             sop_uid = generate_uid(uid_prefix, [str(series_uid), "sop", str(k)])
             ds = _slice_dataset(template, stored[:, :, k], affine, k, sop_uid, modality)
+            if slopes[k] != rescale_slope:
+                ds.RescaleSlope = _ds(float(slopes[k]))
             name = f"IM_{k + 1:04d}.dcm"
             ds.save_as(tmp_dir / name, enforce_file_format=True)
             names.append(name)
@@ -110,7 +117,7 @@ def write_dicom_series(
     return [out_dir / name for name in names]
 
 
-def _check_inputs(volume, affine, out_dir: Path, modality: str, slope: float) -> None:
+def _check_inputs(volume, affine, out_dir: Path, modality: str, slopes: np.ndarray) -> None:
     if volume.ndim != 3 or min(volume.shape) < 1:
         raise InputError(
             f"write_dicom_series expected a 3D volume [i, j, k], found shape {volume.shape}. "
@@ -137,8 +144,9 @@ def _check_inputs(volume, affine, out_dir: Path, modality: str, slope: float) ->
         raise InputError(
             f"write_dicom_series expected modality one of {sorted(_SOP_CLASS)}, found {modality!r}."
         )
-    if slope == 0 or not np.isfinite(slope):
-        raise InputError(f"write_dicom_series expected a non-zero finite rescale_slope, found {slope}.")
+    if slopes.shape != volume.shape[2:3] or np.any(slopes == 0) or not np.all(np.isfinite(slopes)):
+        raise InputError(f"write_dicom_series expected a non-zero finite rescale_slope (one value, or one per "
+                         f"slice: {volume.shape[2]}), found {slopes.tolist()}.")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(
             f"write_dicom_series expected {out_dir} to be missing or an empty folder, found existing "
@@ -146,15 +154,16 @@ def _check_inputs(volume, affine, out_dir: Path, modality: str, slope: float) ->
         )
 
 
-def _stored_values(volume: np.ndarray, intercept: float, slope: float) -> np.ndarray:
-    """Real-world values → stored int16 values (``stored * slope + intercept == value``)."""
+def _stored_values(volume: np.ndarray, intercept: float, slope) -> np.ndarray:
+    """Real-world values → stored int16 values (``stored * slope + intercept == value``); ``slope`` is one
+    value or one per slice ``k``."""
     if not np.all(np.isfinite(volume)):
         raise InputError("write_dicom_series expected finite voxel values, found NaN or infinity.")
     stored = np.rint((volume.astype(np.float64) - intercept) / slope)
     info = np.iinfo(np.int16)
     if stored.min() < info.min or stored.max() > info.max:
         raise InputError(
-            f"write_dicom_series stores int16 values; with intercept {intercept} and slope {slope} the "
+            f"write_dicom_series stores int16 values; with intercept {intercept} and slope {np.unique(slope)} the "
             f"volume needs [{stored.min():.0f}, {stored.max():.0f}], outside [{info.min}, {info.max}]. "
             "Clip the volume or choose another rescale intercept/slope."
         )

@@ -3,7 +3,8 @@
 Rows are plain dicts. The first :data:`MANIFEST_COLUMNS` are the contract (names and order fixed);
 :data:`EXTRA_COLUMNS` follow. ``status`` is ``done`` (a mask and its sidecar exist; ``resumed`` tells
 whether this run made them or an earlier one), ``skipped`` (discovery set it aside; ``error`` says why)
-or ``failed`` (``error`` says why; nothing of the case is left in the output folder). Both files are
+or ``failed`` (``error`` says why; nothing of the case is left in the output folder). A ``done`` case whose
+DICOM SEG could not be written keeps its mask; ``dicom_seg_error`` says why the SEG is missing. Both files are
 rewritten atomically after every case, so they always describe what is really on disk.
 
 In the JSON, ``shape``/``spacing_mm`` are lists and missing values ``null``; in the CSV they are
@@ -30,7 +31,7 @@ MANIFEST_COLUMNS = [
 ]
 EXTRA_COLUMNS = [
     "kind", "resumed", "seconds_post", "seconds", "output", "sidecar", "qc_png", "dicom_seg",
-    "fingerprint", "started", "finished", "host", "channel_series_uids",
+    "fingerprint", "started", "finished", "host", "dicom_seg_error", "channel_series_uids",
 ]
 ALL_COLUMNS = MANIFEST_COLUMNS + EXTRA_COLUMNS
 MANIFEST_FORMAT = "medseg-manifest"

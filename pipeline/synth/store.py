@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.errors import ConfigError, InputError
+from pipeline.io.atomic import make_partial_dir
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,7 @@ def write_dataset_once(
         return out_dir
     _check_replaceable(out_dir)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp_dir = make_partial_dir(out_dir)  # a normal folder mode, not mkdtemp's 0700
     try:
         started = time.perf_counter()
         write(tmp_dir)

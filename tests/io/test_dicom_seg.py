@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import highdicom as hd
 import numpy as np
 import pydicom
@@ -212,14 +215,46 @@ def test_label_without_a_name_is_rejected(tmp_path):
         write_dicom_seg(_two_label_mask(shape), affine, files, tmp_path / "seg.dcm", LABEL_NAMES[:2])
 
 
-def test_multi_frame_source_is_rejected(tmp_path):
+def test_legacy_multi_frame_source_is_rejected(tmp_path):
     files, shape, affine = _series(tmp_path, "LPS-axial")
-    enhanced = pydicom.dcmread(files[0])
-    enhanced.NumberOfFrames = 2
-    enhanced.save_as(tmp_path / "enhanced.dcm")
-    sources = [tmp_path / "enhanced.dcm"]
-    with pytest.raises(InputError, match="multi-frame .* single-frame series only"):
+    legacy = pydicom.dcmread(files[0])
+    legacy.NumberOfFrames = 2  # frames without functional groups: no plane of their own
+    legacy.save_as(tmp_path / "legacy.dcm")
+    sources = [tmp_path / "legacy.dcm"]
+    with pytest.raises(InputError, match="legacy multi-frame image .* no plane of their own"):
         write_dicom_seg(_two_label_mask(shape), affine, sources, tmp_path / "seg.dcm", LABEL_NAMES)
+
+
+def _copy_sample(shared_data, relative: str, folder: Path) -> Path:
+    source = shared_data / relative
+    if not source.is_file():
+        pytest.skip(f"sample not present: {source}")
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(source, folder / source.name))
+
+
+def test_enhanced_multi_frame_source_round_trips(shared_data, tmp_path):
+    """A real Siemens XA10 enhanced MR volume (orientation and spacing per frame, not shared): one SEG
+    frame per source frame, read back onto the reader's grid exactly."""
+    path = _copy_sample(shared_data, "dicom/dcm_qa_enh/In/Siemens/XA10/6_1.dcm", tmp_path / "in")
+    reader = ScanReader()
+    image, meta = reader.get_data(reader.read([str(path)]))
+    mask = (image > np.percentile(image, 80)).astype(np.uint8)
+    mask[: image.shape[0] // 2] *= 2  # two labels
+    write_dicom_seg(mask, meta["affine"], [path], tmp_path / "seg.dcm", LABEL_NAMES)
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    assert seg.SOPClassUID == SEGMENTATION_STORAGE and int(seg.NumberOfFrames) <= 2 * image.shape[2]
+    np.testing.assert_array_equal(read_dicom_seg(tmp_path / "seg.dcm", [path], meta["affine"], image.shape), mask)
+    np.testing.assert_array_equal(read_dicom_seg(tmp_path / "seg.dcm", [path]), mask)
+
+
+def test_mosaic_source_is_rejected_with_its_reason(shared_data, tmp_path):
+    path = _copy_sample(shared_data, "dicom/dcm_qa_12bit/In/12bitUnsigned.dcm", tmp_path / "in")
+    reader = ScanReader()
+    image, meta = reader.get_data(reader.read([str(path)]))
+    with pytest.raises(InputError, match="Siemens mosaic"):
+        write_dicom_seg(np.zeros(image.shape, np.uint8), meta["affine"], [path], tmp_path / "seg.dcm", LABEL_NAMES)
+    assert not (tmp_path / "seg.dcm").exists()
 
 
 def test_seg_of_another_frame_of_reference_is_rejected(tmp_path):
