@@ -67,7 +67,7 @@ class Frame:
     gantry_tilt: float  # GantryDetectorTilt, degrees
     thickness: float = 0.0  # SpacingBetweenSlices or SliceThickness (used for single-slice volumes), mm
     mosaic: bool = False
-    private: dict = field(default_factory=dict, compare=False, hash=False)  # names only used for case ids
+    private: dict = field(default_factory=dict, compare=False, hash=False)  # patient name/ID/accession: kept out of outputs
 
     @property
     def normal(self) -> np.ndarray:
@@ -299,9 +299,9 @@ def _series_info(ds, sop_class: str) -> SeriesInfo:
 
 
 def _names(ds) -> dict:
-    """Patient name and ID, kept only so case ids can avoid them (never written anywhere)."""
+    """Patient name, ID and accession number, kept only so ids and paths can avoid them (never written)."""
     names = {}
-    for keyword in ("PatientName", "PatientID"):
+    for keyword in ("PatientName", "PatientID", "AccessionNumber"):
         value = str(ds.get(keyword, "") or "").strip()
         if value:
             names[keyword] = value

@@ -6,7 +6,8 @@
 * DICOM frames are grouped by SeriesInstanceUID across the whole tree, then split into volumes by
   orientation, echo, image type and repeated positions (:mod:`pipeline.io.dicom_series`).
 * Case ids are stable and free of patient identifiers: built from the folder/file names relative to
-  the input folder (a path component holding the patient's name or ID is replaced by ``patient``),
+  the input folder (a path component holding the patient's name, ID or accession number is replaced
+  by ``patient-<hash>``, :mod:`pipeline.io.privacy`),
   plus ``_s<SeriesNumber>`` when a folder holds several series, plus the split suffix.
 * Selection rules (``input.*`` in the config) choose what is segmented; everything else is returned in
   :attr:`Discovery.skipped` with a reason.
@@ -14,7 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -28,6 +28,7 @@ from pipeline.errors import InputError
 from pipeline.io.dicom_scan import Frame, looks_like_dicom, scan_file
 from pipeline.io.dicom_series import DicomVolume, group_volumes
 from pipeline.io.dicom_stack import StackPolicy
+from pipeline.io.privacy import identifiers, redact_part
 from pipeline.io.reader import ITK_SUFFIXES, NIFTI_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -214,21 +215,11 @@ def _dicom_cases(volumes: list[DicomVolume], root: Path) -> list[Case]:
 
 
 def _folder_id(folder: Path, root: Path, names: dict) -> str:
-    """Case id base: the folder relative to the input root; a path component holding the patient's name
-    or ID becomes ``patient-<8 hex digits of its SHA-256>`` (stable, distinct per patient, not the PHI)."""
+    """Case id base: the folder relative to the input root; a path component holding the patient's name,
+    ID or accession number becomes ``patient-<8 hex digits of its SHA-256>`` (:func:`redact_part`)."""
     rel = folder.relative_to(root) if folder != root and root in folder.parents else Path(root.name)
-    identifiers = [_normalise(v) for v in names.values() if len(_normalise(v)) >= 3]
-    parts = []
-    for part in rel.parts or (root.name,):
-        normalised = _normalise(part)
-        if any(i in normalised for i in identifiers):
-            part = "patient-" + hashlib.sha256(normalised.encode()).hexdigest()[:8]
-        parts.append(part)
-    return "_".join(parts) or "dicom"
-
-
-def _normalise(text: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", str(text).lower())
+    idents = identifiers(names.values())
+    return "_".join(redact_part(part, idents) for part in rel.parts or (root.name,)) or "dicom"
 
 
 def _not_selected(case: Case, select: InputConfig) -> str:
