@@ -3,7 +3,8 @@
 Discovery, selection and geometry are exactly those of ``segment`` (the same :func:`discover` and
 :class:`ScanReader`), so a converted image and a segmentation mask of the same case share their grid.
 Each volume is written atomically; one that fails is listed with its reason and nothing is written for
-it; the others go on.
+it; the others go on. Sources, reasons and log lines follow :mod:`pipeline.io.privacy` (paths relative to
+the input folder, patient identifiers replaced) unless ``keep_paths``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipeline.errors import describe_error
 from pipeline.io.atomic import atomic_path
 from pipeline.io.discover import Case, discover
 from pipeline.io.geometry import voxel_spacing
+from pipeline.io.privacy import Redactor, held_logs, redacted_logging
 from pipeline.io.reader import ScanReader
 from pipeline.io.write import atomic_save
 
@@ -48,7 +50,7 @@ class ConvertedRow:
     spacing_mm: str = ""  # e.g. 0.782x0.782x1.250
     status: str = ""  # converted | skipped | failed
     reason: str = ""
-    source: str = ""  # the folder or file it came from
+    source: str = ""  # the folder or file it came from (relative to the input folder unless keep_paths)
 
 
 def convert_folder(
@@ -57,33 +59,44 @@ def convert_folder(
     select: Optional[InputConfig] = None,
     *,
     overwrite: bool = True,
+    keep_paths: bool = False,
 ) -> list[ConvertedRow]:
-    """Convert every discovered volume; returns the rows written to ``output_dir/index.csv``."""
-    found = discover(input_dir, select)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    reader = ScanReader()
-    rows = []
-    for case in found.cases:
-        rows.append(_convert_case(case, output_dir, reader, overwrite))
-    for skipped in found.skipped:
-        rows.append(ConvertedRow(case_id=skipped.case_id, series_uid=skipped.series_uid, status="skipped",
-                                 reason=skipped.reason, source=skipped.source))
-    write_index(rows, output_dir / INDEX_NAME)
+    """Convert every discovered volume; returns the rows written to ``output_dir/index.csv``.
+
+    ``keep_paths``: full source paths in ``index.csv`` and the log (default: see :mod:`pipeline.io.privacy`).
+    """
+    with held_logs() as held:  # discovery's lines name folders: shown once the identifiers are known
+        found = discover(input_dir, select)
+    redact = found.redactor(input_dir, keep_paths=keep_paths)
+    for item in [*found.cases, *found.skipped]:  # learn every redacted folder name first
+        redact.path(item.display_source if isinstance(item, Case) else item.source)
+    with redacted_logging(redact):
+        held.replay()
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        reader = ScanReader()
+        rows = []
+        for case in found.cases:
+            rows.append(_convert_case(case, output_dir, reader, overwrite, redact))
+        for skipped in found.skipped:
+            rows.append(ConvertedRow(case_id=skipped.case_id, series_uid=skipped.series_uid, status="skipped",
+                                     reason=redact.text(skipped.reason), source=redact.path(skipped.source)))
+        write_index(rows, output_dir / INDEX_NAME)
     return rows
 
 
-def _convert_case(case: Case, output_dir: Path, reader: ScanReader, overwrite: bool) -> ConvertedRow:
+def _convert_case(case: Case, output_dir: Path, reader: ScanReader, overwrite: bool,
+                  redact: Redactor) -> ConvertedRow:
     row = ConvertedRow(
         case_id=case.case_id,
         series_uid=case.series_uid,
         series_number="" if case.series_number is None else str(case.series_number),
-        series_description=case.series_description,
+        series_description=redact.text(case.series_description),
         modality=case.modality,
         echo_number=case.echo_number,
         image_type=case.image_type,
         n_files=len(case.files),
-        source=case.display_source,
+        source=redact.path(case.display_source),
     )
     out_path = output_dir / f"{case.case_id}.nii.gz"
     try:
@@ -95,7 +108,7 @@ def _convert_case(case: Case, output_dir: Path, reader: ScanReader, overwrite: b
             image.set_qform(affine, code=1)
             atomic_save(image, out_path)
     except Exception as exc:  # isolate the volume: record why, go on with the others
-        row.status, row.reason = "failed", describe_error(exc)
+        row.status, row.reason = "failed", redact.text(describe_error(exc))
         log.error("cannot convert %s: %s", case.case_id, row.reason)
         return row
     row.nifti = out_path.name

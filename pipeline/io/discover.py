@@ -28,7 +28,7 @@ from pipeline.errors import InputError
 from pipeline.io.dicom_scan import Frame, looks_like_dicom, scan_file
 from pipeline.io.dicom_series import DicomVolume, group_volumes
 from pipeline.io.dicom_stack import StackPolicy
-from pipeline.io.privacy import identifiers, redact_part
+from pipeline.io.privacy import Redactor, identifiers, redact_part
 from pipeline.io.reader import ITK_SUFFIXES, NIFTI_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,11 @@ class Discovery:
 
     cases: list[Case]
     skipped: list[Skipped]
+    patient_values: set[str] = field(default_factory=set, repr=False)  # PatientName/ID/Accession seen
+
+    def redactor(self, root: Union[str, Path], keep_paths: bool = False) -> Redactor:
+        """How this input's paths and messages are written (:mod:`pipeline.io.privacy`)."""
+        return Redactor(root, self.patient_values, keep_paths=keep_paths)
 
 
 def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None) -> Discovery:
@@ -150,7 +155,8 @@ def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None) 
     for case in cases:
         if case.volume is not None:
             case.volume.case_id = case.case_id
-    return Discovery(sorted(cases, key=lambda c: c.case_id), skipped)
+    values = {str(v) for frame in frames for v in frame.private.values()}
+    return Discovery(sorted(cases, key=lambda c: c.case_id), skipped, values)
 
 
 def discover_cases(input_dir: Union[str, Path], select: Optional[InputConfig] = None) -> list[Case]:

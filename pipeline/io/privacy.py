@@ -21,6 +21,7 @@ token, so they pseudonymise, they do not anonymise.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -75,7 +76,7 @@ class Redactor:
         self.keep_paths = keep_paths
         values = sorted({str(v).strip() for v in values if str(v).strip()})
         self.idents = identifiers(values)
-        self.root_name = redact_part(self.root.name or "input", self.idents)
+        self.root_name = redact_part(Path(os.path.abspath(self.root)).name or "input", self.idents)
         self._replacements: dict[str, str] = {}  # raw text -> public text, for messages
         for value in values:
             if len(normalise(value)) >= MIN_IDENTIFIER_LENGTH:
@@ -104,9 +105,7 @@ class Redactor:
         text = "" if text is None else str(text)
         if self.keep_paths or not text:
             return text
-        for root in {str(self.root), os.path.abspath(self.root)}:
-            if root not in ("", ".", "/"):
-                text = text.replace(root.rstrip("/"), self.root_name)
+        text = self._root_pattern().sub(self.root_name, text)
         pattern = self._compiled()
         if pattern is None:
             return text
@@ -138,15 +137,27 @@ class Redactor:
                     continue
         return [path.name]  # outside the input folder (should not happen): its name only
 
+    def _root_pattern(self) -> re.Pattern:
+        """The input folder's path as given and absolute (not a bare name: "in" is in many words)."""
+        forms = {str(self.root).rstrip("/"), os.path.abspath(self.root)}
+        forms = sorted((f for f in forms if "/" in f and f != "/"), key=len, reverse=True)
+        if not forms:
+            return re.compile(r"(?!x)x")  # matches nothing
+        return re.compile(r"(?<![\w./-])(?:" + "|".join(re.escape(f) for f in forms) + r")(?![\w.-])")
+
     def _compiled(self) -> Optional[re.Pattern]:
         if self._pattern is None and self._replacements:
             alternatives = []
             for raw in sorted(self._replacements, key=len, reverse=True):
                 pieces = re.findall(r"[A-Za-z0-9]+", raw)
-                if pieces:  # any punctuation (or none) between the letters and digits of the value
-                    alternatives.append(r"[^A-Za-z0-9]*".join(re.escape(p) for p in pieces))
-            self._pattern = re.compile(r"(?<![A-Za-z0-9])(?:" + "|".join(alternatives) + r")(?![A-Za-z0-9])",
-                                       re.IGNORECASE)
+                if not pieces:
+                    continue
+                # any punctuation (or none) between the letters and digits of the value; a short one
+                # ("DOE") only as a word of its own, a long one ("PID12345") inside words too
+                body = r"[^A-Za-z0-9]*".join(re.escape(p) for p in pieces)
+                short = len(normalise(raw)) < 6
+                alternatives.append(rf"(?<![A-Za-z0-9]){body}(?![A-Za-z0-9])" if short else body)
+            self._pattern = re.compile("|".join(alternatives), re.IGNORECASE)
         return self._pattern
 
     def _token_for(self, found: str) -> str:
@@ -157,6 +168,56 @@ class Redactor:
         return patient_token(found)
 
 
-def patient_values(frames_private: Iterable[dict]) -> set[str]:
-    """Every raw patient value in the ``Frame.private`` dicts given."""
-    return {str(v) for private in frames_private for v in private.values() if str(v).strip()}
+
+# --- logs -----------------------------------------------------------------------------------------
+
+
+class HeldLogs(logging.Handler):
+    """Records kept back (see :func:`held_logs`) until the identifiers they must not show are known."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def replay(self) -> None:
+        """Hand the held records to their loggers' handlers as if logged now (filters apply)."""
+        records, self.records = self.records, []
+        for record in records:
+            logging.getLogger(record.name).handle(record)
+
+
+@contextlib.contextmanager
+def held_logs(name: str = "pipeline"):
+    """Keep the records of logger ``name`` (and its children) from every handler during the block;
+    :meth:`HeldLogs.replay` them afterwards, e.g. inside :func:`redacted_logging`."""
+    logger = logging.getLogger(name)
+    held = HeldLogs()
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [held], False
+    try:
+        yield held
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+
+
+@contextlib.contextmanager
+def redacted_logging(redactor: Redactor, name: str = "pipeline"):
+    """During the block every handler of the root logger and of ``name`` (console, files; Python's
+    last-resort handler too) writes records through :meth:`Redactor.text`."""
+    if redactor.keep_paths:
+        yield
+        return
+    log_filter = redactor.log_filter()
+    handlers = {*logging.getLogger().handlers, *logging.getLogger(name).handlers}
+    if logging.lastResort is not None:
+        handlers.add(logging.lastResort)
+    for handler in handlers:
+        handler.addFilter(log_filter)
+    try:
+        yield log_filter
+    finally:
+        for handler in handlers:
+            handler.removeFilter(log_filter)
