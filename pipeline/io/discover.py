@@ -108,6 +108,7 @@ def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None) 
     cases: list[Case] = []
     skipped: list[Skipped] = []
     frames: list[Frame] = []
+    volume_files: list[Path] = []  # named once the patient identifiers of the DICOM files are known
     for folder, files, has_subfolders in _walk(root) if root_files is None else [(root.parent, root_files, False)]:
         if not files and not has_subfolders and folder != root:
             skipped.append(Skipped(str(folder), "empty folder"))
@@ -118,7 +119,7 @@ def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None) 
         for path in files:
             lower = path.name.lower()
             if lower.endswith(VOLUME_SUFFIXES):
-                cases.append(_volume_case(path, base))
+                volume_files.append(path)
             elif lower.endswith(_COMPANION_SUFFIXES) and _has_header_beside(lower, names):
                 continue
             elif path.name.upper() == "DICOMDIR":
@@ -140,6 +141,8 @@ def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None) 
             skipped.append(Skipped(str(folder), f"{_count(unknown)} not recognised as a scan "
                                                 f"(expected DICOM, NIfTI, NRRD or MHA/MHD)"))
     volumes = group_volumes(frames)
+    values = {str(v) for frame in frames for v in frame.private.values()}
+    cases.extend(_volume_case(path, base, identifiers(values)) for path in volume_files)
     policy = StackPolicy.from_config(select)
     for volume in volumes:
         volume.policy = policy
@@ -155,7 +158,6 @@ def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None) 
     for case in cases:
         if case.volume is not None:
             case.volume.case_id = case.case_id
-    values = {str(v) for frame in frames for v in frame.private.values()}
     return Discovery(sorted(cases, key=lambda c: c.case_id), skipped, values)
 
 
@@ -184,7 +186,8 @@ def _count(names: list[str]) -> str:
     return f"{len(names)} file{'s' if len(names) != 1 else ''} ({shown})"
 
 
-def _volume_case(path: Path, root: Path) -> Case:
+def _volume_case(path: Path, root: Path, idents: frozenset = frozenset()) -> Case:
+    """A volume file's case: its folder and name relative to ``root``, parts holding ``idents`` redacted."""
     name = path.name
     for suffix in VOLUME_SUFFIXES:
         if name.lower().endswith(suffix):
@@ -192,7 +195,7 @@ def _volume_case(path: Path, root: Path) -> Case:
             break
     name = _CHANNEL_SUFFIX.sub("", name)
     rel_parent = path.parent.relative_to(root) if path.parent != root else Path()
-    case_id = "_".join(list(rel_parent.parts) + [name]) if rel_parent.parts else name
+    case_id = "_".join(redact_part(part, idents) for part in [*rel_parent.parts, name])
     kind = "nifti" if path.name.lower().endswith(NIFTI_SUFFIXES) else "itk"
     return Case(case_id=_safe(case_id), source=str(path), kind=kind)
 
