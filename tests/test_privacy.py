@@ -168,7 +168,7 @@ def test_dicom_seg_carries_the_patient_module(tmp_path, monkeypatch):
                  "--backend", "torch", "--dicom-seg", "--no-qc"]) == 1
     (seg,) = (tmp_path / "out").glob("*_seg.dcm")
     ds = pydicom.dcmread(str(seg))
-    assert (str(ds.PatientName), ds.PatientID) == (NAME, PID)
+    assert (str(ds.PatientName), ds.PatientID, ds.AccessionNumber) == (NAME, PID, ACCESSION)
     assert patient_token(NAME) in seg.name  # its file name, like every other, does not name the patient
     for path in (tmp_path / "out").rglob("*"):
         if path.is_file() and path.suffix != ".dcm":
