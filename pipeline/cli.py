@@ -107,7 +107,8 @@ def cmd_segment(args) -> int:
         select = override_config(model.config, args.overrides, allowed_prefix="input.").input
     results = segment_folder(args.input_dir, args.output_dir, model, device=args.device, backend=args.backend,
                              overwrite=args.overwrite, shard=args.shard, dicom_seg=args.dicom_seg,
-                             qc=not args.no_qc, progress=not args.quiet, select=select, keep_paths=args.keep_paths)
+                             qc=not args.no_qc, progress=not args.quiet, select=select,
+                             keep_paths=args.keep_paths)
     s = summarise(results)
     for r in results:
         if r.status == "failed":

@@ -154,8 +154,9 @@ def segment_folder(
         bars = bars_enabled(progress)
         with OutputLock(files.lock, conflicts=files.conflicting_locks()), \
                 _log_to(files.log, redact, echo=progress and not bars):
-            run = _BatchRun(segmenter, files, model=model, input_dir=input_dir, overwrite=overwrite, select=select,
-                            dicom_seg=dicom_seg, qc=qc, progress=bars, on_case=on_case, redact=redact)
+            run = _BatchRun(segmenter, files, model=model, input_dir=input_dir, overwrite=overwrite,
+                            select=select, dicom_seg=dicom_seg, qc=qc, progress=bars, on_case=on_case,
+                            redact=redact)
             return run.run(discovery, background=background)
 
 
@@ -217,8 +218,9 @@ class _BatchRun:
         self.bar = None
         model_path = "" if isinstance(model, Segmenter) else str(model)
         self.manifest = Manifest(files.manifest_csv, files.manifest_json, {
-            "input_dir": redact.path(input_dir), "output_dir": str(self.out) if redact.keep_paths else redact.text(
-                self.out.name), "model": model_path,
+            "input_dir": redact.path(input_dir),  # its name only (and full paths with keep_paths)
+            "output_dir": str(self.out) if redact.keep_paths else redact.text(self.out.resolve().name),
+            "model": model_path,
             "model_sha256": segmenter.model_sha256, "shard": str(files.shard) if files.shard else None,
             "started": _now(), "host": self.host, "versions": self.versions,
         })
@@ -271,7 +273,8 @@ class _BatchRun:
     def _plan(self, cases: list[Case], skipped) -> list[tuple[Case, str]]:
         for item in skipped:
             self._record(CaseResult(case_id=item.case_id, source=self.redact.path(item.source), status="skipped",
-                                    error=self.redact.text(item.reason), series_uid=item.series_uid, finished=_now()), save=False)
+                                    error=self.redact.text(item.reason), series_uid=item.series_uid,
+                                    finished=_now()), save=False)
         todo = []
         for case in cases:
             fingerprint = case_fingerprint(self.model_id, self.config, case.files)

@@ -67,7 +67,8 @@ class Frame:
     gantry_tilt: float  # GantryDetectorTilt, degrees
     thickness: float = 0.0  # SpacingBetweenSlices or SliceThickness (used for single-slice volumes), mm
     mosaic: bool = False
-    private: dict = field(default_factory=dict, compare=False, hash=False)  # patient name/ID/accession: kept out of outputs
+    # PatientName/PatientID/AccessionNumber: read only to keep them out of ids and outputs
+    private: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def normal(self) -> np.ndarray:
