@@ -68,8 +68,6 @@ def convert_folder(
     with held_logs() as held:  # discovery's lines name folders: shown once the identifiers are known
         found = discover(input_dir, select)
     redact = found.redactor(input_dir, keep_paths=keep_paths)
-    for item in [*found.cases, *found.skipped]:  # learn every redacted folder name first
-        redact.path(item.display_source if isinstance(item, Case) else item.source)
     with redacted_logging(redact):
         held.replay()
         output_dir = Path(output_dir)

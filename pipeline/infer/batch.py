@@ -57,7 +57,7 @@ from pipeline.report.sidecar import read_sidecar, write_sidecar
 from pipeline.progress import bars_enabled, progress_bar
 
 log = logging.getLogger(__name__)
-run_log = logging.getLogger("pipeline.run")  # per-case lines for segment.log only (never the console)
+run_log = logging.getLogger("pipeline.run")  # per-case lines for segment.log (the console: off a terminal)
 
 __all__ = ["MASK_SUFFIX", "CaseResult", "exit_code", "segment_folder", "summarise"]
 
@@ -142,8 +142,6 @@ def segment_folder(
     with held_logs() as held:  # discovery's lines name folders: shown once the identifiers are known
         discovery = discover(input_dir, select)
     redact = discovery.redactor(input_dir, keep_paths=keep_paths)
-    for item in [*discovery.cases, *discovery.skipped]:  # learn every redacted folder name first
-        redact.path(item.display_source if isinstance(item, Case) else item.source)
     with redacted_logging(redact):
         held.replay()
         if not discovery.cases:
@@ -462,7 +460,7 @@ def _result_order(results: dict[str, CaseResult]):
 
 
 def _nothing_found(input_dir, discovery: Discovery, redact: Redactor) -> str:
-    message = (f"no scans found under '{input_dir}': expected NIfTI files (.nii/.nii.gz) or folders of "
+    message = (f"no scans found under '{redact.text(str(input_dir))}': expected NIfTI files (.nii/.nii.gz) or folders of "
                "DICOM files. Check the path")
     if discovery.skipped:
         first = discovery.skipped[0]

@@ -89,8 +89,12 @@ class Discovery:
     patient_values: set[str] = field(default_factory=set, repr=False)  # PatientName/ID/Accession seen
 
     def redactor(self, root: Union[str, Path], keep_paths: bool = False) -> Redactor:
-        """How this input's paths and messages are written (:mod:`pipeline.io.privacy`)."""
-        return Redactor(root, self.patient_values, keep_paths=keep_paths)
+        """How this input's paths and messages are written (:mod:`pipeline.io.privacy`); it knows every
+        folder name it replaces in the discovered paths, so messages naming them are redacted too."""
+        redactor = Redactor(root, self.patient_values, keep_paths=keep_paths)
+        for path in [*(case.display_source for case in self.cases), *(item.source for item in self.skipped)]:
+            redactor.path(path)
+        return redactor
 
 
 def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None) -> Discovery:
