@@ -15,8 +15,8 @@ sidecars, ``index.html``, ``lesions.csv``, logs, ``convert``'s index):
   becomes its token.
 
 ``keep_paths=True`` (``--keep-paths``) turns the path rule off: full paths as given. The tokens are
-unsalted hashes: they link cases of one patient, and whoever knows an identifier can recompute its
-token, so they pseudonymise, they do not anonymise.
+unsalted hashes: the same component always gets the same token (runs and sites can be matched), and
+whoever knows an identifier can recompute its token, so they pseudonymise, they do not anonymise.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class Redactor:
                 if piece != value and len(normalise(piece)) >= MIN_IDENTIFIER_LENGTH:
                     self._replacements[piece] = patient_token(piece)
         self._pattern: Optional[re.Pattern] = None
+        self._root = self._root_pattern()
 
     def path(self, path: Union[str, Path, None]) -> str:
         """``path`` relative to the input folder (prefixed by its public name), components redacted."""
@@ -105,7 +106,8 @@ class Redactor:
         text = "" if text is None else str(text)
         if self.keep_paths or not text:
             return text
-        text = self._root_pattern().sub(self.root_name, text)
+        if self._root is not None:
+            text = self._root.sub(self.root_name, text)
         pattern = self._compiled()
         if pattern is None:
             return text
@@ -137,12 +139,12 @@ class Redactor:
                     continue
         return [path.name]  # outside the input folder (should not happen): its name only
 
-    def _root_pattern(self) -> re.Pattern:
+    def _root_pattern(self) -> Optional[re.Pattern]:
         """The input folder's path as given and absolute (not a bare name: "in" is in many words)."""
         forms = {str(self.root).rstrip("/"), os.path.abspath(self.root)}
         forms = sorted((f for f in forms if "/" in f and f != "/"), key=len, reverse=True)
         if not forms:
-            return re.compile(r"(?!x)x")  # matches nothing
+            return None
         return re.compile(r"(?<![\w./-])(?:" + "|".join(re.escape(f) for f in forms) + r")(?![\w.-])")
 
     def _compiled(self) -> Optional[re.Pattern]:
@@ -157,7 +159,7 @@ class Redactor:
                 body = r"[^A-Za-z0-9]*".join(re.escape(p) for p in pieces)
                 short = len(normalise(raw)) < 6
                 alternatives.append(rf"(?<![A-Za-z0-9]){body}(?![A-Za-z0-9])" if short else body)
-            self._pattern = re.compile("|".join(alternatives), re.IGNORECASE)
+            self._pattern = re.compile("|".join(alternatives), re.IGNORECASE) if alternatives else None
         return self._pattern
 
     def _token_for(self, found: str) -> str:
