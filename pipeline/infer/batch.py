@@ -460,7 +460,7 @@ def _result_order(results: dict[str, CaseResult]):
 
 
 def _nothing_found(input_dir, discovery: Discovery, redact: Redactor) -> str:
-    message = (f"no scans found under '{redact.text(str(input_dir))}': expected NIfTI files (.nii/.nii.gz) or folders of "
+    message = (f"no scans found under '{input_dir}': expected NIfTI files (.nii/.nii.gz) or folders of "
                "DICOM files. Check the path")
     if discovery.skipped:
         first = discovery.skipped[0]
