@@ -353,3 +353,17 @@ def test_no_progress_bar_off_a_terminal(tmp_path, capsys, caplog, checkpoint):
     assert code == 0
     assert "\r" not in err and "segment:" not in err
     assert "case scan_0 done" in caplog.text and "case scan_1 done" in caplog.text
+
+
+def test_train_device_sets_train_device(monkeypatch):
+    import pipeline.config
+
+    seen = []
+
+    def fake_load(path, overrides):
+        seen.append(list(overrides))
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(pipeline.config, "load_config", fake_load)
+    assert main(["train", "configs/demo.yaml", "train.epochs=1", "--device", "cpu"]) == 2
+    assert seen == [["train.epochs=1", "train.device=cpu"]]
