@@ -64,7 +64,7 @@ def cmd_convert(args) -> int:
     from pipeline.convert import convert_folder
 
     config = load_config(args.config, args.overrides)
-    rows = convert_folder(args.input_dir, args.output_dir, config.input)
+    rows = convert_folder(args.input_dir, args.output_dir, config.input, keep_paths=args.keep_paths)
     converted = [r for r in rows if r.status == "converted"]
     failed = [r for r in rows if r.status == "failed"]
     skipped = [r for r in rows if r.status == "skipped"]
@@ -94,7 +94,8 @@ def cmd_train(args) -> int:
     from pipeline.config import load_config
     from pipeline.training import train
 
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
+    config = load_config(args.config, overrides)
     result = train(config, resume=args.resume, progress=not args.quiet)
     print(f"best checkpoint: {result.best} (validation Dice {result.best_metric:.3f})")
     print(f"last checkpoint: {result.last}; log: {result.log_csv}")
@@ -119,7 +120,8 @@ def cmd_segment(args) -> int:
         select = override_config(model.config, args.overrides, allowed_prefix="input.").input
     results = segment_folder(args.input_dir, args.output_dir, model, device=args.device, backend=args.backend,
                              overwrite=args.overwrite, shard=args.shard, dicom_seg=args.dicom_seg,
-                             qc=not args.no_qc, progress=not args.quiet, select=select)
+                             qc=not args.no_qc, progress=not args.quiet, select=select,
+                             keep_paths=args.keep_paths)
     s = summarise(results)
     for r in results:
         if r.status == "failed":
@@ -273,6 +275,10 @@ def _fraction(text: str) -> float:
     return value
 
 
+_KEEP_PATHS_HELP = ("write full source paths in the outputs and logs (default: relative to INPUT_DIR, with "
+                    "folders named after a patient's name, ID or accession number replaced by patient-<hash>)")
+
+
 def _parser() -> argparse.ArgumentParser:
     # The flags work before or after the command; SUPPRESS keeps a subcommand's copy from resetting
     # a flag given before the command.
@@ -306,6 +312,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="selection and repair rules, e.g. input.modalities=[CT] "
                                                 "input.on_missing_slices=resample")
     p.add_argument("--config", default=None, help="YAML config whose input: section to use (default: built-in)")
+    p.add_argument("--keep-paths", action="store_true", help=_KEEP_PATHS_HELP)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("check", parents=[common],
@@ -322,6 +329,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config, e.g. configs/lesion3d.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 model.features=16")
     p.add_argument("--resume", action="store_true", help="continue from train.out_dir/last.pt")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (sets train.device)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("segment", parents=[common], help="segment every scan under a folder")
@@ -340,6 +348,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="process shard I of N (1-based), e.g. 2/4: N processes can share one output folder")
     p.add_argument("--dicom-seg", action="store_true", help="also write <case>_seg.dcm (DICOM SEG) for DICOM series")
     p.add_argument("--no-qc", action="store_true", help="no QC pictures (qc/<case>.png)")
+    p.add_argument("--keep-paths", action="store_true", help=_KEEP_PATHS_HELP)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("manifest", parents=[common],

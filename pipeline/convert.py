@@ -3,7 +3,8 @@
 Discovery, selection and geometry are exactly those of ``segment`` (the same :func:`discover` and
 :class:`ScanReader`), so a converted image and a segmentation mask of the same case share their grid.
 Each volume is written atomically; one that fails is listed with its reason and nothing is written for
-it; the others go on.
+it; the others go on. Sources, reasons and log lines follow :mod:`pipeline.io.privacy` (paths relative to
+the input folder, patient identifiers replaced) unless ``keep_paths``.
 
 With ``input.channels`` (rules that pick a DICOM study's series as channels), each study is written as
 nnU-Net-style channel files ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``... on channel 0's grid (the
@@ -27,6 +28,7 @@ from pipeline.errors import describe_error
 from pipeline.io.atomic import atomic_path
 from pipeline.io.discover import Case, discover
 from pipeline.io.geometry import voxel_spacing
+from pipeline.io.privacy import Redactor, held_logs, redacted_logging
 from pipeline.io.reader import ScanReader
 from pipeline.io.write import atomic_save
 
@@ -52,7 +54,7 @@ class ConvertedRow:
     spacing_mm: str = ""  # e.g. 0.782x0.782x1.250
     status: str = ""  # converted | skipped | failed
     reason: str = ""
-    source: str = ""  # the folder or file it came from
+    source: str = ""  # the folder or file it came from (relative to the input folder unless keep_paths)
 
 
 def convert_folder(
@@ -61,35 +63,44 @@ def convert_folder(
     select: Optional[InputConfig] = None,
     *,
     overwrite: bool = True,
+    keep_paths: bool = False,
 ) -> list[ConvertedRow]:
-    """Convert every discovered volume; returns the rows written to ``output_dir/index.csv``."""
+    """Convert every discovered volume; returns the rows written to ``output_dir/index.csv``.
+
+    ``keep_paths``: full source paths in ``index.csv`` and the log (default: see :mod:`pipeline.io.privacy`).
+    """
     select = select or InputConfig()
     names = [rule.name for rule in select.channels]
-    found = discover(input_dir, select, channels=names)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    reader = ScanReader(channels=max(1, len(names)), channel_names=names)
-    rows = []
-    for case in found.cases:
-        rows.append(_convert_case(case, output_dir, reader, overwrite))
-    for skipped in found.skipped:
-        rows.append(ConvertedRow(case_id=skipped.case_id, series_uid=skipped.series_uid, status="skipped",
-                                 reason=skipped.reason, source=skipped.source))
-    write_index(rows, output_dir / INDEX_NAME)
+    with held_logs() as held:  # discovery's lines name folders: shown once the identifiers are known
+        found = discover(input_dir, select, channels=names)
+    redact = found.redactor(input_dir, keep_paths=keep_paths)
+    with redacted_logging(redact):
+        held.replay()
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        reader = ScanReader(channels=max(1, len(names)), channel_names=names)
+        rows = []
+        for case in found.cases:
+            rows.append(_convert_case(case, output_dir, reader, overwrite, redact))
+        for skipped in found.skipped:
+            rows.append(ConvertedRow(case_id=skipped.case_id, series_uid=skipped.series_uid, status="skipped",
+                                     reason=redact.text(skipped.reason), source=redact.path(skipped.source)))
+        write_index(rows, output_dir / INDEX_NAME)
     return rows
 
 
-def _convert_case(case: Case, output_dir: Path, reader: ScanReader, overwrite: bool) -> ConvertedRow:
+def _convert_case(case: Case, output_dir: Path, reader: ScanReader, overwrite: bool,
+                  redact: Redactor) -> ConvertedRow:
     row = ConvertedRow(
         case_id=case.case_id,
         series_uid=case.series_uid,
         series_number="" if case.series_number is None else str(case.series_number),
-        series_description=case.series_description,
+        series_description=redact.text(case.series_description),
         modality=case.modality,
         echo_number=case.echo_number,
         image_type=case.image_type,
         n_files=len(case.files),
-        source=case.display_source,
+        source=redact.path(case.display_source),
     )
     multi = case.channels is not None
     out_paths = ([output_dir / f"{case.case_id}_{c:04d}.nii.gz" for c in range(reader.channels)] if multi
@@ -105,7 +116,7 @@ def _convert_case(case: Case, output_dir: Path, reader: ScanReader, overwrite: b
                 image.set_qform(affine, code=1)
                 atomic_save(image, out_path)
     except Exception as exc:  # isolate the volume: record why, go on with the others
-        row.status, row.reason = "failed", describe_error(exc)
+        row.status, row.reason = "failed", redact.text(describe_error(exc))
         log.error("cannot convert %s: %s", case.case_id, row.reason)
         return row
     row.nifti = ";".join(p.name for p in out_paths)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -189,7 +190,7 @@ def test_segment_truncated_scan_fails_alone(tmp_path, capsys, checkpoint):
     assert "segmented 2/3 cases" in out and "1 failed" in out
     failed = [line for line in err.splitlines() if line.startswith("failed:")]
     assert len(failed) == 1
-    assert failed[0].startswith(f"failed: bad ({bad}): cannot read NIfTI '{bad}'")
+    assert failed[0].startswith("failed: bad (in/bad.nii.gz): cannot read NIfTI 'in/bad.nii.gz'")  # no full path
     assert "Traceback" not in err
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("*_seg.nii.gz")) == ["scan_0_seg.nii.gz", "scan_1_seg.nii.gz"]
@@ -322,25 +323,57 @@ def test_debug_before_the_command_reraises(monkeypatch):
         main(["--debug", "train", "configs/demo.yaml", "train.epoch=5"])
 
 
-def test_quiet_before_the_command_hides_progress(tmp_path, capsys, checkpoint):
+class _Terminal(io.StringIO):
+    """stderr as a terminal: progress bars are drawn only there (pipeline/progress.py)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def as_terminal(monkeypatch) -> _Terminal:
+    """Replace stderr in the test's body (pytest's capture resets it after the fixtures)."""
+    stream = _Terminal()
+    monkeypatch.setattr(sys, "stderr", stream)
+    return stream
+
+
+@pytest.mark.parametrize("quiet_first", [True, False])
+def test_quiet_hides_progress(tmp_path, monkeypatch, checkpoint, quiet_first):
     write_scans(tmp_path / "in", n=1)
-    code, out, err = run(capsys, "-q", "segment", str(tmp_path / "in"), str(tmp_path / "out"),
-                         "--model", str(checkpoint), "--device", "cpu")
-    assert code == 0
-    assert "segment:" not in err  # the tqdm bar over cases
+    terminal = as_terminal(monkeypatch)
+    command = ["segment", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(checkpoint),
+               "--device", "cpu"]
+    assert main(["-q", *command] if quiet_first else [command[0], "-q", *command[1:]]) == 0
+    assert "segment:" not in terminal.getvalue()  # the tqdm bar over cases
 
 
-def test_quiet_after_the_command_hides_progress(tmp_path, capsys, checkpoint):
+def test_progress_is_shown_on_a_terminal(tmp_path, monkeypatch, checkpoint):
     write_scans(tmp_path / "in", n=1)
-    code, out, err = run(capsys, "segment", "-q", str(tmp_path / "in"), str(tmp_path / "out"),
-                         "--model", str(checkpoint), "--device", "cpu")
-    assert code == 0
-    assert "segment:" not in err
+    terminal = as_terminal(monkeypatch)
+    assert main(["segment", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(checkpoint),
+                 "--device", "cpu"]) == 0
+    assert "segment:" in terminal.getvalue() and "\r" in terminal.getvalue()
 
 
-def test_progress_is_shown_without_quiet(tmp_path, capsys, checkpoint):
-    write_scans(tmp_path / "in", n=1)
+def test_no_progress_bar_off_a_terminal(tmp_path, capsys, caplog, checkpoint):
+    """A log file, CI or a pipe gets one line per case, never carriage-return frames."""
+    write_scans(tmp_path / "in", n=2)
     code, out, err = run(capsys, "segment", str(tmp_path / "in"), str(tmp_path / "out"),
                          "--model", str(checkpoint), "--device", "cpu")
     assert code == 0
-    assert "segment:" in err
+    assert "\r" not in err and "segment:" not in err
+    assert "case scan_0 done" in caplog.text and "case scan_1 done" in caplog.text
+
+
+def test_train_device_sets_train_device(monkeypatch):
+    import pipeline.config
+
+    seen = []
+
+    def fake_load(path, overrides):
+        seen.append(list(overrides))
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(pipeline.config, "load_config", fake_load)
+    assert main(["train", "configs/demo.yaml", "train.epochs=1", "--device", "cpu"]) == 2
+    assert seen == [["train.epochs=1", "train.device=cpu"]]

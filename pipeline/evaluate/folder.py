@@ -212,8 +212,6 @@ def _prediction_candidates(pred_dir: Path, case_id: str) -> list[Path]:
 
 
 def _progress(items, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm import tqdm
+    from pipeline.progress import progress_bar  # a bar on a terminal only
 
-    return tqdm(items, desc="evaluate", unit="case", leave=False)
+    return progress_bar(items, enabled=enabled, desc="evaluate", unit="case", leave=False)

@@ -5,7 +5,7 @@ Conventions (documented in the README):
 * Any non-zero voxel is foreground; callers select a label with ``mask == label`` first.
 
 Surface distances live in :mod:`pipeline.evaluate.surface`, lesion-wise detection in
-:mod:`pipeline.evaluate.lesions` (re-exported here for older imports).
+:mod:`pipeline.evaluate.lesions` (import them from there, or from :mod:`pipeline.evaluate`).
 """
 
 from __future__ import annotations

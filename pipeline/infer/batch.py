@@ -38,6 +38,7 @@ from pipeline.infer.segmenter import Segmenter
 from pipeline.infer.stages import pipelined
 from pipeline.io.discover import Case, Discovery, discover
 from pipeline.io.geometry import voxel_spacing
+from pipeline.io.privacy import Redactor, held_logs, redacted_logging
 from pipeline.io.write import write_mask
 from pipeline.report.fingerprint import case_fingerprint, state_dict_sha256
 from pipeline.report.html import write_index_html
@@ -53,9 +54,10 @@ from pipeline.report.outputs import (
     remove_temporaries,
 )
 from pipeline.report.sidecar import read_sidecar, write_sidecar
+from pipeline.progress import bars_enabled, progress_bar
 
 log = logging.getLogger(__name__)
-run_log = logging.getLogger("pipeline.run")  # per-case lines for segment.log only (never the console)
+run_log = logging.getLogger("pipeline.run")  # per-case lines for segment.log (the console: off a terminal)
 
 __all__ = ["MASK_SUFFIX", "CaseResult", "exit_code", "segment_folder", "summarise"]
 
@@ -118,6 +120,7 @@ def segment_folder(
     background: bool = True,
     select: Optional[InputConfig] = None,
     on_case: Optional[Callable[[CaseResult], None]] = None,
+    keep_paths: bool = False,
 ) -> list[CaseResult]:
     """Segment every scan under ``input_dir`` into ``output_dir/<case>_seg.nii.gz`` (+ reports).
 
@@ -127,7 +130,10 @@ def segment_folder(
     ``dicom_seg``: also write ``<case>_seg.dcm`` for DICOM sources. ``qc``: QC pictures.
     ``background=False`` runs the stages one after another (a baseline for the throughput benchmark).
     ``select``: which scans to use and how to treat inconsistent DICOM series (``input.*``); default:
-    the model's config. ``on_case`` is called (from the writer thread) as each case finishes. Returns one result per case
+    the model's config. ``on_case`` is called (from the writer thread) as each case finishes.
+    ``progress``: bars when stderr is a terminal, else one console line per case (:mod:`pipeline.progress`).
+    ``keep_paths``: write full source paths; by default every path is relative to ``input_dir`` and
+    patient identifiers in it are replaced (:mod:`pipeline.io.privacy`). Returns one result per case
     of this run (shard), in manifest order. Errors before any work (no scans, bad model, unwritable
     output, folder locked) raise :class:`~pipeline.errors.MedsegError`.
     """
@@ -137,16 +143,23 @@ def segment_folder(
     segmenter = model if isinstance(model, Segmenter) else Segmenter.from_checkpoint(model, device=device, backend=backend)
     select = select or segmenter.config.input
     _check_channel_rules(select, segmenter.config)
-    discovery = discover(input_dir, select, channels=segmenter.config.data.channels)
-    if not discovery.cases:
-        raise InputError(_nothing_found(input_dir, discovery))
-    if dicom_seg and any(case.kind == "dicom" for case in discovery.cases):
-        _dicom_seg_writer()  # fail now, not on every case
-    files = RunFiles(prepare_output_dir(output_dir), shard)
-    with OutputLock(files.lock, conflicts=files.conflicting_locks()), _log_to(files.log):
-        run = _BatchRun(segmenter, files, model=model, input_dir=input_dir, overwrite=overwrite, select=select,
-                        dicom_seg=dicom_seg, qc=qc, progress=progress, on_case=on_case)
-        return run.run(discovery, background=background)
+    with held_logs() as held:  # discovery's lines name folders: shown once the identifiers are known
+        discovery = discover(input_dir, select, channels=segmenter.config.data.channels)
+    redact = discovery.redactor(input_dir, keep_paths=keep_paths)
+    with redacted_logging(redact):
+        held.replay()
+        if not discovery.cases:
+            raise InputError(_nothing_found(input_dir, discovery, redact))
+        if dicom_seg and any(case.kind == "dicom" for case in discovery.cases):
+            _dicom_seg_writer()  # fail now, not on every case
+        files = RunFiles(prepare_output_dir(output_dir), shard)
+        bars = bars_enabled(progress)
+        with OutputLock(files.lock, conflicts=files.conflicting_locks()), \
+                _log_to(files.log, redact, echo=progress and not bars):
+            run = _BatchRun(segmenter, files, model=model, input_dir=input_dir, overwrite=overwrite,
+                            select=select, dicom_seg=dicom_seg, qc=qc, progress=bars, on_case=on_case,
+                            redact=redact)
+            return run.run(discovery, background=background)
 
 
 def summarise(results: list[CaseResult]) -> dict:
@@ -189,13 +202,14 @@ class _Item:
 
 class _BatchRun:
     def __init__(self, segmenter: Segmenter, files: RunFiles, *, model, input_dir, overwrite, select, dicom_seg, qc,
-                 progress, on_case):
+                 progress, on_case, redact: Redactor):
         from pipeline.model.checkpoint import versions
 
         self.segmenter, self.files = segmenter, files
         self.out = files.output_dir
         self.overwrite, self.dicom_seg, self.qc = overwrite, dicom_seg, qc
-        self.progress, self.on_case = progress, on_case
+        self.progress, self.on_case = progress, on_case  # progress: draw bars (the terminal decided)
+        self.redact = redact
         self.model_id = segmenter.model_sha256 or "state:" + state_dict_sha256(segmenter.network.state_dict())
         self.host = socket.gethostname()
         self.versions = versions()
@@ -206,7 +220,9 @@ class _BatchRun:
         self.bar = None
         model_path = "" if isinstance(model, Segmenter) else str(model)
         self.manifest = Manifest(files.manifest_csv, files.manifest_json, {
-            "input_dir": str(input_dir), "output_dir": str(self.out), "model": model_path,
+            "input_dir": redact.path(input_dir),  # its name only (and full paths with keep_paths)
+            "output_dir": str(self.out) if redact.keep_paths else redact.text(self.out.resolve().name),
+            "model": model_path,
             "model_sha256": segmenter.model_sha256, "shard": str(files.shard) if files.shard else None,
             "started": _now(), "host": self.host, "versions": self.versions,
         })
@@ -258,8 +274,9 @@ class _BatchRun:
 
     def _plan(self, cases: list[Case], skipped) -> list[tuple[Case, str]]:
         for item in skipped:
-            self._record(CaseResult(case_id=item.case_id, source=str(item.source), status="skipped",
-                                    error=item.reason, series_uid=item.series_uid, finished=_now()), save=False)
+            self._record(CaseResult(case_id=item.case_id, source=self.redact.path(item.source), status="skipped",
+                                    error=self.redact.text(item.reason), series_uid=item.series_uid,
+                                    finished=_now()), save=False)
         todo = []
         for case in cases:
             fingerprint = case_fingerprint(self.model_id, self.config, case.files)
@@ -283,7 +300,7 @@ class _BatchRun:
         if self.dicom_seg and case.kind == "dicom" and not outputs.dicom_seg.is_file() \
                 and not data.get("dicom_seg_error"):  # a SEG that cannot be written is not retried
             return None
-        result = _result_from_sidecar(data, case, outputs)
+        result = _result_from_sidecar(data, case, outputs, self.redact.path(case.display_source))
         result.resumed = True
         return result
 
@@ -306,10 +323,9 @@ class _BatchRun:
         tiles = None
         try:
             if self.progress:
-                from tqdm import tqdm
-
-                tiles = tqdm(total=self.segmenter.tile_batches(item.prepared), desc=f"  {item.case.case_id}",
-                             unit="tile", leave=False, position=1, dynamic_ncols=True)
+                tiles = progress_bar(enabled=True, total=self.segmenter.tile_batches(item.prepared),
+                                     desc=f"  {item.case.case_id}", unit="tile", leave=False, position=1,
+                                     dynamic_ncols=True)
             tick = (lambda: tiles.update(1)) if tiles is not None else None
             item.probs = self.segmenter.predict(item.prepared, progress=tick)
         except Exception as exc:  # out of memory included: the batch goes on
@@ -330,11 +346,11 @@ class _BatchRun:
                 item.error = exc
         if item.error is not None:
             outputs.remove()  # nothing partial (nor stale) of a failed case
-            message = describe_error(item.error)
+            message = self.redact.text(describe_error(item.error))
             log.error("case %s failed: %s", item.case.case_id, message)
             log.debug("case %s traceback", item.case.case_id, exc_info=item.error)
             case = item.case
-            result = CaseResult(case.case_id, case.display_source, "failed", error=message,
+            result = CaseResult(case.case_id, self.redact.path(case.display_source), "failed", error=message,
                                 series_uid=case.series_uid, kind=case.kind, fingerprint=item.fingerprint,
                                 channel_series_uids=list(case.channel_series_uids),
                                 model_sha256=self.segmenter.model_sha256, started=item.started,
@@ -376,7 +392,7 @@ class _BatchRun:
                          centre_mm=None if largest is None else largest.centroid_mm, window=window,
                          title=f"{case.case_id}: {count} lesion(s), {volume:.2f} mL")
         result = CaseResult(
-            case.case_id, case.display_source, "done", output=str(outputs.mask),
+            case.case_id, self.redact.path(case.display_source), "done", output=str(outputs.mask),
             shape=tuple(int(s) for s in seg.labels.shape), series_uid=case.series_uid, kind=case.kind,
             spacing_mm=tuple(float(s) for s in voxel_spacing(seg.affine)), lesion_count=count,
             lesion_volume_ml=volume, seconds_load=item.seconds_load, seconds_infer=item.seconds_infer,
@@ -436,22 +452,20 @@ class _BatchRun:
 
     def _open_bar(self, total: int, initial: int) -> None:
         if self.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc="segment", unit="case", position=0,
-                            dynamic_ncols=True)
+            self.bar = progress_bar(enabled=True, total=total, initial=initial, desc="segment", unit="case",
+                                    position=0, dynamic_ncols=True)
 
 
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-def _result_from_sidecar(data: dict, case: Case, outputs: CaseOutputs) -> CaseResult:
+def _result_from_sidecar(data: dict, case: Case, outputs: CaseOutputs, source: str) -> CaseResult:
     lesions = [lesion_from_dict(d) for d in data.get("lesions") or []]
     count, volume = lesion_totals(lesions)
     timing = {n: float(data.get(n) or 0.0) for n in ("seconds_load", "seconds_infer", "seconds_post",
                                                       "seconds_write", "seconds")}
     return CaseResult(
-        case.case_id, case.display_source, "done", output=str(outputs.mask), shape=tuple(data.get("shape") or ()),
+        case.case_id, source, "done", output=str(outputs.mask), shape=tuple(data.get("shape") or ()),
         series_uid=case.series_uid, kind=case.kind, spacing_mm=tuple(data.get("spacing_mm") or ()),
         lesion_count=count, lesion_volume_ml=volume, fingerprint=str(data.get("fingerprint")),
         model_sha256=str(data.get("model_sha256") or ""), sidecar=str(outputs.sidecar),
@@ -468,12 +482,13 @@ def _result_order(results: dict[str, CaseResult]):
     return lambda key: (not results[key].case_id, key)
 
 
-def _nothing_found(input_dir, discovery: Discovery) -> str:
+def _nothing_found(input_dir, discovery: Discovery, redact: Redactor) -> str:
     message = (f"no scans found under '{input_dir}': expected NIfTI files (.nii/.nii.gz) or folders of "
                "DICOM files. Check the path")
     if discovery.skipped:
         first = discovery.skipped[0]
-        message += f" ({len(discovery.skipped)} item(s) skipped, e.g. '{first.source}': {first.reason})"
+        message += (f" ({len(discovery.skipped)} item(s) skipped, e.g. '{redact.path(first.source)}': "
+                    f"{redact.text(first.reason)})")
     return message
 
 
@@ -507,18 +522,23 @@ def _now() -> str:
 
 
 @contextlib.contextmanager
-def _log_to(path: Path):
-    """Append the package's log (and the per-case lines of ``run_log``) to ``path`` during the run."""
+def _log_to(path: Path, redact: Redactor, echo: bool = False):
+    """Append the package's log (and the per-case lines of ``run_log``) to ``path`` during the run, every
+    line through ``redact``. ``echo``: the per-case lines go to the console too (when no bar is drawn)."""
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    if not redact.keep_paths:
+        handler.addFilter(redact.log_filter())
     package = logging.getLogger("pipeline")
-    run_log.propagate = False
+    run_log.propagate = echo  # to the package's handlers (this file) and the console
     run_log.setLevel(logging.INFO)
     package.addHandler(handler)
-    run_log.addHandler(handler)
+    if not echo:
+        run_log.addHandler(handler)
     try:
         yield
     finally:
         package.removeHandler(handler)
         run_log.removeHandler(handler)
+        run_log.propagate = False
         handler.close()

@@ -79,7 +79,8 @@ class Frame:
     thickness_tag: str = ""  # where thickness came from: SpacingBetweenSlices | SliceThickness | "" (none)
     derived_position: bool = False  # legacy multi-frame: position = first + frame x thickness along the normal
     mosaic_slices: int = 0  # slices tiled in a Siemens mosaic (0: unknown)
-    private: dict = field(default_factory=dict, compare=False, hash=False)  # names only used for case ids
+    # PatientName/PatientID/AccessionNumber: read only to keep them out of ids and outputs
+    private: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def normal(self) -> np.ndarray:
@@ -335,9 +336,9 @@ def _joined(value) -> str:
 
 
 def _names(ds) -> dict:
-    """Patient name and ID, kept only so case ids can avoid them (never written anywhere)."""
+    """Patient name, ID and accession number, kept only so ids and paths can avoid them (never written)."""
     names = {}
-    for keyword in ("PatientName", "PatientID"):
+    for keyword in ("PatientName", "PatientID", "AccessionNumber"):
         value = str(ds.get(keyword, "") or "").strip()
         if value:
             names[keyword] = value

@@ -44,6 +44,8 @@ def write_dicom_series(
     out_dir: Path,
     *,
     patient_id: str = "SYNTH",
+    patient_name: str | None = None,
+    accession_number: str = "",
     series_description: str = "synthetic CT",
     series_number: int = 1,
     study_uid: str | None = None,
@@ -58,11 +60,11 @@ def write_dicom_series(
 ) -> list[Path]:
     """Write ``volume`` (``[i, j, k]``, real-world values such as HU) as ``IM_0001.dcm`` ... in ``out_dir``.
 
-    UIDs: ``study_uid``/``series_uid`` are used when given; otherwise they are derived from
-    ``uid_entropy`` (deterministic) or drawn at random. The per-slice SOP instance UIDs, and the
-    frame-of-reference UID unless ``frame_of_reference_uid`` is given (pass one to put several series
-    of a study in one patient space), are derived from the series UID, so a fixed series UID gives
-    identical files.
+    PatientName is ``patient_name`` (default: ``patient_id``). UIDs: ``study_uid``/``series_uid`` are
+    used when given; otherwise they are derived from ``uid_entropy`` (deterministic) or drawn at random.
+    The per-slice SOP instance UIDs, and the frame-of-reference UID unless ``frame_of_reference_uid`` is
+    given (pass one to put several series of a study in one patient space), are derived from the series
+    UID, so a fixed series UID gives identical files.
     ``out_dir`` must be missing or empty; the files appear there all at once (written to a temporary
     sibling folder first). Returns the written paths in slice order ``k = 0, 1, ...``.
 
@@ -84,6 +86,8 @@ def write_dicom_series(
         volume.shape,
         affine,
         patient_id=patient_id,
+        patient_name=patient_id if patient_name is None else patient_name,
+        accession_number=accession_number,
         series_description=series_description,
         series_number=series_number,
         study_uid=study_uid,
@@ -198,12 +202,12 @@ def _series_template(shape, affine, *, frame_uid, window, **fields) -> Dataset:
     ds.SOPClassUID = _SOP_CLASS[fields["modality"]]
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = fields["study_date"]
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
-    ds.AccessionNumber = ""
+    ds.AccessionNumber = fields["accession_number"]
     ds.Modality = fields["modality"]
     ds.Manufacturer = "pipeline.synth"
     ds.ReferringPhysicianName = ""
     ds.SeriesDescription = fields["series_description"]
-    ds.PatientName = fields["patient_id"]
+    ds.PatientName = fields["patient_name"]
     ds.PatientID = fields["patient_id"]
     ds.PatientBirthDate = ""
     ds.PatientSex = "O"

@@ -6,7 +6,8 @@
 * DICOM frames are grouped by SeriesInstanceUID across the whole tree, then split into volumes by
   orientation, echo, image type and repeated positions (:mod:`pipeline.io.dicom_series`).
 * Case ids are stable and free of patient identifiers: built from the folder/file names relative to
-  the input folder (a path component holding the patient's name or ID is replaced by ``patient``),
+  the input folder (a path component holding the patient's name, ID or accession number is replaced
+  by ``patient-<hash>``, :mod:`pipeline.io.privacy`),
   plus ``_s<SeriesNumber>`` when a folder holds several series, plus the split suffix.
 * Selection rules (``input.*`` in the config) choose what is segmented; everything else is returned in
   :attr:`Discovery.skipped` with a reason.
@@ -17,7 +18,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -33,6 +33,7 @@ from pipeline.io.channels import Channels
 from pipeline.io.dicom_scan import Frame, looks_like_dicom, scan_file
 from pipeline.io.dicom_series import DicomVolume, group_volumes
 from pipeline.io.dicom_stack import StackPolicy
+from pipeline.io.privacy import Redactor, identifiers, redact_part
 from pipeline.io.reader import ITK_SUFFIXES, NIFTI_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,15 @@ class Discovery:
 
     cases: list[Case]
     skipped: list[Skipped]
+    patient_values: set[str] = field(default_factory=set, repr=False)  # PatientName/ID/Accession seen
+
+    def redactor(self, root: Union[str, Path], keep_paths: bool = False) -> Redactor:
+        """How this input's paths and messages are written (:mod:`pipeline.io.privacy`); it knows every
+        folder name it replaces in the discovered paths, so messages naming them are redacted too."""
+        redactor = Redactor(root, self.patient_values, keep_paths=keep_paths)
+        for path in [*(case.display_source for case in self.cases), *(item.source for item in self.skipped)]:
+            redactor.path(path)
+        return redactor
 
 
 def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None,
@@ -125,6 +135,7 @@ def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None,
     cases: list[Case] = []
     skipped: list[Skipped] = []
     frames: list[Frame] = []
+    volume_files: list[Path] = []  # named once the patient identifiers of the DICOM files are known
     for folder, files, has_subfolders in _walk(root) if root_files is None else [(root.parent, root_files, False)]:
         if not files and not has_subfolders and folder != root:
             skipped.append(Skipped(str(folder), "empty folder"))
@@ -135,7 +146,7 @@ def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None,
         for path in files:
             lower = path.name.lower()
             if lower.endswith(VOLUME_SUFFIXES):
-                cases.append(_volume_case(path, base))
+                volume_files.append(path)
             elif lower.endswith(_COMPANION_SUFFIXES) and _has_header_beside(lower, names):
                 continue
             elif path.name.upper() == "DICOMDIR":
@@ -157,6 +168,8 @@ def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None,
             skipped.append(Skipped(str(folder), f"{_count(unknown)} not recognised as a scan "
                                                 f"(expected DICOM, NIfTI, NRRD or MHA/MHD)"))
     volumes = group_volumes(frames)
+    values = {str(v) for frame in frames for v in frame.private.values()}
+    cases.extend(_volume_case(path, base, identifiers(values)) for path in volume_files)
     policy = StackPolicy.from_config(select)
     for volume in volumes:
         volume.policy = policy
@@ -170,7 +183,7 @@ def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None,
             cases.append(case)
     if len(channels) > 1:
         cases = group_channel_files(cases, list(channels), _strip_ending,
-                                    lambda folder, name: _safe(_path_id(folder, base, name)))
+                                    lambda folder, name: _safe(_path_id(folder, base, name, identifiers(values))))
     if select.channels:
         studies, unused = group_studies([c for c in cases if c.kind == "dicom"], select.channels,
                                         lambda members: _study_id(members, base))
@@ -181,7 +194,7 @@ def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None,
     for case in cases:
         if case.volume is not None:
             case.volume.case_id = case.case_id
-    return Discovery(sorted(cases, key=lambda c: c.case_id), skipped)
+    return Discovery(sorted(cases, key=lambda c: c.case_id), skipped, values)
 
 
 def discover_cases(input_dir: Union[str, Path], select: Optional[InputConfig] = None) -> list[Case]:
@@ -216,15 +229,17 @@ def _strip_ending(name: str) -> str:
     return name
 
 
-def _path_id(folder: Path, root: Path, name: str) -> str:
+def _path_id(folder: Path, root: Path, name: str, idents: frozenset = frozenset()) -> str:
+    """A case id from a folder and a name relative to ``root``, parts holding ``idents`` redacted."""
     rel_parent = folder.relative_to(root) if folder != root else Path()
-    return "_".join(list(rel_parent.parts) + [name]) if rel_parent.parts else name
+    return "_".join(redact_part(part, idents) for part in [*rel_parent.parts, name])
 
 
-def _volume_case(path: Path, root: Path) -> Case:
+def _volume_case(path: Path, root: Path, idents: frozenset = frozenset()) -> Case:
+    """A volume file's case: its folder and name relative to ``root``, parts holding ``idents`` redacted."""
     name = _CHANNEL_SUFFIX.sub("", _strip_ending(path.name))
     kind = "nifti" if path.name.lower().endswith(NIFTI_SUFFIXES) else "itk"
-    return Case(case_id=_safe(_path_id(path.parent, root, name)), source=str(path), kind=kind)
+    return Case(case_id=_safe(_path_id(path.parent, root, name, idents)), source=str(path), kind=kind)
 
 
 def _study_id(members: list[Case], root: Path) -> str:
@@ -261,21 +276,11 @@ def _dicom_cases(volumes: list[DicomVolume], root: Path) -> list[Case]:
 
 
 def _folder_id(folder: Path, root: Path, names: dict) -> str:
-    """Case id base: the folder relative to the input root; a path component holding the patient's name
-    or ID becomes ``patient-<8 hex digits of its SHA-256>`` (stable, distinct per patient, not the PHI)."""
+    """Case id base: the folder relative to the input root; a path component holding the patient's name,
+    ID or accession number becomes ``patient-<8 hex digits of its SHA-256>`` (:func:`redact_part`)."""
     rel = folder.relative_to(root) if folder != root and root in folder.parents else Path(root.name)
-    identifiers = [_normalise(v) for v in names.values() if len(_normalise(v)) >= 3]
-    parts = []
-    for part in rel.parts or (root.name,):
-        normalised = _normalise(part)
-        if any(i in normalised for i in identifiers):
-            part = "patient-" + hashlib.sha256(normalised.encode()).hexdigest()[:8]
-        parts.append(part)
-    return "_".join(parts) or "dicom"
-
-
-def _normalise(text: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", str(text).lower())
+    idents = identifiers(names.values())
+    return "_".join(redact_part(part, idents) for part in rel.parts or (root.name,)) or "dicom"
 
 
 def _not_selected(case: Case, select: InputConfig) -> str:

@@ -22,7 +22,10 @@ def write_mask(
     """Write ``mask`` (uint8, the source's shape) as NIfTI with ``affine`` (RAS), atomically.
 
     When ``source`` is a NIfTI file its header is reused, so the sform/qform and their codes are the
-    source's own; otherwise both are set to ``affine`` with code 1 (scanner).
+    source's own; otherwise both are set to ``affine`` with code 1 (scanner). Either way the header's
+    texts are ours (``descrip`` "medseg mask", ``aux_file`` and ``intent_name`` empty) and the source's
+    header extensions (which may hold a whole DICOM header) are not copied: a mask carries its geometry,
+    no more identity than the source.
     """
     out_path = Path(out_path)
     mask = np.asarray(mask)
@@ -42,15 +45,22 @@ def _nifti_like_source(mask: np.ndarray, affine: np.ndarray, source) -> nib.Nift
             image.header.set_data_dtype(np.uint8)
             image.header.set_slope_inter(1.0, 0.0)
             image.header["cal_min"], image.header["cal_max"] = 0, 0
-            image.header["descrip"] = b"medseg mask"
+            _own_texts(image.header)
+            image.header.extensions.clear()
             if np.allclose(image.header.get_best_affine(), affine, atol=1e-4):
                 return image
     image = nib.Nifti1Image(mask, affine)
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
     image.header.set_data_dtype(np.uint8)
-    image.header["descrip"] = b"medseg mask"
+    _own_texts(image.header)
     return image
+
+
+def _own_texts(header) -> None:
+    header["descrip"] = b"medseg mask"
+    header["aux_file"] = b""
+    header["intent_name"] = b""
 
 
 def atomic_save(image: nib.Nifti1Image, out_path: Path) -> None:

@@ -3,6 +3,10 @@
 The spatial preprocessing steps (orientation, resampling, foreground crop) are recorded on the image's
 MetaTensor; MONAI's ``Invertd`` replays them backwards on the class probabilities (linear
 interpolation), and the label decision is taken afterwards in the source grid, as nnU-Net does.
+
+This is the fallback: masks normally go back through :mod:`pipeline.postprocess.resample` (separable
+interpolation, slab by slab, the same rules), and this module serves a preprocessing whose mapping is
+not axis-aligned, at the cost of every class at full source resolution.
 """
 
 from __future__ import annotations

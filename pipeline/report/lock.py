@@ -1,4 +1,4 @@
-"""One run per output folder (per shard): a lock file holding the owner's pid and host.
+"""One run per output folder (per shard): a lock file holding the owner's pid, host and start time.
 
 The lock is created complete and atomically (written to a temporary name, then hard-linked into
 place, which fails if a lock exists). A lock left by a run that died (``kill -9``, power loss) is
@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -44,8 +43,8 @@ class OutputLock:
         self.what = what
         self.conflicts = list(conflicts)
         self.info = {"pid": os.getpid(), "host": socket.gethostname(),
-                     "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                     "command": " ".join(sys.argv)}
+                     "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        # no command line: its paths may name the patient (pipeline.io.privacy)
         self._held = False
 
     def __enter__(self) -> "OutputLock":

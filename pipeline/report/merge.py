@@ -84,7 +84,7 @@ def rebuild_reports(output_dir: Union[str, Path]) -> list[dict]:
             )
         ordered = sort_rows(rows.values())
         now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        meta = {"output_dir": str(output_dir), "merged_from": [p.name for p in parts], "updated": now}
+        meta = {"output_dir": output_dir.resolve().name, "merged_from": [p.name for p in parts], "updated": now}
         write_manifest(ordered, files.manifest_csv, files.manifest_json, meta)
         write_lesions_csv(lesions, files.lesions_csv)
         write_index_html(ordered, output_dir)

@@ -375,8 +375,6 @@ def _amp_dtype(device: torch.device) -> Optional[torch.dtype]:
 
 
 def _progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
+    from pipeline.progress import progress_bar  # a bar on a terminal only; elsewhere the epoch log line
 
-    return tqdm(iterable, desc=desc, leave=False, unit="step")
+    return progress_bar(iterable, enabled=enabled, desc=desc, leave=False, unit="step")

@@ -114,7 +114,7 @@ def test_good_and_bad_inputs(tmp_path, segmenter):
     assert done["scan_0"]["shape"] == "24x24x12" and done["scan_0"]["spacing_mm"] == "0.8x0.9x2.5"
     assert float(done["scan_0"]["seconds_infer"]) > 0
     meta, json_rows = read_manifest_json(out / "manifest.json")
-    assert meta["input_dir"] == str(tmp_path / "in")
+    assert meta["input_dir"] == "in"  # its name only (pipeline.io.privacy)
     assert [r["status"] for r in json_rows] == [r["status"] for r in rows]
     assert json_rows[0]["shape"] is None or isinstance(json_rows[0]["shape"], list)
 
@@ -169,7 +169,7 @@ def test_sidecar_qc_and_index(tmp_path, segmenter):
 
     sidecar = json.loads((out / "scan_1_seg.json").read_text())
     assert sidecar["case_id"] == "scan_1"
-    assert sidecar["source"] == str(tmp_path / "in" / "scan_1_0000.nii.gz")
+    assert sidecar["source"] == "in/scan_1_0000.nii.gz"  # relative to the input folder, by default
     assert len(sidecar["fingerprint"]) == 64
     assert sidecar["config"]["preprocess"]["intensity"]["window"] == [0.0, 200.0]
     assert {"medseg", "torch", "monai", "numpy", "python"} <= set(sidecar["versions"])
@@ -178,6 +178,11 @@ def test_sidecar_qc_and_index(tmp_path, segmenter):
     assert sidecar["lesion_count"] == len(sidecar["lesions"]) > 0
 
     assert (out / "qc" / "scan_0.png").read_bytes()[:4] == b"\x89PNG"
+
+    # keep_paths: the full path, as given.
+    segment_folder(tmp_path / "in", tmp_path / "full", segmenter, keep_paths=True)
+    sidecar = json.loads((tmp_path / "full" / "scan_1_seg.json").read_text())
+    assert sidecar["source"] == str(tmp_path / "in" / "scan_1_0000.nii.gz")
     page = (out / "index.html").read_text()
     for case_id in ("scan_0", "scan_1", "broken"):
         assert f"<td>{case_id}</td>" in page
