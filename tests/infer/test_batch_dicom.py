@@ -58,9 +58,9 @@ def _manifest(out):
         return {row["case_id"]: row for row in csv.DictReader(handle)}
 
 
-def test_dicom_seg_error_column_follows_the_existing_ones():
-    assert ALL_COLUMNS[-1] == "dicom_seg_error"
-    assert ALL_COLUMNS[:-1] == MANIFEST_COLUMNS + [
+def test_new_columns_follow_the_existing_ones():
+    assert ALL_COLUMNS[-2:] == ["dicom_seg_error", "channel_series_uids"]
+    assert ALL_COLUMNS[:-2] == MANIFEST_COLUMNS + [
         "kind", "resumed", "seconds_post", "seconds", "output", "sidecar", "qc_png", "dicom_seg",
         "fingerprint", "started", "finished", "host"]
 
