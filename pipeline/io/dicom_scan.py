@@ -27,6 +27,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from pipeline.errors import first_line
+
 log = logging.getLogger(__name__)
 
 # SOP classes that hold pixel data but are not scans to segment.
@@ -121,9 +123,9 @@ def scan_file(path: Path) -> ScanResult:
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=not _has_marker(path))
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
-        return ScanResult([], f"unreadable DICOM header ({type(exc).__name__}: {_first_line(exc)})")
+        return ScanResult([], f"unreadable DICOM header ({type(exc).__name__}: {first_line(exc)})")
     except Exception as exc:  # pydicom raises many types on broken files
-        return ScanResult([], f"unreadable DICOM header ({type(exc).__name__}: {_first_line(exc)})")
+        return ScanResult([], f"unreadable DICOM header ({type(exc).__name__}: {first_line(exc)})")
     if "PerFrameFunctionalGroupsSequence" not in ds:
         ds = _Header(ds)
     sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", ""))
@@ -445,8 +447,3 @@ def _time(date, time) -> str:
 def _sop_name(uid: str) -> str:
     name = UID(uid).name if uid else "unknown SOP class"
     return name or uid
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else ""

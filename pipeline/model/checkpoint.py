@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import torch
 
 from pipeline.config import Config, config_from_dict, config_to_dict
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.errors import CheckpointError, ConfigError, first_line
 from pipeline.io.atomic import atomic_path
 
 FORMAT = "medseg-checkpoint"
@@ -85,7 +85,7 @@ def load_checkpoint(path: Union[str, Path], map_location: str = "cpu") -> Checkp
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise CheckpointError(
-            f"cannot read checkpoint '{path}': {_first_line(exc)}. "
+            f"cannot read checkpoint '{path}': {first_line(exc, type(exc).__name__)}. "
             "Expected a .pt file written by `medseg train`; the file may be truncated"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -118,8 +118,3 @@ def file_sha256(path: Union[str, Path]) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
