@@ -50,12 +50,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.config.schema import BACKENDS
 from pipeline.errors import ConfigError, first_line
 from pipeline.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime")
 OPSET = 17
 CACHE_ENV = "MEDSEG_CACHE_DIR"
 TIMING_REPEATS = 3
@@ -370,7 +370,7 @@ def _read_calibration(path: Path, key: dict) -> str | None:
     if not isinstance(data, dict) or data.get("key") != key:
         return None
     choice = data.get("choice")
-    return choice if choice in ("torch", "onnxruntime") else None
+    return choice if choice in BACKENDS and choice != "auto" else None
 
 
 def _calibrate(network: nn.Module, torch_forward: Callable, model_sha256: str, input_shape: tuple,
