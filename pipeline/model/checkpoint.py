@@ -1,4 +1,4 @@
-"""Self-describing checkpoints: weights + full config + label names + versions, in one ``.pt`` file.
+"""Self-describing checkpoints: weights + full config (labels, preprocessing) + versions, in one ``.pt`` file.
 
 Everything stored is a tensor or a plain Python container, so ``torch.load(path, weights_only=True)``
 reads it: loading a checkpoint never executes pickled code.
@@ -60,8 +60,6 @@ def save_checkpoint(path: Union[str, Path], ckpt: Checkpoint) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": config_to_dict(ckpt.config),
-        "labels": ckpt.config.data.labels,
-        "preprocess": config_to_dict(ckpt.config)["preprocess"],
         "versions": versions(),
         "epoch": ckpt.epoch,
         "best_metric": float(ckpt.best_metric),
