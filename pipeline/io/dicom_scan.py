@@ -133,7 +133,7 @@ def scan_file(path: Path) -> ScanResult:
         return ScanResult([], "not a DICOM image (no SOP class, no image geometry)", is_dicom=False)
     if sop_class in _NOT_SCANS:
         return ScanResult([], _NOT_SCANS[sop_class])
-    if not _has_pixels(path, ds):
+    if not _has_pixels(ds):
         return ScanResult([], f"no pixel data ({_sop_name(sop_class)})")
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
         frames = _multiframe_records(path, ds, sop_class)
@@ -356,7 +356,7 @@ def _has_marker(path: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
-def _has_pixels(path: Path, ds) -> bool:
+def _has_pixels(ds) -> bool:
     """``stop_before_pixels`` drops PixelData; the file had it when the parse stopped early."""
     if any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         return True
