@@ -25,7 +25,7 @@ class CheckpointError(MedsegError):
     """A model checkpoint is missing, corrupt, or not one of ours."""
 
 
-def find_medseg_error(exc: BaseException) -> "MedsegError | None":
+def find_medseg_error(exc: BaseException) -> MedsegError | None:
     """The first :class:`MedsegError` in an exception chain (libraries wrap what they call)."""
     seen: set[int] = set()
     current: BaseException | None = exc

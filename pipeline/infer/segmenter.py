@@ -91,7 +91,7 @@ class Segmenter:
         self.to_source = ToSourceGrid(self.preprocess)
 
     @classmethod
-    def from_checkpoint(cls, path: Union[str, Path], device: str = "auto", backend: Optional[str] = None) -> "Segmenter":
+    def from_checkpoint(cls, path: Union[str, Path], device: str = "auto", backend: Optional[str] = None) -> Segmenter:
         ckpt = load_checkpoint(path)
         config = ckpt.config
         network = build_model(config.model, in_channels=config.in_channels, out_channels=config.num_classes)

@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.inferers import sliding_window_inference
 from monai.data.utils import compute_importance_map
+from monai.inferers import sliding_window_inference
 
 from pipeline.config import InferenceConfig
 

@@ -50,7 +50,7 @@ class StackPolicy:
     on_missing_spacing: str = "error"  # error | assume
 
     @classmethod
-    def from_config(cls, cfg) -> "StackPolicy":
+    def from_config(cls, cfg) -> StackPolicy:
         return cls(cfg.on_duplicate_slices, cfg.on_missing_slices, cfg.on_gantry_tilt, cfg.slice_tolerance,
                    cfg.on_missing_spacing)
 
