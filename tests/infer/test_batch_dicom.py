@@ -59,8 +59,8 @@ def _manifest(out):
 
 
 def test_dicom_seg_error_column_follows_the_existing_ones():
-    assert ALL_COLUMNS[-1] == "dicom_seg_error"
-    assert ALL_COLUMNS[:-1] == MANIFEST_COLUMNS + [
+    assert ALL_COLUMNS[-2:] == ["dicom_seg_error", "channel_series_uids"]  # each new column appended
+    assert ALL_COLUMNS[:-2] == MANIFEST_COLUMNS + [
         "kind", "resumed", "seconds_post", "seconds", "output", "sidecar", "qc_png", "dicom_seg",
         "fingerprint", "started", "finished", "host"]
 
