@@ -280,6 +280,8 @@ _KEEP_PATHS_HELP = ("write full source paths in the outputs and logs (default: r
 
 
 def _parser() -> argparse.ArgumentParser:
+    from pipeline.config.schema import BACKENDS, SYNTH_KINDS  # torch-free: the one list of each
+
     # The flags work before or after the command; SUPPRESS keeps a subcommand's copy from resetting
     # a flag given before the command.
     common = argparse.ArgumentParser(add_help=False)
@@ -297,7 +299,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", parents=[common],
                        help="generate a synthetic lesion dataset: CT, or FLAIR + T1c MR (nnU-Net layout)")
     p.add_argument("out_dir")
-    p.add_argument("--kind", choices=("ct", "mr"), default="ct",
+    p.add_argument("--kind", choices=SYNTH_KINDS, default="ct",
                    help="ct: one CT channel, label lesion; mr: FLAIR + T1c, labels oedema and core")
     p.add_argument("--cases", type=_positive_int, default=24)
     p.add_argument("--seed", type=int, default=0)
@@ -339,7 +341,7 @@ def _parser() -> argparse.ArgumentParser:
                                                 "input.modalities=[CT] input.on_gantry_tilt=resample")
     p.add_argument("--model", required=True, help="checkpoint written by `medseg train` (best.pt)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--backend", default=None, choices=["auto", "torch", "onnxruntime"],
+    p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="how the network runs (default: the model's inference.backend, auto: the faster one "
                         "measured once on this machine)")
     p.add_argument("--overwrite", action="store_true",

@@ -16,8 +16,8 @@ from typing import Union
 
 from pipeline.config import Config
 from pipeline.evaluate import CaseMetrics, evaluate_folder
-from pipeline.io.atomic import write_json
 from pipeline.infer import CaseResult, segment_folder
+from pipeline.io.atomic import write_json
 from pipeline.synth import synthesize, synthesize_mr
 from pipeline.training import train
 

@@ -25,7 +25,7 @@ class CheckpointError(MedsegError):
     """A model checkpoint is missing, corrupt, or not one of ours."""
 
 
-def find_medseg_error(exc: BaseException) -> "MedsegError | None":
+def find_medseg_error(exc: BaseException) -> MedsegError | None:
     """The first :class:`MedsegError` in an exception chain (libraries wrap what they call)."""
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -49,5 +49,16 @@ def describe_error(exc: BaseException) -> str:
     while (isinstance(exc, RuntimeError) and str(exc).startswith("applying transform")
            and exc.__cause__ is not None):
         exc = exc.__cause__
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def first_line(exc: BaseException, default: str = "") -> str:
+    """The first line of ``str(exc)``, stripped (``default`` if the message is empty)."""
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0].strip() if lines else ''}"
+    return lines[0].strip() if lines else default
+
+
+def last_line(exc: BaseException, default: str = "unknown error") -> str:
+    """The last line of ``str(exc)``, stripped: what ITK's many-line exceptions say went wrong."""
+    lines = str(exc).strip().splitlines()
+    return lines[-1].strip() if lines else default

@@ -234,32 +234,6 @@ def test_cached_crop_indices_draw_the_same_patches():
             assert "label_fg_indices" not in b
 
 
-def test_prefetch_keeps_order_and_raises_the_producers_error():
-    from pipeline.training.trainer import Prefetch
-
-    def items():
-        yield from range(5)
-        raise ValueError("broken batch")
-
-    prefetch = Prefetch(items(), depth=2)
-    assert [next(prefetch) for _ in range(5)] == list(range(5))
-    for _ in range(2):
-        with pytest.raises(ValueError, match="broken batch"):
-            next(prefetch)
-    prefetch.close()
-
-
-def test_prefetch_close_stops_an_endless_producer():
-    import itertools
-
-    from pipeline.training.trainer import Prefetch
-
-    prefetch = Prefetch(itertools.count(), depth=2)
-    assert next(prefetch) == 0
-    prefetch.close(timeout=5)
-    assert not prefetch._thread.is_alive()
-
-
 def test_prefetch_depth_only_where_it_is_free(monkeypatch):
     import pipeline.training.trainer as trainer
 

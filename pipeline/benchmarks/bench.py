@@ -155,7 +155,7 @@ class NetworkTimer:
         self.seconds += time.perf_counter() - self._start
         self.forwards += 1
 
-    def __enter__(self) -> "NetworkTimer":
+    def __enter__(self) -> NetworkTimer:
         self._handles = [self.network.register_forward_pre_hook(self._pre),
                          self.network.register_forward_hook(self._post)]
         return self
@@ -187,9 +187,8 @@ def monai_baseline(checkpoint_or_network, config, image_path: Union[str, Path], 
     from monai.inferers import sliding_window_inference
     from monai.transforms import Compose, Invertd, LoadImaged, SaveImage
 
-    from pipeline.transforms.preprocess import preprocess_transforms
-
     from pipeline.runtime import resolve_device
+    from pipeline.transforms.preprocess import preprocess_transforms
 
     start = time.perf_counter()
     network, config = _network_and_config(checkpoint_or_network, config)

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from pipeline.io.atomic import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +87,8 @@ def make_ct(folder: str | Path, shape: Sequence[int], spacing: Sequence[float], 
         image.set_sform(affine, code=1)
         image.set_qform(affine, code=1)
         image.header.set_xyzt_units("mm", "sec")
-        tmp = path.with_name(f".{path.name}.partial.nii.gz")
-        nib.save(image, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".nii.gz") as tmp:
+            nib.save(image, str(tmp))
         recorded["nifti"] = params
         _write_params(params_path, recorded)
     if dicom and not dicom_ok:
@@ -179,6 +179,4 @@ def _read_params(path: Path) -> dict:
 
 
 def _write_params(path: Path, params: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(params, indent=1))
-    os.replace(tmp, path)
+    write_json(params, path, indent=1)

@@ -40,7 +40,17 @@ def _sizes(key: str, value, n: Optional[int] = None) -> None:
 
 
 DEFAULT_LABELS = {"background": 0, "lesion": 1}
+
+# The allowed values of each config key with a fixed set, listed once: the code that implements a key
+# (model.blocks, infer.backend) and the CLI's choices (torch-free: `medseg --help`) import them from here.
 SYNTH_KINDS = ("ct", "mr")
+SPATIAL_DIMS = (2, 3)
+NORMS = ("instance", "batch", "none")
+UPSAMPLES = ("transpose", "interp")
+PADDINGS = ("same", "valid")
+SCHEDULES = ("poly", "cosine")
+BACKENDS = ("auto", "torch", "onnxruntime")
+BLENDS = ("gaussian", "constant")
 
 
 @dataclass
@@ -169,19 +179,19 @@ class ModelConfig:
     spatial_dims: int = 3  # 3: 3D patches; 2: axial slices
     features: int = 16  # channels at the first level; doubled at each level
     depth: int = 4  # resolution levels
-    norm: str = "instance"  # instance | batch
+    norm: str = "instance"  # instance | batch | none (no normalisation: the convolutions get a bias)
     upsample: str = "transpose"  # transpose | interp
     padding: str = "same"  # same | valid (original paper: unpadded convolutions)
     deep_supervision: bool = False
     dropout: float = 0.0
 
     def _check(self) -> None:
-        _choice("model.spatial_dims", self.spatial_dims, (2, 3))
+        _choice("model.spatial_dims", self.spatial_dims, SPATIAL_DIMS)
         _positive("model.features", self.features)
         _in_range("model.depth", self.depth, 2, 7)
-        _choice("model.norm", self.norm, ("instance", "batch"))
-        _choice("model.upsample", self.upsample, ("transpose", "interp"))
-        _choice("model.padding", self.padding, ("same", "valid"))
+        _choice("model.norm", self.norm, NORMS)
+        _choice("model.upsample", self.upsample, UPSAMPLES)
+        _choice("model.padding", self.padding, PADDINGS)
         _in_range("model.dropout", self.dropout, 0.0, 0.9)
 
 
@@ -269,7 +279,7 @@ class TrainConfig:
         _positive("train.lr", self.lr)
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
         _positive("train.warmup_epochs", self.warmup_epochs, allow_zero=True)
-        _choice("train.schedule", self.schedule, ("poly", "cosine"))
+        _choice("train.schedule", self.schedule, SCHEDULES)
         _positive("train.grad_clip", self.grad_clip, allow_zero=True)
         _positive("train.val_every", self.val_every)
         _positive("train.num_workers", self.num_workers, allow_zero=True)
@@ -289,9 +299,9 @@ class InferenceConfig:
 
     def _check(self) -> None:
         _in_range("inference.overlap", self.overlap, 0.0, 0.95)
-        _choice("inference.backend", self.backend, ("auto", "torch", "onnxruntime"))
+        _choice("inference.backend", self.backend, BACKENDS)
         _positive("inference.sw_batch_size", self.sw_batch_size)
-        _choice("inference.blend", self.blend, ("gaussian", "constant"))
+        _choice("inference.blend", self.blend, BLENDS)
         if self.threshold is not None:
             _in_range("inference.threshold", self.threshold, 0.0, 1.0)
         _positive("inference.min_component_mm3", self.min_component_mm3, allow_zero=True)

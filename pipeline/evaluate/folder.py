@@ -19,9 +19,9 @@ from typing import Optional, Union
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.io.geometry import AFFINE_TOLERANCE_MM, voxel_spacing
 from pipeline.evaluate.case import CaseMetrics, EvaluationOptions, evaluate_arrays, labels_present
 from pipeline.evaluate.summary import summarise
+from pipeline.io.geometry import AFFINE_TOLERANCE_MM, voxel_spacing
 
 log = logging.getLogger(__name__)
 

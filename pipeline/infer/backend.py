@@ -50,12 +50,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError
+from pipeline.config.schema import BACKENDS
+from pipeline.errors import ConfigError, first_line
 from pipeline.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime")
 OPSET = 17
 CACHE_ENV = "MEDSEG_CACHE_DIR"
 TIMING_REPEATS = 3
@@ -212,18 +212,13 @@ def export_onnx(network: nn.Module, input_shape: Sequence[int], path: str | Path
         except Exception as exc:
             raise ConfigError(
                 f"ONNX export: expected {type(network).__name__} to export for windows of shape {shape}, "
-                f"found an error: {type(exc).__name__}: {_first_line(exc)}. "
+                f"found an error: {type(exc).__name__}: {first_line(exc)}. "
                 "Check that the window shape fits the network (inference.roi_size), "
                 "or use the 'torch' backend."
             ) from exc
         _check_onnx_file(tmp)
     log.info("Exported the network to ONNX in %.1f s: %s", time.perf_counter() - started, path)
     return path
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0].strip() if lines else ""
 
 
 def _check_onnx_file(path: Path) -> None:
@@ -375,7 +370,7 @@ def _read_calibration(path: Path, key: dict) -> str | None:
     if not isinstance(data, dict) or data.get("key") != key:
         return None
     choice = data.get("choice")
-    return choice if choice in ("torch", "onnxruntime") else None
+    return choice if choice in BACKENDS and choice != "auto" else None
 
 
 def _calibrate(network: nn.Module, torch_forward: Callable, model_sha256: str, input_shape: tuple,

@@ -40,6 +40,7 @@ from pipeline.io.discover import Case, Discovery, discover
 from pipeline.io.geometry import voxel_spacing
 from pipeline.io.privacy import Redactor, held_logs, redacted_logging
 from pipeline.io.write import write_mask
+from pipeline.progress import bars_enabled, progress_bar
 from pipeline.report.fingerprint import case_fingerprint, state_dict_sha256
 from pipeline.report.html import write_index_html
 from pipeline.report.lesions import Lesion, lesion_from_dict, lesion_stats, lesion_totals, write_lesions_csv
@@ -54,7 +55,6 @@ from pipeline.report.outputs import (
     remove_temporaries,
 )
 from pipeline.report.sidecar import read_sidecar, write_sidecar
-from pipeline.progress import bars_enabled, progress_bar
 
 log = logging.getLogger(__name__)
 run_log = logging.getLogger("pipeline.run")  # per-case lines for segment.log (the console: off a terminal)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.infer.sliding import _margin, predict_logits
+from pipeline.infer.sliding import network_margin, predict_logits, window_forward
 from pipeline.infer.stream import StreamStats, stream_windows
 from pipeline.infer.windows import WindowGrid
 from pipeline.io.geometry import voxel_volume_mm3
@@ -91,7 +91,7 @@ class Segmenter:
         self.to_source = ToSourceGrid(self.preprocess)
 
     @classmethod
-    def from_checkpoint(cls, path: Union[str, Path], device: str = "auto", backend: Optional[str] = None) -> "Segmenter":
+    def from_checkpoint(cls, path: Union[str, Path], device: str = "auto", backend: Optional[str] = None) -> Segmenter:
         ckpt = load_checkpoint(path)
         config = ckpt.config
         network = build_model(config.model, in_channels=config.in_channels, out_channels=config.num_classes)
@@ -137,7 +137,8 @@ class Segmenter:
         roi = list(cfg.roi_size)
         input_shape = (self.config.in_channels, *roi)
         self.backend = select_backend(self.backend_requested, self.network, device, self.model_sha256,
-                                      input_shape, self.window_batch, torch_forward=_as_windows(torch_forward, roi))
+                                      input_shape, self.window_batch,
+                                      torch_forward=window_forward(torch_forward, len(roi)))
         if self.backend == "onnxruntime":
             runner = OnnxRunner(self.network, self.model_sha256, input_shape)
             self._forward = lambda x: runner(x.cpu()).to(device)
@@ -208,12 +209,12 @@ class Segmenter:
             store["labels"][0, ..., z0:z1].copy_(_argmax_classes(probs))
             store["probs"][0, ..., z0:z1].copy_(probs[1:].sum(dim=0))
 
-        valid = any(_margin(self.network, cfg.roi_size, dims))
+        valid = any(network_margin(self.network, cfg.roi_size, dims))
         if dims == 3 and not valid:
             stats = stream_windows(x, forward, cfg.roi_size, cfg.overlap, cfg.blend, self.window_batch, on_slab,
                                    device=self.device, progress=progress)
         elif dims == 2 and not valid:
-            stats = stream_windows(x, _as_windows(forward, list(cfg.roi_size)), list(cfg.roi_size) + [1],
+            stats = stream_windows(x, window_forward(forward, 2), list(cfg.roi_size) + [1],
                                    cfg.overlap, cfg.blend, self.window_batch, on_slab, device=self.device,
                                    progress=progress)
         else:  # valid padding: MONAI's sliding window over the padded volume (not streamed)
@@ -283,7 +284,7 @@ class Segmenter:
     def tile_batches(self, prepared: Prepared) -> Optional[int]:
         """How many network calls :meth:`predict` makes for ``prepared`` (for progress bars), if known."""
         cfg = self.config.inference
-        if any(_margin(self.network, cfg.roi_size, self.config.model.spatial_dims)):
+        if any(network_margin(self.network, cfg.roi_size, self.config.model.spatial_dims)):
             return None  # valid-padding networks tile a padded volume
         roi = list(cfg.roi_size) + ([1] if self.config.model.spatial_dims == 2 else [])
         windows = len(WindowGrid(tuple(prepared.image.shape[1:]), tuple(roi), cfg.overlap))
@@ -300,14 +301,6 @@ def _argmax_classes(values: torch.Tensor) -> torch.Tensor:
         labels[higher] = c
         torch.maximum(best, values[c], out=best)
     return labels
-
-
-def _as_windows(forward, roi: list[int]):
-    """A forward over (B, channels, *roi) for 3D windows; for a 2D roi, over windows of depth 1
-    (B, channels, X, Y, 1)."""
-    if len(roi) == 3:
-        return forward
-    return lambda x: forward(x[..., 0])[..., None] if x.ndim == 5 else forward(x)
 
 
 def _counting(forward, stats: StreamStats, progress):

@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.inferers import sliding_window_inference
 from monai.data.utils import compute_importance_map
+from monai.inferers import sliding_window_inference
 
 from pipeline.config import InferenceConfig
 
@@ -39,9 +39,9 @@ def predict_logits(
     x = image.as_tensor() if hasattr(image, "as_tensor") else image
     x = x[None].to(device=device, dtype=torch.float32)
     roi = list(cfg.roi_size) + ([1] if spatial_dims == 2 else [])
-    margin = _margin(network, cfg.roi_size, spatial_dims)
+    margin = network_margin(network, cfg.roi_size, spatial_dims)
     forward = forward if forward is not None else network
-    predictor: Callable = forward if spatial_dims == 3 else _SliceWise(forward)
+    predictor: Callable = window_forward(forward, spatial_dims)
     weight_map = None
     overlap = cfg.overlap
     if any(margin):
@@ -67,21 +67,31 @@ def predict_logits(
     return logits[0]
 
 
-def _margin(network: torch.nn.Module, roi: Sequence[int], spatial_dims: int) -> list[int]:
+def network_margin(network: torch.nn.Module, roi: Sequence[int], spatial_dims: int) -> list[int]:
     margin_fn = getattr(network, "margin", None)
     if margin_fn is None:
         return [0] * spatial_dims
     return [int(m) for m in margin_fn(tuple(roi))]
 
 
-class _SliceWise(torch.nn.Module):
-    """Run a 2D network on windows of depth 1: (B, C, X, Y, 1) → (B, K, X', Y', 1)."""
+def window_forward(forward: Callable, spatial_dims: int) -> Callable:
+    """``forward`` for 3D windows as it is; a 2D network's for windows of depth 1 (:class:`SliceWise`)."""
+    return forward if spatial_dims == 3 else SliceWise(forward)
+
+
+class SliceWise(torch.nn.Module):
+    """Run a 2D network on windows of depth 1: (B, C, X, Y, 1) → (B, K, X', Y', 1).
+
+    A batch of 2D windows (B, C, X, Y) passes through unchanged (backend timing feeds those).
+    """
 
     def __init__(self, network: Callable):
         super().__init__()
         self.network = network
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4:
+            return self.network(x)
         return self.network(x[..., 0])[..., None]
 
 

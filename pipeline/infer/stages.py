@@ -11,6 +11,8 @@ import queue
 import threading
 from typing import Callable
 
+from pipeline.queues import put_while
+
 _END = object()
 
 
@@ -26,23 +28,14 @@ def pipelined(todo, load: Callable, infer: Callable, finalize: Callable,
     stop = threading.Event()
     writer_error: list[BaseException] = []
 
-    def put(q: queue.Queue, item, alive: Callable[[], bool]) -> bool:
-        while alive():
-            try:
-                q.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     def loader() -> None:
         thread_init()
         try:
             for case, fingerprint in todo:
-                if stop.is_set() or not put(loaded, load(case, fingerprint), lambda: not stop.is_set()):
+                if stop.is_set() or not put_while(loaded, load(case, fingerprint), lambda: not stop.is_set()):
                     return
         finally:
-            put(loaded, _END, lambda: not stop.is_set())
+            put_while(loaded, _END, lambda: not stop.is_set())
 
     def writer() -> None:
         thread_init()
@@ -67,14 +60,14 @@ def pipelined(todo, load: Callable, infer: Callable, finalize: Callable,
             if item is _END:
                 break
             infer(item)
-            if not put(inferred, item, threads[1].is_alive):
+            if not put_while(inferred, item, threads[1].is_alive):
                 break
     finally:
         stop.set()
         while threads[0].is_alive():
             with contextlib.suppress(queue.Empty):
                 loaded.get(timeout=0.1)  # unblock the loader
-        put(inferred, _END, threads[1].is_alive)
+        put_while(inferred, _END, threads[1].is_alive)
         threads[1].join()
     if writer_error:
         raise writer_error[0]

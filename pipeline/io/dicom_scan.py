@@ -27,6 +27,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from pipeline.errors import first_line
+
 log = logging.getLogger(__name__)
 
 # SOP classes that hold pixel data but are not scans to segment.
@@ -121,9 +123,9 @@ def scan_file(path: Path) -> ScanResult:
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=not _has_marker(path))
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
-        return ScanResult([], f"unreadable DICOM header ({type(exc).__name__}: {_first_line(exc)})")
+        return ScanResult([], f"unreadable DICOM header ({type(exc).__name__}: {first_line(exc)})")
     except Exception as exc:  # pydicom raises many types on broken files
-        return ScanResult([], f"unreadable DICOM header ({type(exc).__name__}: {_first_line(exc)})")
+        return ScanResult([], f"unreadable DICOM header ({type(exc).__name__}: {first_line(exc)})")
     if "PerFrameFunctionalGroupsSequence" not in ds:
         ds = _Header(ds)
     sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", ""))
@@ -131,7 +133,7 @@ def scan_file(path: Path) -> ScanResult:
         return ScanResult([], "not a DICOM image (no SOP class, no image geometry)", is_dicom=False)
     if sop_class in _NOT_SCANS:
         return ScanResult([], _NOT_SCANS[sop_class])
-    if not _has_pixels(path, ds):
+    if not _has_pixels(ds):
         return ScanResult([], f"no pixel data ({_sop_name(sop_class)})")
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
         frames = _multiframe_records(path, ds, sop_class)
@@ -354,7 +356,7 @@ def _has_marker(path: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
-def _has_pixels(path: Path, ds) -> bool:
+def _has_pixels(ds) -> bool:
     """``stop_before_pixels`` drops PixelData; the file had it when the parse stopped early."""
     if any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         return True
@@ -445,8 +447,3 @@ def _time(date, time) -> str:
 def _sop_name(uid: str) -> str:
     name = UID(uid).name if uid else "unknown SOP class"
     return name or uid
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else ""

@@ -96,7 +96,7 @@ def group_volumes(frames: list[Frame]) -> list[DicomVolume]:
         key = (frame.series.series_uid or f"no-uid:{Path(frame.path).parent}", frame.series.series_number)
         by_series.setdefault(key, []).append(frame)
     volumes: list[DicomVolume] = []
-    for key, members in sorted(by_series.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for _, members in sorted(by_series.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         volumes.extend(_split_series(_unique_instances(members)))
     return volumes
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, last_line
 from pipeline.io.dicom_scan import Frame
 from pipeline.io.dicom_series import DicomVolume
 from pipeline.io.geometry import LPS_TO_RAS
@@ -50,7 +50,7 @@ class StackPolicy:
     on_missing_spacing: str = "error"  # error | assume
 
     @classmethod
-    def from_config(cls, cfg) -> "StackPolicy":
+    def from_config(cls, cfg) -> StackPolicy:
         return cls(cfg.on_duplicate_slices, cfg.on_missing_slices, cfg.on_gantry_tilt, cfg.slice_tolerance,
                    cfg.on_missing_spacing)
 
@@ -234,7 +234,7 @@ def _decode_classic(paths: list[str], volume: DicomVolume) -> np.ndarray:
         culprit = _first_undecodable(paths)
         where = f" (first bad file: {Path(culprit).name})" if culprit else ""
         raise InputError(
-            f"cannot decode {volume.describe()}{where}: {_itk_reason(exc)}. A file may be truncated or use an "
+            f"cannot decode {volume.describe()}{where}: {last_line(exc)}. A file may be truncated or use an "
             "unsupported transfer syntax; remove it or re-export the series"
         ) from None
     array = array_view(image)  # no copy: the view keeps the image alive
@@ -259,7 +259,7 @@ def _decode_each_file(volume: DicomVolume) -> np.ndarray:
             plane = sitk.GetArrayFromImage(sitk.ReadImage(frame.path, sitk.sitkFloat32))
         except RuntimeError as exc:
             raise InputError(
-                f"cannot decode {volume.describe()} (first bad file: {Path(frame.path).name}): {_itk_reason(exc)}. "
+                f"cannot decode {volume.describe()} (first bad file: {Path(frame.path).name}): {last_line(exc)}. "
                 "A file may be truncated or use an unsupported transfer syntax; remove it or re-export the series"
             ) from None
         plane = plane.reshape(plane.shape[-2:])
@@ -316,7 +316,7 @@ def _decode_file_frames(path: str, volume: DicomVolume) -> tuple[np.ndarray, boo
         pixels = sitk.GetArrayFromImage(sitk.ReadImage(path))
         return (pixels if pixels.ndim == 3 else pixels[None]), True
     except RuntimeError as exc:
-        raise InputError(f"cannot decode '{path}' of {volume.describe()}: {_itk_reason(exc)}") from None
+        raise InputError(f"cannot decode '{path}' of {volume.describe()}: {last_line(exc)}") from None
 
 
 def _read_mosaic(frame: Frame) -> tuple[np.ndarray, np.ndarray]:
@@ -376,11 +376,6 @@ def _regular_along(pixels: np.ndarray, along: np.ndarray, spacing: float) -> np.
     for k in range(n_regular):
         out[k] = (1 - weight[k]) * pixels[lower[k]] + weight[k] * pixels[upper[k]]
     return out
-
-
-def _itk_reason(exc: RuntimeError) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[-1].strip() if lines else "unknown error"
 
 
 def _fmt(position) -> str:

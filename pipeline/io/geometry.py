@@ -13,8 +13,8 @@ Conventions
 
 from __future__ import annotations
 
-import numpy as np
 import nibabel.orientations as nio
+import numpy as np
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -71,7 +71,7 @@ def voxel_volume_mm3(affine: np.ndarray) -> float:
 
 
 def grid_difference(shape_a, affine_a: np.ndarray, shape_b, affine_b: np.ndarray,
-                    tolerance_mm: float = AFFINE_TOLERANCE_MM) -> "str | None":
+                    tolerance_mm: float = AFFINE_TOLERANCE_MM) -> str | None:
     """How grid b differs from grid a (shape, else affine beyond ``tolerance_mm``), or None if they match."""
     if tuple(shape_a) != tuple(shape_b):
         return f"shape {tuple(int(s) for s in shape_b)} vs {tuple(int(s) for s in shape_a)}"

@@ -25,7 +25,7 @@ import numpy as np
 from monai.data import ImageReader
 from monai.utils import MetaKeys, SpaceKeys
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, last_line
 from pipeline.io.channels import Channels, stack_channels
 from pipeline.io.dicom_scan import looks_like_dicom, scan_file
 from pipeline.io.dicom_series import DicomVolume, group_volumes
@@ -233,7 +233,7 @@ def _read_itk_file(path: Path) -> _Loaded:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        reason = _itk_reason(exc)
+        reason = last_line(exc)
         raise InputError(
             f"cannot read scan '{path}': {reason}. Expected a NIfTI, NRRD, MHA/MHD or DICOM file; "
             "the file may be truncated or of another format"
@@ -245,9 +245,3 @@ def _read_itk_file(path: Path) -> _Loaded:
         )
     array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
     return _Loaded(array, affine_from_sitk(image), str(path), "itk")
-
-
-def _itk_reason(exc: RuntimeError) -> str:
-    """ITK's exceptions span many lines; the last one says what went wrong."""
-    lines = str(exc).strip().splitlines()
-    return lines[-1].strip() if lines else "unknown error"

@@ -12,12 +12,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from pipeline.config.schema import NORMS, PADDINGS, SPATIAL_DIMS, UPSAMPLES
 from pipeline.errors import ConfigError
 
-NORMS = ("instance", "batch", "none")
-ACTS = ("leakyrelu", "relu")
-UPSAMPLES = ("transpose", "interp")
-PADDINGS = ("same", "valid")
+ACTS = ("leakyrelu", "relu")  # not a config key: the Python API's choice
 LEAKY_SLOPE = 0.01
 
 
@@ -31,7 +29,7 @@ def check_choice(name: str, value: str, options: Sequence[str]) -> None:
 
 
 def check_spatial_dims(spatial_dims: int) -> None:
-    if spatial_dims not in (2, 3):
+    if spatial_dims not in SPATIAL_DIMS:
         raise ConfigError(
             f"model.spatial_dims: expected 2 or 3, found {spatial_dims!r}. "
             "Use 2 for slice-wise images and 3 for volumes."

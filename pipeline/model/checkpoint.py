@@ -1,4 +1,4 @@
-"""Self-describing checkpoints: weights + full config + label names + versions, in one ``.pt`` file.
+"""Self-describing checkpoints: weights + full config (labels, preprocessing) + versions, in one ``.pt`` file.
 
 Everything stored is a tensor or a plain Python container, so ``torch.load(path, weights_only=True)``
 reads it: loading a checkpoint never executes pickled code.
@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import torch
 
 from pipeline.config import Config, config_from_dict, config_to_dict
-from pipeline.errors import CheckpointError, ConfigError
+from pipeline.errors import CheckpointError, ConfigError, first_line
 from pipeline.io.atomic import atomic_path
 
 FORMAT = "medseg-checkpoint"
@@ -60,8 +60,6 @@ def save_checkpoint(path: Union[str, Path], ckpt: Checkpoint) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": config_to_dict(ckpt.config),
-        "labels": ckpt.config.data.labels,
-        "preprocess": config_to_dict(ckpt.config)["preprocess"],
         "versions": versions(),
         "epoch": ckpt.epoch,
         "best_metric": float(ckpt.best_metric),
@@ -85,7 +83,7 @@ def load_checkpoint(path: Union[str, Path], map_location: str = "cpu") -> Checkp
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise CheckpointError(
-            f"cannot read checkpoint '{path}': {_first_line(exc)}. "
+            f"cannot read checkpoint '{path}': {first_line(exc, type(exc).__name__)}. "
             "Expected a .pt file written by `medseg train`; the file may be truncated"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -118,8 +116,3 @@ def file_sha256(path: Union[str, Path]) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -108,17 +108,14 @@ def to_source_slabs(
     source_shape: Sequence[int],
     on_slab: Callable[[int, int, torch.Tensor], None],
     max_elements: int = 1 << 24,
-    coverage: bool = False,
     nearest: bool = False,
 ) -> None:
     """Interpolate ``probs`` (K, *box) onto the source grid and hand it over in slabs of the last source axis.
 
-    ``on_slab(k0, k1, values)`` receives float32 (K, I, J, k1 - k0) for source slices ``k0:k1``. With
-    ``coverage``, channel 0 is prepended: the interpolated box indicator (1 inside the box, 0 outside,
-    linear in between), so a channel left out because the channels sum to one inside the box (the
-    background) is exactly ``coverage - sum(the others)``. ``nearest``: nearest-voxel sampling (label maps).
+    ``on_slab(k0, k1, values)`` receives float32 (K, I, J, k1 - k0) for source slices ``k0:k1``.
+    ``nearest``: nearest-voxel sampling (label maps).
     """
-    channels = probs.shape[0] + int(coverage)
+    channels = probs.shape[0]
     ni, nj, nk = (int(s) for s in source_shape)
     step = max(1, min(nk, max_elements // max(1, channels * ni * nj)))
     in_plane = [
@@ -139,8 +136,4 @@ def to_source_slabs(
             values = _interpolate(values, 1 + amap.target, matrix)
         order = [0] + [1 + amap.target for amap in maps]
         values = values.permute(*order)
-        if coverage:  # separable: the product of each axis' row sums
-            rows = [in_plane[0].sum(1), in_plane[1].sum(1), slab_matrix.sum(1)]
-            inside = rows[0][:, None, None] * rows[1][None, :, None] * rows[2][None, None, :]
-            values = torch.cat([inside[None], values], dim=0)
         on_slab(k0, k1, values)

@@ -11,7 +11,7 @@ units for CT, since the readers apply the rescale slope/intercept; scanner units
 from __future__ import annotations
 
 import csv
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -20,8 +20,8 @@ from scipy import ndimage
 
 from pipeline.io.atomic import atomic_path
 from pipeline.io.geometry import voxel_volume_mm3
-from pipeline.report.manifest import csv_cell
 from pipeline.postprocess.components import label_components
+from pipeline.report.manifest import csv_cell
 
 _PAIRWISE_LIMIT = 4000  # boundary points up to which a degenerate lesion is measured pairwise
 
@@ -117,10 +117,6 @@ def lesion_totals(lesions: Iterable[Lesion]) -> tuple[int, float]:
     """(count, total volume in mL)."""
     lesions = list(lesions)
     return len(lesions), float(sum(lesion.volume_ml for lesion in lesions))
-
-
-def lesion_to_dict(lesion: Lesion) -> dict:
-    return asdict(lesion)
 
 
 def lesion_from_dict(data: dict) -> Lesion:

@@ -47,7 +47,7 @@ class OutputLock:
         # no command line: its paths may name the patient (pipeline.io.privacy)
         self._held = False
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         self.acquire()
         return self
 

@@ -39,7 +39,7 @@ class Shard:
     count: int
 
     @classmethod
-    def parse(cls, value: Union[None, str, "Shard", Sequence[int]]) -> Optional["Shard"]:
+    def parse(cls, value: Union[None, str, Shard, Sequence[int]]) -> Optional[Shard]:
         if value is None or isinstance(value, Shard):
             return value
         text = value if isinstance(value, str) else "/".join(str(v) for v in value)

@@ -1,5 +1,5 @@
 """Training: data, loss, schedule and the training loop."""
 
-from pipeline.training.trainer import TrainResult, Trainer, train
+from pipeline.training.trainer import Trainer, TrainResult, train
 
 __all__ = ["TrainResult", "Trainer", "train"]

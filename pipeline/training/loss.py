@@ -57,17 +57,6 @@ class HeadLoss(torch.nn.Module):
         return loss
 
 
-def centre_crop_to(label: torch.Tensor, spatial: torch.Size) -> torch.Tensor:
-    """Crop ``label`` (B, 1, *S) to the spatial size of a smaller valid-padding output."""
-    if tuple(label.shape[2:]) == tuple(spatial):
-        return label
-    slices = [slice(None), slice(None)]
-    for have, want in zip(label.shape[2:], spatial):
-        start = (have - want) // 2
-        slices.append(slice(start, start + want))
-    return label[tuple(slices)]
-
-
 def head_targets(label: torch.Tensor, output_sizes) -> list[torch.Tensor]:
     """The label each output head learns from: ``label`` (B, 1, *S) of the network input, at its voxels.
 

@@ -17,7 +17,7 @@ transform random states they were seeded with at start-up, so a resumed run draw
 
 Data loading overlaps the optimiser steps where that is free: with ``train.num_workers = 0`` and the
 network on a GPU, or on a CPU with cores to spare (more than torch's threads), a background thread draws
-the next batches from the loader (:class:`Prefetch`, ``PREFETCH_BATCHES`` ahead) while the network trains
+the next batches from the loader (:class:`~pipeline.queues.Prefetch`, ``PREFETCH_BATCHES`` ahead) while the network trains
 on the current one. It draws them in the same order with the same random state as the loop would, so
 training is the same with or without it. Where torch's threads already use every core (a CPU with the
 default settings) the thread would only take their time: measured on 2 cores, the steps grew by more
@@ -34,8 +34,6 @@ import itertools
 import logging
 import math
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +49,7 @@ from pipeline.evaluate.metrics import case_dice
 from pipeline.infer.sliding import predict_logits
 from pipeline.model import build_model
 from pipeline.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from pipeline.queues import Prefetch
 from pipeline.runtime import epoch_seeds, resolve_device, seed_everything
 from pipeline.training.data import split_cases, train_loader, validation_dataset
 from pipeline.training.dataset_config import load_training_data
@@ -308,63 +307,6 @@ def prefetch_depth(device: torch.device, num_workers: int) -> int:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return PREFETCH_BATCHES if cores > torch.get_num_threads() else 0
-
-
-class Prefetch:
-    """Items of ``iterator`` produced up to ``depth`` ahead in a background thread, in order.
-
-    An exception raised by the iterator is raised again by ``next`` (and by every later ``next``).
-    ``close`` stops the thread after the item it is working on.
-    """
-
-    def __init__(self, iterator, depth: int = 2):
-        self.depth = max(1, int(depth))
-        self._queue: queue.Queue = queue.Queue(maxsize=self.depth)
-        self._stop = threading.Event()
-        self._failure: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._produce, args=(iterator,), name="medseg-batches", daemon=True)
-        self._thread.start()
-
-    def _produce(self, iterator) -> None:
-        try:
-            for item in iterator:
-                if not self._put((True, item)):
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            self._put((False, exc))
-            return
-        self._put((False, StopIteration()))
-
-    def _put(self, entry) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self._failure is not None:
-            raise self._failure
-        ok, item = self._queue.get()
-        if not ok:
-            self._failure = item
-            raise item
-        return item
-
-    def close(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        while True:  # free the prepared batches; unblocks a producer waiting on a full queue
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
 
 
 def _amp_dtype(device: torch.device) -> Optional[torch.dtype]:

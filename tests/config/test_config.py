@@ -138,7 +138,7 @@ def test_unknown_key_or_section(override, fragments):
         ("sampling.patch_size=64", "sampling.patch_size", "64", "a list"),
         ("model.norm=5", "model.norm", "5", "a string"),
         ("inference.overlap=1.5", "inference.overlap", "1.5", "a number in [0.0, 0.95]"),
-        ("model.norm=group", "model.norm", "'group'", "one of 'instance', 'batch'"),
+        ("model.norm=group", "model.norm", "'group'", "one of 'instance', 'batch', 'none'"),
         ("model.spatial_dims=4", "model.spatial_dims", "4", "one of 2, 3"),
         ("train.epochs=0", "train.epochs", "0", "a number > 0"),
         ("train.schedule=step", "train.schedule", "'step'", "one of 'poly', 'cosine'"),
@@ -156,6 +156,22 @@ def test_bad_value_names_key_value_and_allowed(override, key, value, allowed):
     assert f"'{key}'" in message
     assert f"invalid value {value}" in message
     assert allowed in message
+
+
+def test_allowed_values_are_listed_once_and_the_code_takes_them():
+    from pipeline.cli import _parser
+    from pipeline.config import schema
+    from pipeline.infer import backend
+    from pipeline.model import blocks, build_model
+
+    assert backend.BACKENDS is schema.BACKENDS
+    assert (blocks.NORMS, blocks.UPSAMPLES, blocks.PADDINGS) == (schema.NORMS, schema.UPSAMPLES, schema.PADDINGS)
+    commands = {name: p for action in _parser()._subparsers._group_actions for name, p in action.choices.items()}
+    flags = {a.dest: a.choices for p in commands.values() for a in p._actions if a.choices is not None}
+    assert tuple(flags["backend"]) == schema.BACKENDS and tuple(flags["kind"]) == schema.SYNTH_KINDS
+    for norm in schema.NORMS:  # every value the config accepts builds a network
+        config = load_config(None, [f"model.norm={norm}", "model.features=2", "model.depth=2"])
+        build_model(config.model, 1, 2)
 
 
 def test_labels_must_be_consecutive():

@@ -12,7 +12,15 @@ import pytest
 
 from pipeline.dataset import read_dataset
 from pipeline.errors import InputError
-from tests.dataset.builders import CASES, LABELS, MSD_CASES, write_folder, write_msd_4d, write_nnunet_v2, write_synth
+from tests.dataset.builders import (
+    CASES,
+    LABELS,
+    MSD_CASES,
+    write_folder,
+    write_msd_4d,
+    write_nnunet_v2,
+    write_synth,
+)
 
 
 @pytest.mark.parametrize("ending", [".nii.gz", ".nii", ".nrrd", ".mha"])

@@ -12,8 +12,14 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import InputError
-from pipeline.evaluate import (COLUMNS, CaseMetrics, EvaluationOptions, evaluate_case, evaluate_folder,
-                               summarise)
+from pipeline.evaluate import (
+    COLUMNS,
+    CaseMetrics,
+    EvaluationOptions,
+    evaluate_case,
+    evaluate_folder,
+    summarise,
+)
 from pipeline.io.atomic import json_safe
 from tests.conftest import make_affine, save_nifti
 

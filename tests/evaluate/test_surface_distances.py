@@ -176,8 +176,11 @@ def test_dense_surfaces_use_the_distance_transform_and_agree():
 
 def _monai(pred, truth, spacing, tolerance):
     import torch
-    from monai.metrics import (compute_average_surface_distance, compute_hausdorff_distance,
-                               compute_surface_dice)
+    from monai.metrics import (
+        compute_average_surface_distance,
+        compute_hausdorff_distance,
+        compute_surface_dice,
+    )
 
     y_pred = torch.from_numpy(pred)[None, None].float()
     y = torch.from_numpy(truth)[None, None].float()

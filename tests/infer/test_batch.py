@@ -156,7 +156,7 @@ def test_lesion_table_matches_the_constructed_lesions(tmp_path, segmenter):
             assert float(row["max_diameter_mm"]) == pytest.approx(lesion.max_diameter_mm, rel=1e-5)
             assert float(row["mean_intensity"]) == pytest.approx(150.0)  # HU of the lesions, as read
             assert float(row["max_probability"]) > 0.99
-        assert float(manifest[case_id]["lesion_volume_ml"]) == pytest.approx(sum(l.volume_ml for l in expected),
+        assert float(manifest[case_id]["lesion_volume_ml"]) == pytest.approx(sum(lesion.volume_ml for lesion in expected),
                                                                              rel=1e-5)
     assert {r.case_id: r.lesion_count for r in results} == {c: len(lesion_stats(v[1], v[2])) for c, v in cases.items()}
 

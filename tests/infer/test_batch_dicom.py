@@ -16,8 +16,8 @@ import pytest
 from pipeline.config import InputConfig
 from pipeline.infer import exit_code, segment_folder
 from pipeline.io.dicom_seg import read_dicom_seg
-from pipeline.report.manifest import ALL_COLUMNS, MANIFEST_COLUMNS
 from pipeline.io.dicom_write import write_dicom_series
+from pipeline.report.manifest import ALL_COLUMNS, MANIFEST_COLUMNS
 from tests.conftest import make_affine
 from tests.helpers import ct_case
 from tests.infer.test_batch import SHAPE, _one_thread, segmenter  # noqa: F401  (fixtures)

@@ -38,7 +38,7 @@ def two_channel_config(*extra):
 
 
 @pytest.fixture
-def two_channel_case(tmp_path):
+def two_channel_case():
     affine = make_affine("oblique")
     decoy = blob_label(seed=3)[::-1].copy()  # channel 0: another pattern, which must not show up
     target = blob_label(seed=1)
@@ -187,7 +187,6 @@ def test_a_study_without_a_matching_series_fails_naming_the_channel(tmp_path):
 def test_convert_writes_a_study_as_channel_files(tmp_path):
     from pipeline.config.load import load_config as load
     from pipeline.convert import convert_folder
-
     from pipeline.io.geometry import closest_canonical
 
     centre = np.array([5.0, 5.0, 5.0])

@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 from pipeline.cli import main
 from pipeline.config import InputConfig
 from pipeline.errors import InputError
-from pipeline.io.dicom_stack import StackPolicy, stack
+from pipeline.io.dicom_stack import stack
 from pipeline.io.dicom_write import write_dicom_series
 from pipeline.io.discover import discover
 from pipeline.io.geometry import closest_canonical

@@ -100,7 +100,7 @@ def test_a_complete_series_records_no_assumption(tmp_path):
     assert case.volume.assumptions == []
 
 
-def test_convert_reports_the_refusal_on_one_line(tmp_path, capsys):
+def test_convert_reports_the_refusal_on_one_line(tmp_path):
     _, paths = _series(tmp_path / "in" / "nospacing")
     _remove(paths, "PixelSpacing")
     assert main(["convert", str(tmp_path / "in"), str(tmp_path / "out"), "-q"]) == 2

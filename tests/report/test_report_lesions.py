@@ -35,7 +35,7 @@ def test_known_lesions_volume_centroid_diameter(oblique):
 
     lesions = lesion_stats(labels, oblique, image=image, probability=probability, case_id="c1")
 
-    assert [(l.label, l.lesion_id, l.voxels) for l in lesions] == [(1, 1, 60), (1, 2, 1), (2, 1, 8)]
+    assert [(x.label, x.lesion_id, x.voxels) for x in lesions] == [(1, 1, 60), (1, 2, 1), (2, 1, 8)]
     voxel_ml = abs(np.linalg.det(oblique[:3, :3])) / 1000
     box, single, other = lesions
     assert box.case_id == "c1"
@@ -57,7 +57,7 @@ def test_lesions_are_26_connected_and_numbered_largest_first():
     labels[1, 1, 1] = labels[2, 2, 2] = 1  # touching at a corner only: one lesion
     labels[6:9, 6:9, 6:9] = 1
     lesions = lesion_stats(labels, np.eye(4))
-    assert [(l.lesion_id, l.voxels) for l in lesions] == [(1, 27), (2, 2)]
+    assert [(x.lesion_id, x.voxels) for x in lesions] == [(1, 27), (2, 2)]
     assert lesions[1].max_diameter_mm == pytest.approx(np.sqrt(3))
 
 

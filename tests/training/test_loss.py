@@ -1,4 +1,4 @@
-"""Dice + focal loss: ordering on known logits, deep supervision, and cropping labels for valid outputs."""
+"""Dice + focal loss: ordering on known logits and deep supervision."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import load_config
-from pipeline.training.loss import build_loss, centre_crop_to
+from pipeline.training.loss import build_loss
 from tests.helpers import torch_threads
 
 SHAPE = (2, 1, 16, 16, 8)
@@ -129,21 +129,3 @@ def test_deep_supervision_accepts_integer_labels_as_the_trainer_gives_them():
     deep = build_loss(loss_config(), deep_supervision=True)
     value = deep(deep_outputs(label), label)
     torch.testing.assert_close(value, deep(deep_outputs(label), label.float()))
-
-
-def test_centre_crop_to():
-    label = torch.arange(10 * 12 * 9).reshape(1, 1, 10, 12, 9)
-    cropped = centre_crop_to(label, torch.Size([6, 12, 5]))
-    assert tuple(cropped.shape) == (1, 1, 6, 12, 5)
-    torch.testing.assert_close(cropped, label[:, :, 2:8, :, 2:7])
-
-
-def test_centre_crop_to_odd_difference_and_2d():
-    label = torch.arange(2 * 11 * 8).reshape(2, 1, 11, 8)
-    cropped = centre_crop_to(label, (6, 3))
-    torch.testing.assert_close(cropped, label[:, :, 2:8, 2:5])  # (11 - 6) // 2 = 2, (8 - 3) // 2 = 2
-
-
-def test_centre_crop_to_same_size_is_identity():
-    label = torch.zeros(1, 1, 4, 4, 4)
-    assert centre_crop_to(label, label.shape[2:]) is label

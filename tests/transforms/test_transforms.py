@@ -10,8 +10,8 @@ from monai.transforms import Compose
 
 from pipeline.config import load_config
 from pipeline.errors import InputError
-from pipeline.training.data import train_loader, training_cases
 from pipeline.infer.batch import describe_error
+from pipeline.training.data import train_loader, training_cases
 from pipeline.transforms.load import CheckLabelsd, LoadScand
 from pipeline.transforms.preprocess import preprocess_transforms
 from pipeline.transforms.sampling import RandAxialSliced, sampling_transforms
