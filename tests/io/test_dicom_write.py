@@ -10,17 +10,10 @@ import SimpleITK as sitk
 from pipeline.errors import InputError
 from pipeline.io.dicom_write import write_dicom_series
 from pipeline.io.geometry import LPS_TO_RAS, affine_from_sitk, closest_canonical
+from pipeline.synth.grid import rotation
 from tests.helpers import assert_corners_at_same_world_position
 
 SHAPE = (12, 10, 6)
-
-
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    a, b = [n for n in range(3) if n != axis]
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    rot = np.eye(3)
-    rot[a, a], rot[a, b], rot[b, a], rot[b, b] = c, -s, s, c
-    return rot
 
 
 def _affine(linear: np.ndarray, origin=(-31.5, 12.25, -80.0)) -> np.ndarray:
@@ -33,7 +26,7 @@ def _affine(linear: np.ndarray, origin=(-31.5, 12.25, -80.0)) -> np.ndarray:
 AFFINES = {
     "RAS": _affine(np.diag([0.8, 0.8, 2.5])),
     "LPS": _affine(np.diag([-0.7, -0.9, 2.0])),
-    "oblique": _affine(_rotation(0, 15) @ _rotation(1, 15) @ np.diag([0.8, 0.8, 2.5])),
+    "oblique": _affine(rotation(0, 15) @ rotation(1, 15) @ np.diag([0.8, 0.8, 2.5])),
     "feet-first": _affine(np.diag([0.8, -0.8, -2.5])),
     "sagittal-PIR": _affine(np.array([[0.0, 0.0, 1.2], [-0.9, 0.0, 0.0], [0.0, -0.9, 0.0]])),
 }
