@@ -4,9 +4,10 @@
 files and a DICOM series), segments it once without interruption (the reference, whose timeline —
 when the lock, each sidecar and the exit appear — sets the kill windows), then for each trial starts
 the same command as a subprocess (``python -m pipeline segment ...``), kills it (``kill -9``) at a
-seeded random moment in one of the run's phases (start-up and discovery, inference of the first
-case, writing the cases, the final reports), in some trials kills the resuming run too, and finally
-runs the command to completion. The output folder must then hold exactly the reference's files:
+seeded random moment in one of the run's phases (start-up: imports, model and discovery; the first
+case: planning, reading and inference; the cases: inference and writing; the final reports and
+exit), the phases in turn, in every third trial kills the resuming run too, and finally runs the
+command to completion. The output folder must then hold exactly the reference's files:
 masks with the same voxels and affine, sidecars equal but for times and host, every NIfTI, JSON and
 PNG complete, a manifest with one ``done`` row per case, no temporaries and no lock. It prints one
 row per trial and a last line ``N of N resumed with identical outputs``; the exit code is 1 when a
@@ -287,10 +288,13 @@ def _how_far(out: Path, n_cases: int) -> str:
 
 
 def run_trial(number: int, rng: random.Random, command: list[str], out: Path, timeline: Timeline,
-              reference: dict, cases: list[str], double: bool) -> Trial:
+              reference: dict, cases: list[str]) -> Trial:
+    """Trial ``number`` aims its first kill at the phases in turn, a random time into it; every third
+    trial kills the resuming run too (in a random phase) before the final run."""
     trial = Trial(number)
-    for _ in range(2 if double else 1):
-        phase = rng.choice(PHASES)
+    double = number % 3 == 0
+    for kill in range(2 if double else 1):
+        phase = PHASES[(number - 1) % len(PHASES)] if kill == 0 else rng.choice(PHASES)
         low, high = timeline.window(phase)
         killed, when = kill_in(command, out, len(cases), phase, rng.uniform(0.0, max(high - low, 0.01)))
         trial.kills.append(Kill(phase, when, _how_far(out, len(cases)) if killed else "ended before the kill"))
@@ -326,7 +330,7 @@ def run_trials(n_trials: int, seed: int, workdir: Path, report=print) -> list[Tr
         out = workdir / "out"
         shutil.rmtree(out, ignore_errors=True)
         command = segment_command(input_dir, out, checkpoint)
-        trial = run_trial(number, rng, command, out, timeline, reference, cases, double=rng.random() < 0.3)
+        trial = run_trial(number, rng, command, out, timeline, reference, cases)
         trials.append(trial)
         kills = "; ".join(str(k) for k in trial.kills)
         report(f"{number:>5}  {kills:<78} {trial.final_exit:>4} {trial.resumed_cases:>4} "
