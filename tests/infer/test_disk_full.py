@@ -248,3 +248,26 @@ def test_a_read_only_file_system_is_exit_2_before_any_work(tmp_path, capsys, bat
         assert code == 2
         assert stderr.splitlines() == [f"error: cannot write to output folder '{folder}': "
                                        "Read-only file system. Choose a folder you can write to"]
+
+
+def test_a_run_log_that_cannot_be_written_is_one_warning_not_a_traceback_per_line(tmp_path, capsys, caplog,
+                                                                                  batch, monkeypatch):
+    from pipeline.infer import batch as batch_module
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(batch_module._RunLogHandler, "_open", lambda self: FullDisk())
+    code, stdout, stderr = segment(capsys, batch, tmp_path / "out")
+    assert code == 0, stderr
+    warnings = [r.getMessage() for r in caplog.records if "cannot write to the run's log" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0], caplog.text
+    assert "Logging error" not in stderr and "Traceback" not in stderr
+    assert "done 4 (0 from an earlier run)" in stdout
