@@ -77,6 +77,12 @@ def _env() -> dict:
             "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
 
 
+def _own_cache(workdir: Path) -> None:
+    """ONNX exports and backend timings of the trials in ``workdir``, not the user's cache (the test
+    session has its own already). The reference run measures; every later run reuses its choice."""
+    os.environ.setdefault("MEDSEG_CACHE_DIR", str(workdir / "cache"))
+
+
 def run_to_end(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
@@ -238,15 +244,18 @@ class Trial:
         return not self.problems
 
 
-def _reached(phase: str, out: Path, n_cases: int, since: float) -> bool:
-    """Has a run started at ``since`` (``time.time()``) got to the start of ``phase``?"""
+def _reached(phase: str, out: Path, n_cases: int, pid: int, since: float) -> bool:
+    """Has the run ``pid``, started at ``since`` (``time.time()``), got to the start of ``phase``?"""
     if phase == "start-up":
         return True
-    if not (out / ".medseg.lock").exists():
+    try:  # its own lock, not the stale one of a run killed before
+        if json.loads((out / ".medseg.lock").read_text()).get("pid") != pid:
+            return False
+    except (OSError, ValueError, AttributeError):
         return False
-    sidecars = list(out.glob("*_seg.json"))
     if phase == "first case":
         return True
+    sidecars = list(out.glob("*_seg.json"))
     if phase == "cases":
         return len(sidecars) == n_cases or any(_mtime(p) >= since for p in sidecars)
     return len(sidecars) == n_cases  # reports
@@ -266,7 +275,7 @@ def kill_in(command: list[str], out: Path, n_cases: int, phase: str, delay: floa
     start = time.monotonic()
     process = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    while process.poll() is None and not _reached(phase, out, n_cases, since):
+    while process.poll() is None and not _reached(phase, out, n_cases, process.pid, since):
         time.sleep(0.002)
     try:
         process.wait(timeout=delay)
@@ -314,6 +323,7 @@ def run_trials(n_trials: int, seed: int, workdir: Path, report=print) -> list[Tr
     """The whole experiment in ``workdir``; ``report`` gets the table's lines as they come."""
     import shutil
 
+    _own_cache(workdir)
     input_dir, checkpoint, cases = build_batch(workdir)
     ref_out = workdir / "reference"
     timeline = reference_run(segment_command(input_dir, ref_out, checkpoint), ref_out, len(cases))
