@@ -153,7 +153,7 @@ def prepare_output_dir(output_dir: Union[str, Path]) -> Path:
     probe = out / f"{_PROBE}{os.getpid()}"
     try:
         (out / QC_FOLDER).mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"medseg\n")  # some bytes: a full disk fails here, not on the first case
+        probe.write_bytes(b"medseg\n")  # some bytes: a disk without a free block fails here, not on case 1
         probe.unlink()
     except OSError as exc:
         with contextlib.suppress(OSError):
