@@ -1,8 +1,9 @@
 """Random kill trials: ``medseg segment`` killed with SIGKILL at a random moment, then resumed.
 
 ``python -m tests.kill_trials --trials 20 --seed 0`` writes a batch of tiny synthetic cases (NIfTI
-files and a DICOM series), segments it once without interruption (the reference, whose timeline —
-when the lock, each sidecar and the exit appear — sets the kill windows), then for each trial starts
+files and a DICOM series), segments it once to warm the cache (backend timing, ONNX export), then
+once more without interruption (the reference, whose timeline — when the lock, each sidecar and the
+exit appear — sets the kill windows), then for each trial starts
 the same command as a subprocess (``python -m pipeline segment ...``), kills it (``kill -9``) at a
 seeded random moment in one of the run's phases (start-up: imports, model and discovery; the first
 case: planning, reading and inference; the cases: inference and writing; the final reports and
