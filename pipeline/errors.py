@@ -25,6 +25,18 @@ class CheckpointError(MedsegError):
     """A model checkpoint is missing, corrupt, or not one of ours."""
 
 
+class OutputWriteError(MedsegError, OSError):
+    """An output could not be written for a reason the user must fix: the disk is full, a quota is
+    exceeded, the file system is read-only, permission is denied. Still an :class:`OSError` (with the
+    original ``errno``), so code that handles those keeps working; ``str()`` is the one-line message."""
+
+    def __init__(self, errno_: int, message: str):
+        super().__init__(errno_, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def find_medseg_error(exc: BaseException) -> MedsegError | None:
     """The first :class:`MedsegError` in an exception chain (libraries wrap what they call)."""
     seen: set[int] = set()

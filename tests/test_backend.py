@@ -238,3 +238,21 @@ def test_auto_remeasures_after_a_corrupt_calibration_file(cache):
     assert select_backend("auto", net, torch.device("cpu"), SHA, (1, *ROI3D), 1) in ("torch", "onnxruntime")
     assert json.loads(path.read_text())["choice"] in ("torch", "onnxruntime")
     assert first in ("torch", "onnxruntime")
+
+
+def test_auto_on_a_full_cache_disk_is_torch_with_a_warning(monkeypatch, cache, caplog):
+    """The export cannot be written (ENOSPC, here a stand-in at the atomic write's sync): every case
+    would fail on it, so ``auto`` takes torch instead and says why."""
+    import errno
+    import os
+
+    from pipeline.io import atomic
+
+    def full(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic, "fsync_file", full)
+    assert select_backend("auto", tiny_unet(), torch.device("cpu"), SHA, (1, *ROI3D), 1) == "torch"
+    assert "ONNX export could not be written to the cache" in caplog.text
+    assert "no space left on device while writing" in caplog.text
+    assert [p.name for p in cache.rglob("*") if p.is_file()] == []

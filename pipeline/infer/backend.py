@@ -447,13 +447,21 @@ def select_backend(
 
     log.info("Backend auto: timing torch and onnxruntime on %d window(s) of %s (once per machine setup)...",
              batch, input_shape)
-    choice, seconds = _calibrate(network, torch_forward or network, model_sha256, input_shape, batch)
+    try:
+        choice, seconds = _calibrate(network, torch_forward or network, model_sha256, input_shape, batch)
+    except OSError as exc:  # the cache's disk is full or read-only: no export, so torch
+        log.warning("Backend auto: torch (the ONNX export could not be written to the cache %s: %s).",
+                    cache_dir(), exc)
+        return "torch"
     log.info("Backend auto: torch %.3f s, onnxruntime %.3f s per batch of %d; using %s.",
              seconds["torch"], seconds["onnxruntime"], batch, choice)
-    _write_json_atomic(path, {
-        "key": key,
-        "choice": choice,
-        "seconds_per_batch": seconds,
-        "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+    try:
+        _write_json_atomic(path, {
+            "key": key,
+            "choice": choice,
+            "seconds_per_batch": seconds,
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+    except OSError as exc:  # measured again next time
+        log.warning("Backend auto: the choice could not be cached (%s).", exc)
     return choice

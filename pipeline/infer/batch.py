@@ -26,6 +26,7 @@ import contextlib
 import datetime
 import logging
 import socket
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -521,11 +522,28 @@ def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
 
 
+class _RunLogHandler(logging.FileHandler):
+    """``segment.log``: a line that cannot be written (a full disk) is dropped, with one warning on the
+    console, instead of logging's traceback for every line; the run itself goes on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self._failed:
+            return
+        self._failed = True
+        error = sys.exc_info()[1]
+        log.warning("cannot write to the run's log '%s' (%s): its lines are dropped from here on",
+                    self.baseFilename, describe_error(error) if error is not None else "unknown error")
+
+
 @contextlib.contextmanager
 def _log_to(path: Path, redact: Redactor, echo: bool = False):
     """Append the package's log (and the per-case lines of ``run_log``) to ``path`` during the run, every
     line through ``redact``. ``echo``: the per-case lines go to the console too (when no bar is drawn)."""
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _RunLogHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     if not redact.keep_paths:
         handler.addFilter(redact.log_filter())

@@ -21,7 +21,19 @@ import threading
 from pathlib import Path
 from typing import Iterator, Union
 
+from pipeline.errors import OutputWriteError
+
 _UMASK_LOCK = threading.Lock()
+
+# Write failures the user has to fix (and that any other file in that folder would meet too).
+_USER_FIXABLE = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EFBIG: "file too large for the file system",
+}
 
 
 def current_umask() -> int:
@@ -92,20 +104,45 @@ def atomic_path(target: Union[str, Path], suffix: str = ".tmp") -> Iterator[Path
     The temporary file exists (empty, owner-only) while the block writes it by name (``nib.save``,
     ``torch.save``, ``savefig``...): the final mode is set only once it is complete, so a umask that
     leaves the owner without write permission cannot stop the writer.
+
+    A full disk, an exceeded quota, a read-only file system or a denied permission, met at any step
+    (including inside the block), becomes an :class:`~pipeline.errors.OutputWriteError` naming the
+    problem and ``target``: ``no space left on device while writing '...'``; the temporary is gone.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        if _user_fixable(exc):
+            raise write_error(exc, target) from exc
+        raise
     try:
         yield Path(tmp)
         fsync_file(tmp)
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if _user_fixable(exc):
+            raise write_error(exc, target) from exc
         raise
     fsync_dir(target.parent)
+
+
+def _user_fixable(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and not isinstance(exc, OutputWriteError) and exc.errno in _USER_FIXABLE
+
+
+def write_error(exc: OSError, target: Union[str, Path]) -> OutputWriteError:
+    """``exc`` (its ``errno`` one of the user-fixable ones) met while writing ``target``, as one line
+    the user can act on."""
+    problem = _USER_FIXABLE.get(exc.errno) or (exc.strerror or "cannot write").lower()
+    fix = ("free space on that disk (or choose another output folder) and run again"
+           if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+           else "choose a folder you can write to, or fix its permissions, and run again")
+    return OutputWriteError(exc.errno, f"{problem} while writing '{target}': {fix}")
 
 
 def write_json(data, target: Union[str, Path], indent: int = 2) -> Path:

@@ -13,6 +13,8 @@ of its own cases, so shards running side by side never delete each other's work)
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 from dataclasses import dataclass
@@ -148,14 +150,18 @@ def prepare_output_dir(output_dir: Union[str, Path]) -> Path:
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"output folder '{out}' is a file: expected a folder (it is created if missing)")
+    probe = out / f"{_PROBE}{os.getpid()}"
     try:
         (out / QC_FOLDER).mkdir(parents=True, exist_ok=True)
-        probe = out / f"{_PROBE}{os.getpid()}"
-        probe.write_bytes(b"")
+        probe.write_bytes(b"medseg\n")  # some bytes: a disk without a free block fails here, not on case 1
         probe.unlink()
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
         raise InputError(
-            f"cannot write to output folder '{out}': {exc.strerror or exc}. Choose a folder you can write to"
+            f"cannot write to output folder '{out}': {exc.strerror or exc}. "
+            + ("Free space on that disk or choose another folder" if full else "Choose a folder you can write to")
         ) from None
     for debris in out.glob(f"{_PROBE}*"):  # probes of runs killed right here
         pid = debris.name[len(_PROBE):]

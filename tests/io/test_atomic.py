@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -140,3 +141,32 @@ def test_a_umask_without_owner_write_does_not_stop_the_writer(tmp_path, umask):
     umask(0o277)
     write_json({"a": 1}, tmp_path / "x.json")
     assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o400
+
+
+@pytest.mark.parametrize("error, problem", [(errno.ENOSPC, "no space left on device"),
+                                            (errno.EDQUOT, "disk quota exceeded"),
+                                            (errno.EROFS, "read-only file system"),
+                                            (errno.EACCES, "permission denied")])
+def test_a_full_disk_inside_the_block_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, error, problem):
+    from pipeline.errors import MedsegError, OutputWriteError
+
+    target = tmp_path / "mask.nii.gz"
+    with pytest.raises(OutputWriteError) as raised:
+        with atomic_path(target, suffix=".tmp.nii.gz") as tmp:
+            tmp.write_bytes(b"half a file")
+            raise OSError(error, os.strerror(error))
+    assert str(raised.value).startswith(f"{problem} while writing '{target}': ")
+    assert isinstance(raised.value, OSError) and raised.value.errno == error  # `except OSError` still works
+    assert isinstance(raised.value, MedsegError) and "\n" not in str(raised.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_errors_inside_the_block_pass_unchanged(tmp_path):
+    with pytest.raises(OSError) as raised:
+        with atomic_path(tmp_path / "x.json"):
+            raise OSError(errno.EIO, "I/O error")
+    assert type(raised.value) is OSError and raised.value.errno == errno.EIO
+    with pytest.raises(KeyError):
+        with atomic_path(tmp_path / "x.json"):
+            raise KeyError("not an OSError")
+    assert list(tmp_path.iterdir()) == []
