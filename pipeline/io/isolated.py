@@ -2,8 +2,9 @@
 
 A corrupt file can make a C++ reader (GDCM, ITK's NIfTI/NRRD readers) crash the process: a segfault
 or an abort is not a Python exception and no ``try`` catches it. :class:`IsolatedReader` keeps one
-reader process (``spawn`` context; it imports :mod:`pipeline.io.read_scan`, not torch or MONAI, so it
-starts in well under a second), sends it one source at a time and gets back a
+reader process (a fresh interpreter, ``python -c``: not ``multiprocessing``'s ``spawn``, which would
+re-run the caller's main script; it imports :mod:`pipeline.io.read_scan`, not torch or MONAI, so it
+starts in well under a second), sends it one source at a time over a pipe and gets back a
 :class:`~pipeline.io.read_scan.Loaded`:
 
 * the voxels come back through a ``.npy`` file in a private temporary folder (``/dev/shm`` where it
@@ -24,13 +25,16 @@ a crash costs one case (``tests/fuzz/crash.py``). Nothing else reads it.
 
 from __future__ import annotations
 
+import importlib
 import logging
-import multiprocessing
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -68,7 +72,6 @@ class IsolatedReader:
 
     def __init__(self, read_function: Optional[Callable] = None):
         self.read_function = read_function or READ_FUNCTION
-        self._context = multiprocessing.get_context("spawn")
         self._process = None
         self._conn = None
         self._folder: Optional[Path] = None
@@ -82,18 +85,25 @@ class IsolatedReader:
         self.close()
 
     def start(self) -> None:
-        if self._process is not None and self._process.is_alive():
+        if self._process is not None and self._process.poll() is None:
             return
         if self._folder is None:
             shm = Path("/dev/shm")
             base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
             self._folder = Path(tempfile.mkdtemp(prefix="medseg-read-", dir=base))
-        parent, child = self._context.Pipe()
-        self._process = self._context.Process(target=_serve, args=(child, self.read_function),
-                                              name="medseg-reader", daemon=True)
-        self._process.start()
-        child.close()
-        self._conn = parent
+        from_parent, to_child = os.pipe()  # (read end, write end)
+        from_child, to_parent = os.pipe()
+        function = f"{self.read_function.__module__}:{self.read_function.__qualname__}"
+        command = [sys.executable, "-c", "from pipeline.io.isolated import serve; serve()",
+                   str(from_parent), str(to_parent), function]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        try:
+            self._process = subprocess.Popen(command, pass_fds=(from_parent, to_parent), env=env,
+                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            os.close(from_parent), os.close(to_parent)
+        self._conn = _Duplex(Connection(from_child, writable=False), Connection(to_child, readable=False))
 
     def read(self, source):
         """``source`` read in the reader process: a ``Loaded``, or the read's own exception."""
@@ -111,15 +121,13 @@ class IsolatedReader:
 
     def close(self) -> None:
         if self._process is not None:
-            if self._process.is_alive():
+            if self._process.poll() is None:
                 try:
                     self._conn.send(None)
-                except OSError:
-                    pass
-                self._process.join(timeout=2)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join()
+                    self._process.wait(timeout=2)
+                except (OSError, subprocess.TimeoutExpired):
+                    self._process.kill()
+                    self._process.wait()
             self._conn.close()
             self._process = self._conn = None
         if self._folder is not None:
@@ -133,13 +141,32 @@ class IsolatedReader:
                     return self._conn.recv()
                 except (EOFError, OSError):
                     pass  # died while answering
-            elif self._process.is_alive():
+            elif self._process.poll() is None:
                 continue
-            self._process.join()
-            code = self._process.exitcode
+            code = self._process.wait()
             self._conn.close()
             self._process = self._conn = None
             raise ReaderCrashed(_how_it_died(code))
+
+
+class _Duplex:
+    """Two one-way pipes as one connection."""
+
+    def __init__(self, incoming: Connection, outgoing: Connection):
+        self.incoming, self.outgoing = incoming, outgoing
+
+    def send(self, message) -> None:
+        self.outgoing.send(message)
+
+    def poll(self, timeout: float) -> bool:
+        return self.incoming.poll(timeout)
+
+    def recv(self):
+        return self.incoming.recv()
+
+    def close(self) -> None:
+        self.incoming.close()
+        self.outgoing.close()
 
 
 def _how_it_died(code: Optional[int]) -> str:
@@ -205,8 +232,19 @@ class _Collect(logging.Handler):
         self.records.append(record)
 
 
+def serve() -> None:
+    """The reader process's main (``argv``: its two pipe ends and ``module:function`` to read with)."""
+    incoming, outgoing, function = sys.argv[1:4]
+    module, _, name = function.partition(":")
+    read_function = importlib.import_module(module)
+    for part in name.split("."):
+        read_function = getattr(read_function, part)
+    _serve(_Duplex(Connection(int(incoming), writable=False), Connection(int(outgoing), readable=False)),
+           read_function)
+
+
 def _serve(conn, read_function: Callable) -> None:
-    """The reader process: read what is asked, one source at a time, until ``None`` or the pipe closes."""
+    """Read what is asked, one source at a time, until ``None`` or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
     collect = _Collect()
     package = logging.getLogger("pipeline")
