@@ -16,6 +16,7 @@ NIfTI files are checked against their own bytes where that could have happened (
 from __future__ import annotations
 
 import logging
+import re
 import zlib
 from pathlib import Path
 from typing import Sequence, Union
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+
+MAX_SPACING_MM = 100.0  # above it a spacing is a broken header (and resampling it would not fit in memory)
+MAX_AXIS_COSINE = 1e-3  # voxel axes further than ~0.06 degrees from orthogonal: a sheared grid
 
 PathLike = Union[str, Path]
 ScanSource = Union[Sequence[PathLike], PathLike, DicomVolume, Channels]
@@ -57,6 +61,7 @@ def read_scan(data: ScanSource) -> Loaded:
     the :class:`Channels` of a multi-channel case. Bad input raises :class:`InputError`."""
     loaded = _read(data)
     check_finite(loaded.array, loaded.source)
+    check_grid(loaded.array.shape[:3], loaded.affine, loaded.source)
     return loaded
 
 
@@ -92,6 +97,36 @@ def _read_channels(channels: Channels) -> Loaded:
     names = [channels.name(c) for c in range(len(loaded))]
     array = stack_channels([x.array for x in loaded], [x.affine for x in loaded], names, loaded[0].source)
     return Loaded(array, loaded[0].affine, loaded[0].source, loaded[0].source_format)
+
+
+def check_grid(shape: tuple, affine: np.ndarray, source: str) -> None:
+    """Refuse a scan that is not an image on a sound grid: no voxels, fewer than 2 voxels along two
+    axes, a non-finite affine, a spacing of 0 or above :data:`MAX_SPACING_MM`, axes that are not
+    orthogonal (a sheared or singular direction matrix)."""
+    shape = tuple(int(s) for s in shape)
+    if not shape or min(shape) < 1:
+        raise InputError(f"scan '{source}' has no voxels (shape {shape}): expected a 3D volume; re-export it")
+    if sum(s >= 2 for s in shape) < 2:
+        raise InputError(f"scan '{source}' has shape {shape}: expected an image (at least 2 voxels along two "
+                         "axes); a single voxel or a line is not a scan")
+    fix = "Fix the scan's header (spacing, direction, origin) or re-export it"
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if not np.all(np.isfinite(affine)):
+        raise InputError(f"scan '{source}' has NaN/Inf in its affine (its geometry): expected finite "
+                         f"spacing, direction and origin. {fix}")
+    spacing = np.sqrt((linear**2).sum(axis=0))
+    if spacing.min() <= 1e-6 or spacing.max() > MAX_SPACING_MM:
+        shown = " x ".join(f"{v:g}" for v in spacing)
+        raise InputError(f"scan '{source}' has voxel spacing {shown} mm: expected each between 1e-06 and "
+                         f"{MAX_SPACING_MM:g} mm. {fix}")
+    unit = linear / spacing
+    cosines = np.abs(unit.T @ unit - np.eye(3))
+    if cosines.max() > MAX_AXIS_COSINE:
+        i, j = np.unravel_index(int(np.argmax(cosines)), cosines.shape)
+        angle = float(np.degrees(np.arccos(min(1.0, cosines[i, j]))))
+        raise InputError(f"scan '{source}' has voxel axes {i} and {j} at {angle:.1f} degrees: expected an "
+                         f"orthogonal grid (a sheared or singular direction matrix). {fix}, or resample it "
+                         "onto an orthogonal grid")
 
 
 def check_finite(array: np.ndarray, source: str, count: int = -1) -> None:
@@ -251,11 +286,19 @@ def _read_itk_file(path: Path) -> Loaded:
             f"scan '{path}' is {image.GetDimension()}D with {image.GetNumberOfComponentsPerPixel()} "
             "component(s): expected a single-channel 3D volume"
         )
+    if min(image.GetSpacing()) <= 0:
+        raise InputError(f"scan '{path}' has voxel spacing {image.GetSpacing()}: expected positive values. "
+                         "Fix the header (ElementSpacing / space directions) or re-export the scan")
     array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
     return Loaded(array, affine_from_sitk(image), str(path), "itk")
 
 
 def _itk_reason(exc: RuntimeError) -> str:
-    """ITK's exceptions span many lines; the last one says what went wrong."""
-    lines = str(exc).strip().splitlines()
-    return lines[-1].strip() if lines else "unknown error"
+    """ITK's exceptions span many lines: the line of its ``ERROR:`` (without the object's address), else
+    the last line, says what went wrong."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    for line in lines:
+        if "ERROR:" in line and not line.startswith("sitk::ERROR"):
+            reason = re.sub(r"^.*?ERROR:\s*(\w+\(0x[0-9a-f]+\):\s*)?", "", line)
+            return reason.split(" Refusing to change direction")[0] or line
+    return lines[-1] if lines else "unknown error"
