@@ -181,23 +181,40 @@ def _nonfinite_in_file(path: Path, image) -> int:
     offset = int(getattr(image.dataobj, "offset", image.header.get_data_offset()))
     size = int(np.prod(image.shape)) * dtype.itemsize
     if not str(path).lower().endswith(".gz"):
-        raw = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(size // dtype.itemsize,))
-        return int(raw.size - np.count_nonzero(np.isfinite(raw)))
-    count, pending, skip = 0, b"", offset
-    inflate = zlib.decompressobj(wbits=31)
+        return _nonfinite(np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(size // dtype.itemsize,)))
     with open(path, "rb") as handle:
-        while size > 0:
-            chunk = handle.read(1 << 22)
-            if not chunk:
-                break
-            data = pending + inflate.decompress(chunk)
-            if skip:
-                data, skip = data[skip:], max(0, skip - len(data))
-            usable = min(len(data) - len(data) % dtype.itemsize, size)
-            values = np.frombuffer(data[:usable], dtype=dtype)
-            count += int(values.size - np.count_nonzero(np.isfinite(values)))
-            pending, size = data[usable:], size - usable
+        return _nonfinite_in_gzip(handle, dtype, offset, size)
+
+
+def _nonfinite_in_gzip(handle, dtype: np.dtype, offset: int, size: int) -> int:
+    """NaN/Inf values among the ``size`` bytes at ``offset`` of a gzip stream, decompressed a chunk at a
+    time (memory: one chunk), without copying the chunks."""
+    inflate = zlib.decompressobj(wbits=31)
+    count, pending, skip, itemsize = 0, b"", offset, dtype.itemsize
+    while size > 0:
+        chunk = handle.read(1 << 24)
+        if not chunk:
+            break
+        view = memoryview(inflate.decompress(chunk))
+        if skip:
+            taken = min(skip, len(view))
+            view, skip = view[taken:], skip - taken
+        if pending:  # a value split between two chunks
+            head, view = pending + bytes(view[: itemsize - len(pending)]), view[itemsize - len(pending):]
+            if len(head) < itemsize:
+                pending = head
+                continue
+            count += _nonfinite(np.frombuffer(head, dtype))
+            pending, size = b"", size - itemsize
+        usable = min(len(view) - len(view) % itemsize, size)
+        count += _nonfinite(np.frombuffer(view[:usable], dtype))
+        pending, size = bytes(view[usable:]) if usable < len(view) else b"", size - usable
     return count
+
+
+def _nonfinite(values: np.ndarray) -> int:
+    finite = np.isfinite(values)
+    return 0 if finite.all() else int(values.size - np.count_nonzero(finite))
 
 
 def _complete(path: Path, image) -> bool:
