@@ -41,8 +41,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.io.dicom_series import DicomVolume
 from pipeline.io.channels import Channels
+from pipeline.io.dicom_series import DicomVolume
 
 log = logging.getLogger(__name__)
 

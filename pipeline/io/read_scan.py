@@ -56,18 +56,22 @@ class Loaded:
         self.array, self.affine, self.source, self.source_format = array, affine, source, source_format
 
 
-def read_scan(data: ScanSource) -> Loaded:
+def read_scan(data: ScanSource, validate: bool = True) -> Loaded:
     """One scan: a NIfTI/ITK file, a DICOM series folder, a list of DICOM files, a ``DicomVolume``, or
-    the :class:`Channels` of a multi-channel case. Bad input raises :class:`InputError`."""
-    loaded = _read(data)
-    check_finite(loaded.array, loaded.source)
-    check_grid(loaded.array.shape[:3], loaded.affine, loaded.source)
+    the :class:`Channels` of a multi-channel case. Bad input raises :class:`InputError`.
+
+    ``validate``: refuse NaN/Inf voxels (:func:`check_finite`) and unsound grids (:func:`check_grid`);
+    ``False`` gives the voxels as read, for ``medseg check``, which reports those problems itself."""
+    loaded = _read(data, validate)
+    if validate:
+        check_finite(loaded.array, loaded.source)
+        check_grid(loaded.array.shape[:3], loaded.affine, loaded.source)
     return loaded
 
 
-def _read(data: ScanSource) -> Loaded:
+def _read(data: ScanSource, validate: bool = True) -> Loaded:
     if isinstance(data, Channels):
-        return _read_channels(data)
+        return _read_channels(data, validate)
     if isinstance(data, DicomVolume):
         return _read_dicom_volume(data)
     paths = [Path(p) for p in (data if isinstance(data, (list, tuple)) else [data])]
@@ -83,17 +87,17 @@ def _read(data: ScanSource) -> Loaded:
         raise InputError(f"scan '{path}' is not a regular file (a pipe, socket or device?): expected a "
                          "NIfTI, NRRD, MHA/MHD or DICOM file")
     if is_nifti(path):
-        return _read_nifti(path)
+        return _read_nifti(path, validate)
     if looks_like_dicom(path):
         return _read_dicom_volume(_one_volume([path], str(path)))
     return _read_itk_file(path)
 
 
-def _read_channels(channels: Channels) -> Loaded:
+def _read_channels(channels: Channels, validate: bool) -> Loaded:
     first = channels.sources[0] if channels.sources else None
     where = first.folder if isinstance(first, DicomVolume) else str(first)
     channels.check_complete(where)
-    loaded = [_read(source) for source in channels.sources]
+    loaded = [_read(source, validate) for source in channels.sources]
     names = [channels.name(c) for c in range(len(loaded))]
     array = stack_channels([x.array for x in loaded], [x.affine for x in loaded], names, loaded[0].source)
     return Loaded(array, loaded[0].affine, loaded[0].source, loaded[0].source_format)
@@ -142,7 +146,7 @@ def check_finite(array: np.ndarray, source: str, count: int = -1) -> None:
         )
 
 
-def _read_nifti(path: Path) -> Loaded:
+def _read_nifti(path: Path, validate: bool = True) -> Loaded:
     """The affine from nibabel (sform/qform as NIfTI defines them); the voxels from SimpleITK, whose gzip
     reader is ~3x faster than Python's. Any file SimpleITK refuses (e.g. a non-orthonormal sform) or
     reads with another shape is read by nibabel alone."""
@@ -155,7 +159,7 @@ def _read_nifti(path: Path) -> Loaded:
             f"cannot read NIfTI '{path}': {exc}. The file may be truncated or not a NIfTI; re-export it"
         ) from None
     array = _voxels_by_sitk(path, shape) if _complete(path, image) else None
-    if array is not None:
+    if array is not None and validate:
         _check_nifti_finite(path, image, array)
     else:
         try:

@@ -39,18 +39,19 @@ class ScanReader(ImageReader):
     :class:`Channels` of a multi-channel case.
 
     ``channels``: how many channels :meth:`get_data` must give (``channel_names`` for its messages).
+    ``validate=False``: NaN/Inf voxels and unsound grids are not refused (see ``read_scan``).
     """
 
-    def __init__(self, channels: int = 1, channel_names: Sequence[str] = ()):
+    def __init__(self, channels: int = 1, channel_names: Sequence[str] = (), validate: bool = True):
         super().__init__()
-        self.channels, self.channel_names = int(channels), tuple(channel_names)
+        self.channels, self.channel_names, self.validate = int(channels), tuple(channel_names), validate
 
     def verify_suffix(self, filename: Union[Sequence[PathLike], PathLike]) -> bool:
         return True  # every input the pipeline accepts goes through this reader
 
     def read(self, data, **kwargs) -> Loaded:
         """:func:`~pipeline.io.read_scan.read_scan`; a scan already read (a ``Loaded``) is taken as it is."""
-        return data if isinstance(data, Loaded) else read_scan(data)
+        return data if isinstance(data, Loaded) else read_scan(data, self.validate)
 
     def get_data(self, img: Loaded) -> tuple[np.ndarray, dict]:
         """The voxels (X, Y, Z), or (X, Y, Z, C) for a reader of ``channels > 1``, and MONAI's metadata."""

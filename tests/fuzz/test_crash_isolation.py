@@ -15,13 +15,7 @@ from pipeline.io.dicom_write import write_dicom_series
 from pipeline.io.isolated import IsolatedReader, ReaderCrashed
 from tests.conftest import make_affine, save_nifti
 from tests.fuzz.crash import abort_on_marker
-from tests.helpers import ct_case, tiny_checkpoint, torch_threads
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
+from tests.helpers import ct_case, tiny_checkpoint
 
 
 def test_a_crashing_read_fails_its_case_only(tmp_path, capsys, monkeypatch):
@@ -35,7 +29,7 @@ def test_a_crashing_read_fails_its_case_only(tmp_path, capsys, monkeypatch):
     code = main(["segment", "-q", str(tmp_path / "in"), str(tmp_path / "out"), "--model", str(checkpoint),
                  "--device", "cpu", "--no-qc"])
 
-    stdout, stderr = capsys.readouterr()
+    _, stderr = capsys.readouterr()
     assert code == 1, stderr
     with open(tmp_path / "out" / "manifest.csv", newline="") as handle:
         rows = {r["case_id"]: r for r in csv.DictReader(handle)}

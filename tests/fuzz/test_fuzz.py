@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import faulthandler
-import logging
 import sys
 import time
 from pathlib import Path
@@ -22,15 +21,9 @@ from pipeline.cli import main
 from pipeline.infer import batch
 from pipeline.io.discover import discover
 from tests.fuzz.corpus import VANISHING, build_corpus, is_unreadable, running_as_root
-from tests.helpers import tiny_checkpoint, torch_threads
+from tests.helpers import tiny_checkpoint
 
 ROOT_NAME = "corpus"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture
@@ -82,8 +75,6 @@ def test_segment_survives_the_corpus(tmp_path, capsys, monkeypatch, hang_guard):
         return discovery
 
     monkeypatch.setattr(batch, "discover", discover_then_delete)
-    # the CLI's logging.basicConfig writes to this test's stderr, not to an earlier test's closed one
-    monkeypatch.setattr(logging.getLogger(), "handlers", [])
     checkpoint = tiny_checkpoint(tmp_path / "model.pt", "preprocess.spacing=[1.0, 1.0, 2.5]")
     out = tmp_path / "out"
 
