@@ -95,7 +95,7 @@ class IsolatedReader:
         from_child, to_parent = os.pipe()
         function = f"{self.read_function.__module__}:{self.read_function.__qualname__}"
         command = [sys.executable, "-c", "from pipeline.io.isolated import serve; serve()",
-                   str(from_parent), str(to_parent), function]
+                   str(from_parent), str(to_parent), function, str(self._folder)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
             self._process = subprocess.Popen(command, pass_fds=(from_parent, to_parent), env=env,
@@ -233,14 +233,19 @@ class _Collect(logging.Handler):
 
 
 def serve() -> None:
-    """The reader process's main (``argv``: its two pipe ends and ``module:function`` to read with)."""
-    incoming, outgoing, function = sys.argv[1:4]
-    module, _, name = function.partition(":")
-    read_function = importlib.import_module(module)
-    for part in name.split("."):
-        read_function = getattr(read_function, part)
-    _serve(_Duplex(Connection(int(incoming), writable=False), Connection(int(outgoing), readable=False)),
-           read_function)
+    """The reader process's main (``argv``: its two pipe ends, ``module:function`` to read with, and the
+    temporary folder, which it removes when it ends: also when the caller was killed, which closes the
+    pipe, so no scan is left in ``/dev/shm``)."""
+    incoming, outgoing, function, folder = sys.argv[1:5]
+    try:
+        module, _, name = function.partition(":")
+        read_function = importlib.import_module(module)
+        for part in name.split("."):
+            read_function = getattr(read_function, part)
+        _serve(_Duplex(Connection(int(incoming), writable=False), Connection(int(outgoing), readable=False)),
+               read_function)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _serve(conn, read_function: Callable) -> None:

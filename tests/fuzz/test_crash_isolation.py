@@ -58,3 +58,23 @@ def test_the_reader_gives_what_read_scan_gives_and_its_errors(tmp_path):
             reader.read(str(tmp_path / "crash_me.nii.gz"))
         np.testing.assert_array_equal(reader.read(str(path)).array, direct.array)  # a new reader
     assert not list(tmp_path.glob("*.npy"))
+
+
+def test_without_background_threads_and_after_the_caller_dies(tmp_path, monkeypatch):
+    from pipeline.infer import segment_folder
+
+    monkeypatch.setattr(isolated, "READ_FUNCTION", abort_on_marker)
+    affine = make_affine("RAS", spacing=(1.0, 1.0, 2.5))
+    for name in ("a", "b_crash_me", "c"):
+        save_nifti(ct_case((24, 24, 12), seed=1)[0], affine, tmp_path / "in" / f"{name}.nii.gz")
+    results = segment_folder(tmp_path / "in", tmp_path / "out", tiny_checkpoint(tmp_path / "model.pt"),
+                             device="cpu", qc=False, background=False)
+    assert [(r.case_id, r.status) for r in results] == [("a", "done"), ("b_crash_me", "failed"), ("c", "done")]
+    assert "signal SIGABRT" in results[1].error
+
+    reader = IsolatedReader()  # a caller that goes away without closing: the pipe closes, the reader ends
+    reader.start()
+    folder, process = reader._folder, reader._process
+    reader._conn.close()
+    process.wait(timeout=30)
+    assert not folder.exists()
