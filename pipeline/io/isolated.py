@@ -87,7 +87,7 @@ class IsolatedReader:
     def start(self) -> None:
         if self._process is not None and self._process.poll() is None:
             return
-        if self._folder is None:
+        if self._folder is None or not self._folder.is_dir():  # a reader that ended removed it
             shm = Path("/dev/shm")
             base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
             self._folder = Path(tempfile.mkdtemp(prefix="medseg-read-", dir=base))
@@ -112,7 +112,10 @@ class IsolatedReader:
             self._count += 1
             out = self._folder / f"scan-{self._count}.npy"
             try:
-                self._conn.send((source, str(out)))
+                try:
+                    self._conn.send((source, str(out)))
+                except OSError:
+                    pass  # the reader is gone: _receive says how
                 reply = self._receive()
             except ReaderCrashed as crash:
                 out.unlink(missing_ok=True)
@@ -140,13 +143,18 @@ class IsolatedReader:
                 try:
                     return self._conn.recv()
                 except (EOFError, OSError):
-                    pass  # died while answering
-            elif self._process.poll() is None:
-                continue
+                    break  # the reader closed its end: it is ending
+            elif self._process.poll() is not None:
+                break
+        try:
+            code = self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # it closed the pipe but lives on
+            self._process.kill()
             code = self._process.wait()
+        finally:
             self._conn.close()
             self._process = self._conn = None
-            raise ReaderCrashed(_how_it_died(code))
+        raise ReaderCrashed(_how_it_died(code))
 
 
 class _Duplex:

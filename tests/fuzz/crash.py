@@ -25,3 +25,10 @@ def abort_on_marker(source):
     if any(CRASH_MARKER in path for path in _paths(source)):
         os.abort()
     return read_scan(source)
+
+
+def exit_on_marker(source):
+    """Like :func:`abort_on_marker`, but the reader process exits (status 3, its cleanup runs)."""
+    if any(CRASH_MARKER in path for path in _paths(source)):
+        raise SystemExit(3)
+    return read_scan(source)

@@ -14,7 +14,7 @@ from pipeline.io import isolated
 from pipeline.io.dicom_write import write_dicom_series
 from pipeline.io.isolated import IsolatedReader, ReaderCrashed
 from tests.conftest import make_affine, save_nifti
-from tests.fuzz.crash import abort_on_marker
+from tests.fuzz.crash import abort_on_marker, exit_on_marker
 from tests.helpers import ct_case, tiny_checkpoint
 
 
@@ -58,6 +58,10 @@ def test_the_reader_gives_what_read_scan_gives_and_its_errors(tmp_path):
             reader.read(str(tmp_path / "crash_me.nii.gz"))
         np.testing.assert_array_equal(reader.read(str(path)).array, direct.array)  # a new reader
     assert not list(tmp_path.glob("*.npy"))
+    with IsolatedReader(exit_on_marker) as reader:  # a reader that exits (and removes its folder)
+        with pytest.raises(ReaderCrashed, match=r"exited unexpectedly \(status 3\)"):
+            reader.read(str(tmp_path / "crash_me.nii.gz"))
+        np.testing.assert_array_equal(reader.read(str(path)).array, direct.array)
 
 
 def test_without_background_threads_and_after_the_caller_dies(tmp_path, monkeypatch):
