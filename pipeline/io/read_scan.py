@@ -318,8 +318,10 @@ def _itk_reason(exc: RuntimeError) -> str:
     """ITK's exceptions span many lines: the line of its ``ERROR:`` (without the object's address), else
     the last line, says what went wrong."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    for line in lines:
+    for n, line in enumerate(lines):
         if "ERROR:" in line and not line.startswith("sitk::ERROR"):
             reason = re.sub(r"^.*?ERROR:\s*(\w+\(0x[0-9a-f]+\):\s*)?", "", line)
+            if reason.endswith(":") and n + 1 < len(lines):  # the message goes on on the next line
+                reason = f"{reason} {lines[n + 1]}"
             return reason.split(" Refusing to change direction")[0] or line
     return lines[-1] if lines else "unknown error"
