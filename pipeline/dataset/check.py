@@ -74,7 +74,7 @@ class _CaseChecker:
         from pipeline.io.reader import ScanReader  # MONAI: imported only when a check runs
 
         self.dataset, self.labels, self.tolerance_mm = dataset, labels, tolerance_mm
-        self.reader = ScanReader()
+        self.reader = ScanReader(validate=False)  # NaN/Inf and empty images are reported here, with more detail
 
     def check(self, case: DatasetCase) -> list[Problem]:
         found: list[str] = []

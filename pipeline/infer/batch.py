@@ -1,7 +1,9 @@
 """``segment_folder``: every scan under a folder into masks a hospital pipeline can trust.
 
 * **Isolated**: a case that fails (corrupt file, inconsistent series, out of memory) is recorded with a
-  one-line reason and the others go on; nothing of a failed case is left in the output folder.
+  one-line reason and the others go on; nothing of a failed case is left in the output folder. Scans
+  are read in a reader process (:mod:`pipeline.io.isolated`), so even a native crash of a reader
+  (GDCM, ITK) costs its case only.
 * **Reported**: ``manifest.csv``/``.json`` (one row per case: done | skipped | failed), ``lesions.csv``,
   a provenance sidecar ``<case>_seg.json`` per mask, a QC picture ``qc/<case>.png`` and ``index.html``,
   rewritten atomically as each case finishes, plus ``segment.log``.
@@ -122,6 +124,7 @@ def segment_folder(
     select: Optional[InputConfig] = None,
     on_case: Optional[Callable[[CaseResult], None]] = None,
     keep_paths: bool = False,
+    isolate_reading: bool = True,
 ) -> list[CaseResult]:
     """Segment every scan under ``input_dir`` into ``output_dir/<case>_seg.nii.gz`` (+ reports).
 
@@ -134,7 +137,9 @@ def segment_folder(
     the model's config. ``on_case`` is called (from the writer thread) as each case finishes.
     ``progress``: bars when stderr is a terminal, else one console line per case (:mod:`pipeline.progress`).
     ``keep_paths``: write full source paths; by default every path is relative to ``input_dir`` and
-    patient identifiers in it are replaced (:mod:`pipeline.io.privacy`). Returns one result per case
+    patient identifiers in it are replaced (:mod:`pipeline.io.privacy`). ``isolate_reading``: read each
+    scan in a reader process (:mod:`pipeline.io.isolated`), so a native crash fails that case only;
+    ``False`` reads in this process (a crash then ends the run). Returns one result per case
     of this run (shard), in manifest order. Errors before any work (no scans, bad model, unwritable
     output, folder locked) raise :class:`~pipeline.errors.MedsegError`.
     """
@@ -160,7 +165,7 @@ def segment_folder(
             run = _BatchRun(segmenter, files, model=model, input_dir=input_dir, overwrite=overwrite,
                             select=select, dicom_seg=dicom_seg, qc=qc, progress=bars, on_case=on_case,
                             redact=redact)
-            return run.run(discovery, background=background)
+            return run.run(discovery, background=background, isolate_reading=isolate_reading)
 
 
 def summarise(results: list[CaseResult]) -> dict:
@@ -219,6 +224,7 @@ class _BatchRun:
         self.results: dict[str, CaseResult] = {}
         self._lock = threading.RLock()  # _record saves the reports under the same lock
         self.bar = None
+        self.reader = None  # the IsolatedReader of the run, if any
         model_path = "" if isinstance(model, Segmenter) else str(model)
         self.manifest = Manifest(files.manifest_csv, files.manifest_json, {
             "input_dir": redact.path(input_dir),  # its name only (and full paths with keep_paths)
@@ -228,7 +234,7 @@ class _BatchRun:
             "started": _now(), "host": self.host, "versions": self.versions,
         })
 
-    def run(self, discovery: Discovery, background: bool) -> list[CaseResult]:
+    def run(self, discovery: Discovery, background: bool, isolate_reading: bool = True) -> list[CaseResult]:
         start = time.perf_counter()
         cases = sorted(discovery.cases, key=lambda c: c.case_id)
         skipped = list(discovery.skipped)
@@ -244,6 +250,11 @@ class _BatchRun:
                      len(cases), f"shard {self.files.shard}" if self.files.shard else "run",
                      len(cases) - len(todo), len(skipped), self.manifest.meta["model"] or self.model_id)
         self._open_bar(len(cases), len(cases) - len(todo))
+        if isolate_reading and todo:
+            from pipeline.io.isolated import IsolatedReader
+
+            self.reader = IsolatedReader()
+            self.reader.start()  # it imports while the rest starts
         try:
             if background:
                 pipelined(todo, self._load, self._infer, self._finalize, thread_init=self._thread_init)
@@ -253,6 +264,9 @@ class _BatchRun:
                     self._infer(item)
                     self._finalize(item)
         finally:
+            if self.reader is not None:
+                self.reader.close()
+                self.reader = None
             if self.bar is not None:
                 self.bar.close()
             self._save_reports()
@@ -311,7 +325,8 @@ class _BatchRun:
         item = _Item(case, fingerprint, started=_now())
         start = time.perf_counter()
         try:
-            item.prepared = self.segmenter.load(case.reader_input)
+            source = case.reader_input if self.reader is None else self.reader.read(case.reader_input)
+            item.prepared = self.segmenter.load(source)
         except Exception as exc:  # isolate the case: recorded by the writer
             item.error = exc
         item.seconds_load = time.perf_counter() - start

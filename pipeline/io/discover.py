@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 VOLUME_SUFFIXES = tuple(s for s in NIFTI_SUFFIXES + ITK_SUFFIXES if s != ".dcm")
 _COMPANION_SUFFIXES = (".raw", ".zraw", ".raw.gz")  # pixel files of .mhd / .nhdr headers
+_NOT_REGULAR = "not a regular file (a pipe, socket or device, or a broken or looping link): not read"
 _CHANNEL_SUFFIX = re.compile(r"_000\d$")  # nnU-Net's image channel suffix: case_0000.nii.gz
 
 
@@ -145,7 +146,9 @@ def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None,
         names = {p.name.lower() for p in files}
         for path in files:
             lower = path.name.lower()
-            if lower.endswith(VOLUME_SUFFIXES):
+            if not path.is_file():  # a FIFO would block a read forever; a broken or looping link
+                not_scans.setdefault(_NOT_REGULAR, []).append(path.name)
+            elif lower.endswith(VOLUME_SUFFIXES):
                 volume_files.append(path)
             elif lower.endswith(_COMPANION_SUFFIXES) and _has_header_beside(lower, names):
                 continue

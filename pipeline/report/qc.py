@@ -91,7 +91,7 @@ def qc_figure(image: np.ndarray, labels: np.ndarray, affine: np.ndarray, *,
         aspect, note = view_aspect(labels.shape, spacing, axis)
         ax.imshow(picture, cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect, interpolation="nearest")
         for n, value in enumerate(values):
-            if (mask == value).any():
+            if (mask == value).any() and min(mask.shape) >= 2:  # a contour needs a 2x2 picture
                 ax.contour((mask == value).astype(np.float32), levels=[0.5], colors=[COLOURS[n % len(COLOURS)]],
                            linewidths=1.2)
         _letters(ax, letters, picture.shape)

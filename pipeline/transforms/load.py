@@ -12,6 +12,7 @@ from monai.transforms import EnsureChannelFirst, MapTransform
 from pipeline.errors import InputError
 from pipeline.io.channels import Channels
 from pipeline.io.dicom_series import DicomVolume
+from pipeline.io.read_scan import Loaded
 from pipeline.io.reader import ScanReader
 
 
@@ -59,6 +60,8 @@ def _torch_compatible(array: np.ndarray) -> np.ndarray:
 
 
 def _name(source) -> str:
+    if isinstance(source, Loaded):  # read by the isolated reader process
+        return source.source
     if isinstance(source, Channels):
         return _name(source.sources[0]) if source.sources else ""
     if isinstance(source, DicomVolume):
