@@ -49,7 +49,7 @@ def test_train_segment_evaluate(tiny, tmp_path):
 
     ckpt = torch.load(result.best, weights_only=True)  # self-describing, safe to load
     assert ckpt["config"]["model"]["features"] == 4
-    assert ckpt["labels"] == {"background": 0, "lesion": 1}
+    assert ckpt["config"]["data"]["labels"] == {"background": 0, "lesion": 1}
     assert {"torch", "monai", "medseg"} <= set(ckpt["versions"])
     rows = list(csv.DictReader(open(result.log_csv)))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
