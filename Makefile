@@ -31,4 +31,4 @@ test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
-	rm -rf runs data/demo .pytest_cache
+	rm -rf runs data/demo data/demo-mr .pytest_cache
