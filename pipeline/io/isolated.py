@@ -43,6 +43,7 @@ import numpy as np
 from pipeline.errors import InputError
 from pipeline.io.channels import Channels
 from pipeline.io.dicom_series import DicomVolume
+from pipeline.io.read_scan import source_name
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class IsolatedReader:
                 reply = self._receive()
             except ReaderCrashed as crash:
                 out.unlink(missing_ok=True)
-                raise ReaderCrashed(f"{crash} on {_describe(source)}") from None
+                raise ReaderCrashed(f"{crash} on {source_name(source)}") from None
             return _unpack(reply, source, out)
 
     def close(self) -> None:
@@ -185,16 +186,6 @@ def _how_it_died(code: Optional[int]) -> str:
             name = f"signal {-code}"
         return f"the reader crashed (signal {name})"
     return f"the reader process exited unexpectedly (status {code})"
-
-
-def _describe(source) -> str:
-    if isinstance(source, Channels):
-        return _describe(source.sources[0]) if source.sources else "a multi-channel case"
-    if isinstance(source, DicomVolume):
-        return source.folder
-    if isinstance(source, (list, tuple)):
-        return str(source[0]) if len(source) == 1 else str(Path(str(source[0])).parent)
-    return str(source)
 
 
 def _volumes(source) -> list:

@@ -56,6 +56,20 @@ class Loaded:
         self.array, self.affine, self.source, self.source_format = array, affine, source, source_format
 
 
+def source_name(source) -> str:
+    """What a scan source is called in metadata and messages: a file, a DICOM volume's folder, a file
+    list's folder (its one file), channel 0's name for a multi-channel case."""
+    if isinstance(source, Loaded):
+        return source.source
+    if isinstance(source, Channels):
+        return source_name(source.sources[0]) if source.sources else "a multi-channel case"
+    if isinstance(source, DicomVolume):
+        return source.folder
+    if isinstance(source, (list, tuple)):
+        return str(source[0]) if len(source) == 1 else str(Path(str(source[0])).parent)
+    return str(source)
+
+
 def read_scan(data: ScanSource, validate: bool = True) -> Loaded:
     """One scan: a NIfTI/ITK file, a DICOM series folder, a list of DICOM files, a ``DicomVolume``, or
     the :class:`Channels` of a multi-channel case. Bad input raises :class:`InputError`.

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import EnsureChannelFirst, MapTransform
 
 from pipeline.errors import InputError
-from pipeline.io.channels import Channels
-from pipeline.io.dicom_series import DicomVolume
-from pipeline.io.read_scan import Loaded
+from pipeline.io.read_scan import source_name
 from pipeline.io.reader import ScanReader
 
 
@@ -41,7 +37,7 @@ class LoadScand(MapTransform):
             key_reader = reader or (self._scan_reader if key == self.keys[0] else self._volume_reader)
             source = d[key]
             array, meta = key_reader.get_data(key_reader.read(source))
-            meta["filename_or_obj"] = _name(source)
+            meta["filename_or_obj"] = source_name(source)
             d[key] = EnsureChannelFirst()(MetaTensor(torch.from_numpy(_torch_compatible(array)), meta=meta))
         return d
 
@@ -57,18 +53,6 @@ def _torch_compatible(array: np.ndarray) -> np.ndarray:
     if any(stride < 0 for stride in array.strides):  # reoriented views: positive strides, same layout
         return array.copy(order="K")
     return array
-
-
-def _name(source) -> str:
-    if isinstance(source, Loaded):  # read by the isolated reader process
-        return source.source
-    if isinstance(source, Channels):
-        return _name(source.sources[0]) if source.sources else ""
-    if isinstance(source, DicomVolume):
-        return source.folder
-    if isinstance(source, (list, tuple)):
-        return str(source[0]) if len(source) == 1 else str(Path(str(source[0])).parent)
-    return str(source)
 
 
 class CheckLabelsd(MapTransform):
