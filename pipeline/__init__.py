@@ -16,8 +16,8 @@ _API = {
     "synthesize": "pipeline.synth",
     "synthesize_mr": "pipeline.synth",
     "train": "pipeline.training",
-    "segment_folder": "pipeline.infer",
-    "rebuild_reports": "pipeline.report",
+    "segment_folder": "pipeline.batch",
+    "rebuild_reports": "pipeline.batch",
     "evaluate_folder": "pipeline.evaluate",
 }
 

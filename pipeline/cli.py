@@ -106,8 +106,8 @@ def cmd_segment(args) -> int:
     import time
     from pathlib import Path
 
-    from pipeline.infer import exit_code, segment_folder, summarise
-    from pipeline.report import RunFiles, Shard
+    from pipeline.batch import exit_code, segment_folder, summarise
+    from pipeline.batch.report import RunFiles, Shard
 
     start = time.perf_counter()
     model = args.model
@@ -146,7 +146,7 @@ def cmd_segment(args) -> int:
 def cmd_manifest(args) -> int:
     from pathlib import Path
 
-    from pipeline.report import rebuild_reports
+    from pipeline.batch.report import rebuild_reports
 
     rows = rebuild_reports(args.output_dir)
     counts = {status: sum(r.get("status") == status for r in rows) for status in ("done", "skipped", "failed")}
@@ -238,8 +238,8 @@ def _positive_int(text: str) -> int:
 
 
 def _shard(text: str) -> str:
+    from pipeline.batch.report.outputs import Shard
     from pipeline.errors import InputError
-    from pipeline.report.outputs import Shard
 
     try:
         return str(Shard.parse(text))

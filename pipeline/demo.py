@@ -14,9 +14,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Union
 
+from pipeline.batch import CaseResult, segment_folder
 from pipeline.config import Config
 from pipeline.evaluate import CaseMetrics, evaluate_folder
-from pipeline.infer import CaseResult, segment_folder
 from pipeline.io.atomic import write_json
 from pipeline.synth import synthesize, synthesize_mr
 from pipeline.training import train

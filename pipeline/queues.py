@@ -1,7 +1,7 @@
 """Bounded queues between threads: a put that gives up once its consumer has gone, and :class:`Prefetch`.
 
 Used by the training loop (batches prepared ahead) and by batch inference (load → infer → finalize
-stages, :mod:`pipeline.infer.stages`). Torch-free.
+stages, :mod:`pipeline.batch.stages`). Torch-free.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from pipeline.batch import segment_folder
 from pipeline.config import load_config
 from pipeline.evaluate import evaluate_folder
-from pipeline.infer import segment_folder
 from pipeline.io.reader import ScanReader
 from pipeline.training import train
 from tests.dataset.builders import write_msd_4d, write_nnunet_v2

@@ -19,10 +19,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from pipeline.batch.report.lock import OutputLock
 from pipeline.cli import main
 from pipeline.io.dicom_write import write_dicom_series
 from pipeline.io.privacy import Redactor, patient_token
-from pipeline.report.lock import OutputLock
 from tests.conftest import make_affine, save_nifti
 from tests.helpers import ct_case, tiny_checkpoint, torch_threads
 

@@ -76,7 +76,7 @@ def build_model(folder: Path, config_path: Path, overrides: list[str], calibrate
 
 
 def one_run(input_dir: Path, output_dir: Path, segmenter, background: bool, qc: bool) -> dict:
-    from pipeline.infer import segment_folder
+    from pipeline.batch import segment_folder
 
     start = time.perf_counter()
     results = segment_folder(input_dir, output_dir, segmenter, overwrite=True, background=background, qc=qc)

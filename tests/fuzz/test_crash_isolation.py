@@ -65,7 +65,7 @@ def test_the_reader_gives_what_read_scan_gives_and_its_errors(tmp_path):
 
 
 def test_without_background_threads_and_after_the_caller_dies(tmp_path, monkeypatch):
-    from pipeline.infer import segment_folder
+    from pipeline.batch import segment_folder
 
     monkeypatch.setattr(isolated, "READ_FUNCTION", abort_on_marker)
     affine = make_affine("RAS", spacing=(1.0, 1.0, 2.5))

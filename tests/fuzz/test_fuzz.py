@@ -17,8 +17,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from pipeline.batch import folder as batch
 from pipeline.cli import main
-from pipeline.infer import batch
 from pipeline.io.discover import discover
 from tests.fuzz.corpus import VANISHING, build_corpus, is_unreadable, running_as_root
 from tests.helpers import tiny_checkpoint

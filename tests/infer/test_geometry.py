@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.batch import segment_folder
 from pipeline.config import load_config
-from pipeline.infer import Segmenter, segment_folder
+from pipeline.infer import Segmenter
 from pipeline.io.dicom_write import write_dicom_series
 from pipeline.io.geometry import closest_canonical
 from tests.conftest import blob_label, make_affine, save_nifti

@@ -40,13 +40,13 @@ def _write_checkpoint(path: Path) -> None:
 
 
 def _write_png(path: Path) -> None:
-    from pipeline.report.qc import write_qc_png
+    from pipeline.batch.report.qc import write_qc_png
 
     write_qc_png(path, np.zeros((8, 8, 4), np.float32), np.zeros((8, 8, 4), np.uint8), np.eye(4), dpi=20)
 
 
 def _write_csv(path: Path) -> None:
-    from pipeline.report.manifest import write_manifest
+    from pipeline.batch.report.manifest import write_manifest
 
     write_manifest([], path, path.with_suffix(".json"))
 

@@ -14,9 +14,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from pipeline.batch import segment_folder
 from pipeline.config import load_config
 from pipeline.evaluate import evaluate_folder
-from pipeline.infer import segment_folder
 from pipeline.synth import synthesize_mr
 from pipeline.training import train
 

@@ -9,8 +9,7 @@ import torch
 from monai.transforms import Compose
 
 from pipeline.config import load_config
-from pipeline.errors import InputError
-from pipeline.infer.batch import describe_error
+from pipeline.errors import InputError, describe_error
 from pipeline.training.data import train_loader, training_cases
 from pipeline.transforms.load import CheckLabelsd, LoadScand
 from pipeline.transforms.preprocess import preprocess_transforms

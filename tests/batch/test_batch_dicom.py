@@ -13,14 +13,14 @@ import numpy as np
 import pydicom
 import pytest
 
+from pipeline.batch import exit_code, segment_folder
+from pipeline.batch.report.manifest import ALL_COLUMNS, MANIFEST_COLUMNS
 from pipeline.config import InputConfig
-from pipeline.infer import exit_code, segment_folder
 from pipeline.io.dicom_seg import read_dicom_seg
 from pipeline.io.dicom_write import write_dicom_series
-from pipeline.report.manifest import ALL_COLUMNS, MANIFEST_COLUMNS
+from tests.batch.test_batch import SHAPE, _one_thread, segmenter  # noqa: F401  (fixtures)
 from tests.conftest import make_affine
 from tests.helpers import ct_case
-from tests.infer.test_batch import SHAPE, _one_thread, segmenter  # noqa: F401  (fixtures)
 
 
 def _ct_series(folder, seed=3):

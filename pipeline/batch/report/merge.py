@@ -13,13 +13,13 @@ import logging
 from pathlib import Path
 from typing import Union
 
+from pipeline.batch.report.html import write_index_html
+from pipeline.batch.report.lesions import Lesion, lesion_from_dict, write_lesions_csv
+from pipeline.batch.report.lock import OutputLock
+from pipeline.batch.report.manifest import ALL_COLUMNS, read_manifest_json, row_key, sort_rows, write_manifest
+from pipeline.batch.report.outputs import SIDECAR_SUFFIX, CaseOutputs, RunFiles
+from pipeline.batch.report.sidecar import read_sidecar
 from pipeline.errors import InputError
-from pipeline.report.html import write_index_html
-from pipeline.report.lesions import Lesion, lesion_from_dict, write_lesions_csv
-from pipeline.report.lock import OutputLock
-from pipeline.report.manifest import ALL_COLUMNS, read_manifest_json, row_key, sort_rows, write_manifest
-from pipeline.report.outputs import SIDECAR_SUFFIX, CaseOutputs, RunFiles
-from pipeline.report.sidecar import read_sidecar
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, TypeVar, Union
 
+from pipeline.batch.report.lock import pid_alive
 from pipeline.errors import InputError
-from pipeline.report.lock import pid_alive
 
 MASK_SUFFIX = "_seg.nii.gz"
 SIDECAR_SUFFIX = "_seg.json"

@@ -18,10 +18,10 @@ from typing import Iterable, Optional, Union
 import numpy as np
 from scipy import ndimage
 
+from pipeline.batch.report.manifest import csv_cell
 from pipeline.io.atomic import atomic_path
 from pipeline.io.geometry import voxel_volume_mm3
 from pipeline.postprocess.components import label_components
-from pipeline.report.manifest import csv_cell
 
 _PAIRWISE_LIMIT = 4000  # boundary points up to which a degenerate lesion is measured pairwise
 

@@ -252,7 +252,7 @@ def test_a_read_only_file_system_is_exit_2_before_any_work(tmp_path, capsys, bat
 
 def test_a_run_log_that_cannot_be_written_is_one_warning_not_a_traceback_per_line(tmp_path, capsys, caplog,
                                                                                   batch, monkeypatch):
-    from pipeline.infer import batch as batch_module
+    from pipeline.batch import runlog as batch_module
 
     class FullDisk:
         def write(self, text):

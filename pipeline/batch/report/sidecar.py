@@ -1,7 +1,7 @@
 """Provenance sidecar per mask, ``<case>_seg.json``: where the mask came from and how it was made.
 
 It holds the source (path, series UID, case id), the model checkpoint's sha256, the case fingerprint
-(see :mod:`pipeline.report.fingerprint`), the full config, package versions, start/end times (ISO 8601),
+(see :mod:`pipeline.batch.report.fingerprint`), the full config, package versions, start/end times (ISO 8601),
 host, the mask's shape and spacing, and the lesion statistics. It is written last, atomically: a mask
 counts as finished only when its sidecar exists and carries the expected fingerprint.
 """

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import pdist
 
-from pipeline.report.lesions import LESION_COLUMNS, lesion_stats, max_distance, write_lesions_csv
+from pipeline.batch.report.lesions import LESION_COLUMNS, lesion_stats, max_distance, write_lesions_csv
 from tests.conftest import make_affine
 
 

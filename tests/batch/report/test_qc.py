@@ -1,11 +1,11 @@
-"""QC pictures of thin volumes: no view is drawn as an unreadable strip (pipeline/report/qc.py)."""
+"""QC pictures of thin volumes: no view is drawn as an unreadable strip (pipeline/batch/report/qc.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.report.qc import MIN_EXTENT_RATIO, qc_figure, view_aspect, write_qc_png
+from pipeline.batch.report.qc import MIN_EXTENT_RATIO, qc_figure, view_aspect, write_qc_png
 from tests.conftest import make_affine
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Iterable, Union
 from urllib.parse import quote
 
+from pipeline.batch.report.outputs import QC_FOLDER
 from pipeline.io.atomic import atomic_path
-from pipeline.report.outputs import QC_FOLDER
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }

@@ -11,11 +11,11 @@ import sys
 import numpy as np
 import pytest
 
+from pipeline.batch.report.html import write_index_html
+from pipeline.batch.report.lock import OutputLock, OutputLockedError
+from pipeline.batch.report.outputs import RunFiles, Shard, prepare_output_dir, remove_temporaries
+from pipeline.batch.report.qc import display_window, write_qc_png
 from pipeline.errors import InputError
-from pipeline.report.html import write_index_html
-from pipeline.report.lock import OutputLock, OutputLockedError
-from pipeline.report.outputs import RunFiles, Shard, prepare_output_dir, remove_temporaries
-from pipeline.report.qc import display_window, write_qc_png
 from tests.conftest import make_affine
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

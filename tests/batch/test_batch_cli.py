@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.batch.report.lock import OutputLock
 from pipeline.cli import main
-from pipeline.report.lock import OutputLock
 from tests.conftest import make_affine, save_nifti
 from tests.helpers import ct_case, tiny_checkpoint, torch_threads
 
@@ -188,7 +188,8 @@ def test_segment_dicom_seg_reads_back_onto_its_series(tmp_path):
     import nibabel as nib
     import pydicom
 
-    from pipeline.infer import Segmenter, segment_folder
+    from pipeline.batch import segment_folder
+    from pipeline.infer import Segmenter
     from pipeline.io.dicom_seg import read_dicom_seg
     from pipeline.io.dicom_write import write_dicom_series
     from tests.conftest import blob_label, make_affine
@@ -233,7 +234,7 @@ def test_progress_bars_do_not_change_the_masks(tmp_path, checkpoint):
     """With progress on (the default without -q), the tile counter must not touch the network's output."""
     import nibabel as nib
 
-    from pipeline.infer import segment_folder
+    from pipeline.batch import segment_folder
 
     write_scans(tmp_path / "in", 1)
     quiet = segment_folder(tmp_path / "in", tmp_path / "quiet", checkpoint, device="cpu", qc=False)

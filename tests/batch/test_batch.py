@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.batch import exit_code, segment_folder
+from pipeline.batch.report import MANIFEST_COLUMNS, read_manifest_json, rebuild_reports
+from pipeline.batch.report.lesions import lesion_stats
+from pipeline.batch.report.lock import OutputLock, OutputLockedError
 from pipeline.config import load_config
 from pipeline.errors import InputError
-from pipeline.infer import Segmenter, exit_code, segment_folder
+from pipeline.infer import Segmenter
 from pipeline.io.dicom_write import write_dicom_series
-from pipeline.report import MANIFEST_COLUMNS, read_manifest_json, rebuild_reports
-from pipeline.report.lesions import lesion_stats
-from pipeline.report.lock import OutputLock, OutputLockedError
 from tests.conftest import make_affine, save_nifti
 from tests.helpers import ct_case, torch_threads
 
@@ -232,7 +233,7 @@ def test_missing_qc_picture_makes_the_case_unfinished(tmp_path, segmenter):
 
 
 def test_a_failure_while_writing_leaves_nothing_of_the_case(tmp_path, segmenter, monkeypatch):
-    import pipeline.report.qc as qc
+    import pipeline.batch.report.qc as qc
 
     write_good_scans(tmp_path / "in", n=2)
     out = tmp_path / "out"
