@@ -3,12 +3,12 @@
 ``segment(source)`` runs the three stages in one call. Batch processing calls them one by one so they
 can overlap in different threads: :meth:`Segmenter.load` (read + preprocess), :meth:`Segmenter.predict`
 (the network, on its device) and :meth:`Segmenter.finish` (probabilities back to the source grid, label
-decision, small-component removal).
+decision, small-component removal). How the network runs is :class:`~pipeline.infer.runner.NetworkRunner`'s;
+what becomes of each finished slab of windows, :class:`~pipeline.infer.accumulate.SlabAccumulator`'s.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.infer.sliding import network_margin, predict_logits, window_forward
+from pipeline.infer.accumulate import SlabAccumulator
+from pipeline.infer.runner import NetworkRunner
+from pipeline.infer.sliding import predict_logits, window_forward
 from pipeline.infer.stream import StreamStats, stream_windows
-from pipeline.infer.windows import WindowGrid
 from pipeline.io.geometry import voxel_volume_mm3
 from pipeline.model import build_model
 from pipeline.model.checkpoint import load_checkpoint
@@ -28,8 +29,6 @@ from pipeline.postprocess import ToSourceGrid, remove_small_components
 from pipeline.postprocess.resample import axis_map, crop_box, to_source_slabs
 from pipeline.runtime import resolve_device
 from pipeline.transforms.preprocess import preprocess_transforms
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,7 +74,7 @@ class Segmenter:
 
     The network may be any module mapping (B, channels, *roi) to (B, C, *roi'), so tests can pass a model
     whose output is known. How it runs (``inference.backend``, ``inference.amp``, the CPU-fused copy
-    of our U-Net) is settled at the first prediction; see :meth:`forward`.
+    of our U-Net) is settled at the first prediction by its :attr:`runner`; see :meth:`forward`.
     """
 
     def __init__(self, network: torch.nn.Module, config: Config, device: Union[str, torch.device] = "auto",
@@ -84,9 +83,7 @@ class Segmenter:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.network = network.to(self.device).eval()
         self.model_sha256 = model_sha256
-        self.backend_requested = backend or config.inference.backend
-        self.backend: Optional[str] = None  # torch | onnxruntime, once chosen
-        self._forward = None
+        self.runner = NetworkRunner(self.network, config, self.device, model_sha256, backend)
         self.preprocess = preprocess_transforms(config.preprocess, channels=config.data.channels)
         self.to_source = ToSourceGrid(self.preprocess)
 
@@ -98,54 +95,25 @@ class Segmenter:
         network.load_state_dict(ckpt.state_dict)
         return cls(network, config, device=device, model_sha256=ckpt.sha256, backend=backend)
 
-    # --- how the network runs -------------------------------------------------------------------
+    # --- how the network runs: the runner's -----------------------------------------------------
+
+    @property
+    def backend(self) -> Optional[str]:
+        """torch | onnxruntime, once chosen (at the first prediction)."""
+        return self.runner.backend
+
+    @property
+    def backend_requested(self) -> str:
+        return self.runner.backend_requested
 
     @property
     def window_batch(self) -> int:
-        """Windows per network call: at least 2 on a CPU, where batch-1 3D convolutions are slow."""
-        batch = self.config.inference.sw_batch_size
-        return max(batch, 2) if self.device.type == "cpu" else batch
+        """Windows per network call (:attr:`NetworkRunner.window_batch`)."""
+        return self.runner.window_batch
 
     def forward(self):
-        """The callable that maps a batch of windows (B, channels, *roi) to logits, built once.
-
-        * CUDA: the network under ``inference_mode``, float16 autocast (``inference.amp``), cuDNN autotuning.
-        * CPU, torch: the fused channels-last copy of our U-Net (:mod:`pipeline.model.fused`), float32 (no
-          CPU autocast: without hardware bf16 it is 100x slower).
-        * CPU, onnxruntime: the network exported to ONNX once per checkpoint (cached), run by ONNX Runtime.
-        ``inference.backend: auto`` times both on the first call and keeps the faster (remembered per machine).
-        """
-        if self._forward is not None:
-            return self._forward
-        from pipeline.infer.backend import OnnxRunner, select_backend
-        from pipeline.model.fused import fuse_for_inference
-
-        cfg = self.config.inference
-        device = self.device
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        fast = fuse_for_inference(self.network, device)
-        amp = cfg.amp and device.type == "cuda"  # float16: more mantissa than bf16, and every CUDA GPU has it
-        amp_dtype = torch.float16
-
-        def torch_forward(x: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                if device.type == "cpu" and x.shape[0] == 1:  # one window: batch 2 keeps oneDNN's kernels
-                    return fast(torch.cat([x, x]))[:1].float()
-                return fast(x).float()
-
-        roi = list(cfg.roi_size)
-        input_shape = (self.config.in_channels, *roi)
-        self.backend = select_backend(self.backend_requested, self.network, device, self.model_sha256,
-                                      input_shape, self.window_batch,
-                                      torch_forward=window_forward(torch_forward, len(roi)))
-        if self.backend == "onnxruntime":
-            runner = OnnxRunner(self.network, self.model_sha256, input_shape)
-            self._forward = lambda x: runner(x.cpu()).to(device)
-        else:
-            self._forward = torch_forward
-        log.info("inference backend: %s on %s", self.backend, device)
-        return self._forward
+        """The callable that maps a batch of windows to logits (:meth:`NetworkRunner.forward`)."""
+        return self.runner.forward()
 
     # --- the stages -----------------------------------------------------------------------------
 
@@ -187,29 +155,9 @@ class Segmenter:
         x = image.as_tensor() if hasattr(image, "as_tensor") else image
         x = x.to(torch.float32)
         spatial = tuple(x.shape[1:])
-        store: dict = {}
+        on_slab = SlabAccumulator(spatial, keep_all)
 
-        def on_slab(z0: int, z1: int, logits: torch.Tensor) -> None:
-            binary = logits.shape[0] == 2 and not keep_all
-            if "probs" not in store:
-                channels = logits.shape[0] if keep_all else 1
-                store["probs"] = torch.zeros((channels,) + spatial, dtype=torch.float32 if keep_all else torch.float16)
-                store["binary"] = binary
-                if not (binary or keep_all):
-                    store["labels"] = torch.zeros((1,) + spatial, dtype=torch.uint8)
-            # In place on the handed-over slab: no class-sized temporaries (memory must not grow with classes).
-            if binary:
-                store["probs"][0, ..., z0:z1].copy_(logits[1].sub_(logits[0]).sigmoid_())
-                return
-            logits.sub_(logits.amax(dim=0, keepdim=True)).exp_()
-            probs = logits.div_(logits.sum(dim=0, keepdim=True))
-            if keep_all:
-                store["probs"][..., z0:z1].copy_(probs)
-                return
-            store["labels"][0, ..., z0:z1].copy_(_argmax_classes(probs))
-            store["probs"][0, ..., z0:z1].copy_(probs[1:].sum(dim=0))
-
-        valid = any(network_margin(self.network, cfg.roi_size, dims))
+        valid = self.runner.valid_padding()
         if dims == 3 and not valid:
             stats = stream_windows(x, forward, cfg.roi_size, cfg.overlap, cfg.blend, self.window_batch, on_slab,
                                    device=self.device, progress=progress)
@@ -222,7 +170,7 @@ class Segmenter:
             counted = _counting(forward, stats, progress)
             logits = predict_logits(self.network, x.to(self.device), cfg, dims, forward=counted)
             on_slab(0, spatial[-1], logits.float())
-        return Prediction(probs=store["probs"], binary=store["binary"], labels=store.get("labels"), windows=stats.windows,
+        return Prediction(probs=on_slab.probs, binary=on_slab.binary, labels=on_slab.labels, windows=stats.windows,
                           forwards=stats.forwards, network_seconds=stats.network_seconds)
 
     def finish(self, prediction: Prediction, prepared: Prepared) -> Segmentation:
@@ -283,24 +231,7 @@ class Segmenter:
 
     def tile_batches(self, prepared: Prepared) -> Optional[int]:
         """How many network calls :meth:`predict` makes for ``prepared`` (for progress bars), if known."""
-        cfg = self.config.inference
-        if any(network_margin(self.network, cfg.roi_size, self.config.model.spatial_dims)):
-            return None  # valid-padding networks tile a padded volume
-        roi = list(cfg.roi_size) + ([1] if self.config.model.spatial_dims == 2 else [])
-        windows = len(WindowGrid(tuple(prepared.image.shape[1:]), tuple(roi), cfg.overlap))
-        return -(-windows // self.window_batch)
-
-
-def _argmax_classes(values: torch.Tensor) -> torch.Tensor:
-    """``values.argmax(0)`` as uint8 by a running maximum over the classes (ties: the lower class, as
-    argmax). Much faster than torch's argmax over the first axis of a permuted slab."""
-    labels = torch.zeros(values.shape[1:], dtype=torch.uint8, device=values.device)
-    best = values[0].clone()
-    for c in range(1, values.shape[0]):
-        higher = values[c] > best
-        labels[higher] = c
-        torch.maximum(best, values[c], out=best)
-    return labels
+        return self.runner.tile_batches(tuple(prepared.image.shape[1:]))
 
 
 def _counting(forward, stats: StreamStats, progress):

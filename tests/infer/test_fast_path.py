@@ -183,7 +183,7 @@ def test_what_is_kept_per_case_does_not_grow_with_the_classes(tmp_path):
 
 
 def test_running_argmax_equals_torch_argmax_ties_included():
-    from pipeline.infer.segmenter import _argmax_classes
+    from pipeline.infer.accumulate import _argmax_classes
 
     values = torch.rand(6, 9, 8, 7, generator=torch.Generator().manual_seed(0)).round(decimals=1)  # many ties
     values = values.permute(0, 2, 1, 3)  # a non-contiguous slab, as finish gets them
