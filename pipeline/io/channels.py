@@ -6,7 +6,8 @@ Channel 0 is the reference: its grid and affine are the case's, and every other 
 onto it in world coordinates (trilinear, no registration), so a point at given millimetres in channel 1
 lands at the same millimetres on channel 0's grid. Channels already on channel 0's grid (the nnU-Net
 rule) are taken as they are. Voxels of channel 0's grid outside another channel's field of view get that
-channel's minimum (its background).
+channel's minimum (its background). "The same grid" is :func:`~pipeline.io.geometry.grid_difference`'s
+rule, the one ``medseg check`` applies.
 """
 
 from __future__ import annotations
@@ -18,12 +19,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.io.geometry import grid_difference
 
 log = logging.getLogger(__name__)
-
-# Grids agree when every voxel centre maps to within this fraction of a voxel (and shapes are equal).
-SAME_GRID_VOXELS = 1e-3
-
 
 @dataclass(frozen=True)
 class Channels:
@@ -43,16 +41,6 @@ class Channels:
     def check_complete(self, where: str) -> None:
         if self.missing:
             raise InputError(f"case '{where}' lacks {'; '.join(self.missing)}")
-
-
-def same_grid(shape_a, affine_a, shape_b, affine_b, tolerance_voxels: float = SAME_GRID_VOXELS) -> bool:
-    """Whether two grids have the same shape and voxel centres (within ``tolerance_voxels`` of a voxel)."""
-    if tuple(shape_a) != tuple(shape_b):
-        return False
-    mapping = np.linalg.solve(np.asarray(affine_b, float), np.asarray(affine_a, float))
-    corners = np.array([[i, j, k, 1.0] for i in (0, shape_a[0] - 1) for j in (0, shape_a[1] - 1)
-                        for k in (0, shape_a[2] - 1)]).T
-    return bool(np.abs(mapping @ corners - corners)[:3].max() <= tolerance_voxels)
 
 
 def onto_grid(array: np.ndarray, affine: np.ndarray, shape, target_affine: np.ndarray) -> np.ndarray:
@@ -76,7 +64,7 @@ def stack_channels(arrays: list[np.ndarray], affines: list[np.ndarray], names: l
         if array.ndim != 3:
             raise InputError(f"case '{case}': channel {c} ({names[c]}) has shape {array.shape}: expected a 3D "
                              "volume per channel")
-        if c and not same_grid(reference_shape, reference_affine, array.shape, affine):
+        if c and grid_difference(reference_shape, reference_affine, array.shape, affine):
             log.info("case %s: channel %d (%s) resampled onto channel 0's grid (%s -> %s)", case, c, names[c],
                      array.shape, tuple(reference_shape))
             array = onto_grid(array, affine, reference_shape, reference_affine)

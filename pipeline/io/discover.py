@@ -172,7 +172,8 @@ def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None,
                                                 f"(expected DICOM, NIfTI, NRRD or MHA/MHD)"))
     volumes = group_volumes(frames)
     values = {str(v) for frame in frames for v in frame.private.values()}
-    cases.extend(_volume_case(path, base, identifiers(values)) for path in volume_files)
+    idents = identifiers(values)
+    cases.extend(_volume_case(path, base, idents) for path in volume_files)
     policy = StackPolicy.from_config(select)
     for volume in volumes:
         volume.policy = policy
@@ -186,7 +187,7 @@ def discover(input_dir: Union[str, Path], select: Optional[InputConfig] = None,
             cases.append(case)
     if len(channels) > 1:
         cases = group_channel_files(cases, list(channels), _strip_ending,
-                                    lambda folder, name: _safe(_path_id(folder, base, name, identifiers(values))))
+                                    lambda folder, name: _safe(_path_id(folder, base, name, idents)))
     if select.channels:
         studies, unused = group_studies([c for c in cases if c.kind == "dicom"], select.channels,
                                         lambda members: _study_id(members, base))

@@ -109,7 +109,7 @@ def _intensity(cfg: Config, items: list[dict]) -> Config:
     norms = resolve_channel_norms(names, intensity.channels)
     missing = [c for c, norm in enumerate(norms) if not norm.complete]
     if missing:
-        stats = ct_statistics(items, missing, cfg.train.seed)
+        stats = ct_statistics(items, missing, len(names), cfg.train.seed)
         norms = [dataclasses.replace(norm, **stats[c]) if c in stats else norm for c, norm in enumerate(norms)]
     for c, norm in enumerate(norms):
         log.info("channel %d (%s): %s", c, norm.name, _describe(norm))
@@ -117,12 +117,11 @@ def _intensity(cfg: Config, items: list[dict]) -> Config:
         cfg.preprocess, intensity=dataclasses.replace(intensity, channels=norms)))
 
 
-def ct_statistics(items: list[dict], channels: list[int], seed: int = 0) -> dict[int, dict]:
-    """Foreground (label > 0) intensity statistics of ``channels`` over the training ``items``, read in
-    their own units (HU), one case at a time."""
+def ct_statistics(items: list[dict], channels: list[int], n_channels: int, seed: int = 0) -> dict[int, dict]:
+    """Foreground (label > 0) intensity statistics of ``channels`` (of ``n_channels``) over the training
+    ``items``, read in their own units (HU), one case at a time."""
     rng = np.random.default_rng(seed)
-    width = max(channels) + 1
-    reader, label_reader = ScanReader(channels=_channel_count(items)), ScanReader()
+    reader, label_reader = ScanReader(channels=n_channels), ScanReader()
     samples: dict[int, list] = {c: [] for c in channels}
     for item in items:
         if not item.get("label"):
@@ -130,25 +129,11 @@ def ct_statistics(items: list[dict], channels: list[int], seed: int = 0) -> dict
         image = reader.get_data(reader.read(item["image"]))[0]
         label = label_reader.get_data(label_reader.read(item["label"]))[0]
         image = image[..., None] if image.ndim == 3 else image
-        if image.shape[:3] != label.shape or image.shape[3] < width:
+        if image.shape[:3] != label.shape:
             continue  # the dataset check reports grid problems
         for c in channels:
             samples[c].append(foreground_sample(image[..., c], label, rng))
     return {c: channel_statistics(values) for c, values in samples.items()}
-
-
-def _channel_count(items: list[dict]) -> int:
-    image = items[0]["image"] if items else None
-    if isinstance(image, Channels):
-        return len(image.sources)
-    if image is None:
-        return 1
-    import nibabel as nib
-
-    if str(image).lower().endswith((".nii", ".nii.gz")):
-        shape = nib.load(str(image)).shape
-        return shape[3] if len(shape) == 4 else 1
-    return 1
 
 
 def _describe(norm: ChannelNormConfig) -> str:

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.io.channels import Channels, onto_grid, same_grid
+from pipeline.io.channels import Channels, onto_grid
 from pipeline.io.discover import discover
+from pipeline.io.geometry import grid_difference
 from pipeline.transforms.load import LoadScand
 from tests.conftest import make_affine, save_nifti
 
@@ -66,7 +67,7 @@ def test_channel_on_another_grid_lands_at_the_same_millimetres(tmp_path):
     affine1[:3, 3] = centre - affine1[:3, :3] @ np.array([13.2, 15.7, 7.4])  # off-centre, off the voxel grid
     save_nifti(ball(shape0, affine0, centre, 6.0, 50.0), affine0, tmp_path / "c_0000.nii.gz")
     save_nifti(ball(shape1, affine1, centre, 6.0, 100.0), affine1, tmp_path / "c_0001.nii.gz")
-    assert not same_grid(shape0, affine0, shape1, affine1)
+    assert grid_difference(shape0, affine0, shape1, affine1)
 
     channels = Channels((str(tmp_path / "c_0000.nii.gz"), str(tmp_path / "c_0001.nii.gz")))
     image = LoadScand(["image"], channels=2)({"image": channels})["image"]
