@@ -6,14 +6,14 @@ matplotlib is imported inside the functions and used through ``Figure`` objects 
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from pipeline.io.atomic import atomic_path
+from pipeline.figures import figure as _figure
+from pipeline.figures import save_png as _save
 
 EVALUATION_PLOTS = ("dice.png", "detection_by_size.png", "volumes.png")
 
@@ -99,43 +99,7 @@ def plot_volumes(rows: Sequence, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_training_curves(log_csv: Path, path: Path) -> Path:
-    """Training loss and validation Dice per epoch, from the trainer's ``log.csv``."""
-    with open(log_csv, newline="") as handle:
-        log = list(csv.DictReader(handle))
-    epochs = [int(r["epoch"]) for r in log]
-    loss = [_float(r.get("train_loss")) for r in log]
-    val = [(e, _float(r.get("val_dice"))) for e, r in zip(epochs, log)]
-    val = [(e, v) for e, v in val if not _missing(v)]
-    fig, ax = _figure(6.0, 3.8)
-    ax.plot(epochs, loss, color="tab:blue", marker="." if len(epochs) < 50 else None, label="training loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss", color="tab:blue")
-    ax.grid(alpha=0.3)
-    right = ax.twinx()
-    if val:
-        right.plot(*zip(*val), color="tab:orange", marker="o", label="validation Dice")
-    right.set_ylim(0, 1)
-    right.set_ylabel("validation Dice", color="tab:orange")
-    ax.set_title("Training curves")
-    return _save(fig, path)
-
-
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    return fig, fig.add_subplot()
-
-
-def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    return path
 
 
 def _bin_title(name: str) -> str:
@@ -147,13 +111,6 @@ def _bin_title(name: str) -> str:
         low, high = name.split("to")
         return f"{low}–{high} mm³"
     return name
-
-
-def _float(text) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _missing(value) -> bool:

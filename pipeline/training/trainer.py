@@ -45,8 +45,8 @@ from monai.data.utils import set_rnd
 
 from pipeline.config import Config, save_config
 from pipeline.errors import InputError
-from pipeline.evaluate.metrics import case_dice
-from pipeline.infer.sliding import predict_logits
+from pipeline.infer import Segmenter
+from pipeline.metrics import case_dice
 from pipeline.model import build_model
 from pipeline.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from pipeline.queues import Prefetch
@@ -191,17 +191,20 @@ class Trainer:
         return float(loss.detach())
 
     def validate(self) -> float:
-        """Mean over validation volumes (sliding window on whole volumes) of each case's foreground Dice,
-        :func:`~pipeline.evaluate.metrics.case_dice`: a class absent from the truth scores 1 when it is not
-        predicted either and 0 on a false positive, as in evaluation."""
+        """Mean over validation volumes of each case's foreground Dice, :func:`~pipeline.metrics.case_dice`
+        (a class absent from the truth scores 1 when it is not predicted either and 0 on a false positive,
+        as in evaluation), each volume segmented whole by the public :class:`~pipeline.infer.Segmenter`.
+
+        A fresh ``Segmenter`` per validation: it prepares its (fused) network once, from the weights of the
+        moment. The torch backend always (an ONNX export per validation would cost more than it saves).
+        """
         if self.val_data is None:
             return float("nan")
-        self.model.eval()
+        segmenter = Segmenter(self.model, self.cfg, device=self.device, backend="torch")
         scores = []
         with torch.no_grad(), self._autocast():
             for item in self.val_data:
-                logits = predict_logits(self.model, item["image"], self.cfg.inference, self.cfg.model.spatial_dims)
-                pred = logits.argmax(0).cpu().numpy()
+                pred = segmenter.probabilities(item["image"]).argmax(0).cpu().numpy()
                 truth = np.asarray(item["label"][0]).round().astype(np.int64)
                 scores.append(case_dice(pred, truth, range(1, self.cfg.num_classes)))
         self.model.train()
@@ -274,7 +277,7 @@ class Trainer:
         """``log.png`` beside ``log.csv``: loss and validation Dice per epoch. A plot never fails training."""
         target = self.log_path.with_suffix(".png")
         try:
-            from pipeline.evaluate.plots import plot_training_curves
+            from pipeline.training.curves import plot_training_curves
 
             plot_training_curves(self.log_path, target)
         except Exception as exc:  # noqa: BLE001 - any plotting problem only costs the picture

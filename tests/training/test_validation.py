@@ -98,3 +98,47 @@ def test_best_checkpoint_holds_the_best_validated_epoch(tmp_path, monkeypatch):
     assert all(torch.equal(best.state_dict[k], weights_at_validation[1][k]) for k in best.state_dict)
     assert not all(torch.equal(best.state_dict[k], weights_at_validation[3][k]) for k in best.state_dict)
     assert load_checkpoint(result.last).epoch == 4
+
+
+def test_validation_through_the_segmenter_matches_monais_sliding_window():
+    """Validation runs the public Segmenter (streamed windows, fused CPU copy): its probabilities equal
+    MONAI's sliding window over the plain network, so the scores that choose best.pt are unchanged."""
+    from pipeline.infer import Segmenter
+    from pipeline.infer.sliding import predict_logits
+    from pipeline.model import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config(None, tiny_config_overrides(
+        "model.features=4", "model.depth=3", "inference.roi_size=[32,32,16]", "inference.overlap=0.5"))
+    network = build_model(cfg.model, in_channels=1, out_channels=2).eval()
+    image = torch.randn(1, 50, 45, 20)
+    with torch.no_grad():
+        reference = predict_logits(network, image, cfg.inference, 3).softmax(0)
+        ours = Segmenter(network, cfg, device="cpu", backend="torch").probabilities(image)
+    assert ours.shape == reference.shape == (2, 50, 45, 20)
+    assert (ours - reference).abs().max().item() < 1e-4
+
+    label = (reference.argmax(0, keepdim=True)).float()  # the reference's own answer: Dice 1
+    trainer = validating_trainer([{"image": image, "label": label}])
+    trainer.model, trainer.cfg = network, cfg
+    assert trainer.validate() == pytest.approx(1.0)
+    assert trainer.model.training  # validation hands the network back in training mode
+
+
+def test_training_reaches_inference_only_through_its_public_api():
+    """Import direction: training imports ``pipeline.infer`` (the Segmenter) and the shared metric, never
+    inference internals or evaluation."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "pipeline" / "training"
+    imported = set()
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+    sideways = sorted(m for m in imported if m.startswith(("pipeline.evaluate", "pipeline.infer.", "pipeline.batch")))
+    assert sideways == []
+    assert "pipeline.infer" in imported and "pipeline.metrics" in imported

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.evaluate import plots
+from pipeline.training import curves as plots
 from tests.helpers import tiny_config_overrides, torch_threads, write_msd_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
