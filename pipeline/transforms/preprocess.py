@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from monai.transforms import (
     Compose,
@@ -75,7 +76,7 @@ def body_floor(image, cfg: PreprocessConfig, channels: Sequence[str] = ()) -> to
     """The voxels of ``image`` (a scan's first channel as read, ``[i, j, k]``) that ``crop_foreground``
     keeps as body: the same intensity normalisation and floor as preprocessing (above the CT window's
     low end; above the image's minimum for z-score and ``auto``). Boolean, ``image``'s grid."""
-    x = torch.as_tensor(image, dtype=torch.float32).clone()[None]
+    x = torch.from_numpy(np.array(image, dtype=np.float32))[None]  # a writable copy
     if cfg.intensity.mode == "auto":
         names = list(channels) or [c.name for c in cfg.intensity.channels] or ["0"]
         normalize_channel_(x[0], resolve_channel_norms(names, cfg.intensity.channels)[0])
