@@ -91,3 +91,18 @@ def test_cv_with_a_missing_fold_says_which_and_evaluates_the_rest(tmp_path, caps
 def test_cv_without_splits_explains(tmp_path, capsys):
     assert main(["cv", str(tmp_path)]) == 2
     assert "no splits.json" in capsys.readouterr().err
+
+
+def test_fold_flag_rejects_what_is_not_a_fold(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "configs/demo.yaml", "--fold", "two"])
+    assert info.value.code == 2
+    assert "expected a fold number (0, 1, ...) or 'all', got 'two'" in capsys.readouterr().err
+
+
+def test_fold_beyond_data_folds_is_refused_before_training(tmp_path, capsys):
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("{}\n")
+    assert main(["train", str(config_file), "data.folds=2", f"train.out_dir={tmp_path / 'run'}", "--fold", "2"]) == 2
+    assert "--fold 2: expected 0 to 1 (data.folds=2)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

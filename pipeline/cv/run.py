@@ -87,7 +87,7 @@ def run_cv(out_dir: Union[str, Path], device: str = "auto", progress: bool = Fal
     report = select_postprocessing(oof, config)
     report["folds"], report["missing_folds"] = folds, missing
     write_json(report, cv_dir / "postprocessing.json")
-    log.info("post-processing chosen: %s", report["chosen"])
+    log.debug("post-processing chosen: %s", report["chosen"])
 
     post_cfg = chosen_config(config, report["chosen"])
     post_dir = _fresh_dir(cv_dir / "predictions_postprocessed")
