@@ -99,3 +99,33 @@ def test_restrict_to_body_with_zscore_uses_the_image_minimum():
 def test_an_unknown_class_name_is_refused_with_the_allowed_ones():
     with pytest.raises(ConfigError, match=r"'lesion'.*\['oedema', 'core'\]"):
         apply_postprocessing(_two_class_map(), np.eye(4), None, _config("postprocess.keep_largest=[lesion]"))
+
+
+def test_segmenter_finish_applies_the_rules(tmp_path):
+    """A stand-in network that returns its input as the label: with keep_largest the second, smaller
+    component of the scan is gone from the segmentation, on the source grid."""
+    import torch
+
+    from pipeline.infer import Segmenter
+    from tests.conftest import blob_label, save_nifti
+
+    class LabelEcho(torch.nn.Module):  # the input (window [0, 1] keeps 0/1) is the label
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device
+
+        def forward(self, x):
+            return torch.cat([(0.5 - x) * 20, (x - 0.5) * 20], dim=1)
+
+    label = blob_label()
+    affine = make_affine("oblique")
+    save_nifti(label.astype(np.float32), affine, tmp_path / "case.nii.gz")
+    overrides = ["preprocess.spacing=null", "preprocess.intensity.window=[0, 1]", "preprocess.crop_foreground=false",
+                 "inference.roi_size=[16, 16, 8]", "inference.min_component_mm3=0"]
+    with torch.no_grad():
+        plain = Segmenter(LabelEcho(), load_config(None, overrides), "cpu").segment(str(tmp_path / "case.nii.gz"))
+        kept = Segmenter(LabelEcho(), load_config(None, [*overrides, "postprocess.keep_largest=[lesion]"]),
+                         "cpu").segment(str(tmp_path / "case.nii.gz"))
+    np.testing.assert_array_equal(plain.labels, label)
+    np.testing.assert_array_equal(kept.labels, keep_largest_component(label, 1))
+    assert 0 < int(kept.labels.sum()) < int(label.sum())
