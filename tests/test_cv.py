@@ -106,3 +106,23 @@ def test_fold_beyond_data_folds_is_refused_before_training(tmp_path, capsys):
     assert main(["train", str(config_file), "data.folds=2", f"train.out_dir={tmp_path / 'run'}", "--fold", "2"]) == 2
     assert "--fold 2: expected 0 to 1 (data.folds=2)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("layout", ["nnunetv2", "msd_4d"])
+def test_cv_on_two_channel_datasets(tmp_path, layout):
+    """Multi-channel cases (nnU-Net v2 channel files, an MSD 4D file), two classes: every case once."""
+    from tests.dataset.builders import write_msd_4d, write_nnunet_v2
+
+    root = tmp_path / "data"
+    written = write_nnunet_v2(root) if layout == "nnunetv2" else write_msd_4d(root)
+    out = tmp_path / "run"
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("{}\n")
+    args = [*_train_args(root, out), "preprocess.intensity.mode=auto", "postprocess.keep_largest=[edema]"]
+    assert main(["train", str(config_file), *args, "--fold", "all", "--quiet"]) == 0
+    assert main(["cv", str(out), "--device", "cpu", "--quiet"]) == 0
+    with open(out / "cv" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted((r["case_id"], r["label"]) for r in rows) == sorted((c, str(v)) for c in written for v in (1, 2))
+    report = json.loads((out / "cv" / "postprocessing.json").read_text())
+    assert {t["class"] for t in report["tried"]} >= {"edema", "tumour"}
