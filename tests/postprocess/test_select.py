@@ -92,3 +92,30 @@ def test_the_chosen_rules_applied_give_the_truth_back(tmp_path):
     assert np.array_equal(out, np.asarray(nib.load(str(case.truth)).dataobj))
     off = without_postprocessing(chosen)
     assert off.postprocess.keep_largest == [] and off.inference.min_component_mm3 == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_component_scores_equal_evaluating_the_applied_rule(seed):
+    """The per-component shortcut gives the Dice and lesion counts of evaluating each rule's output."""
+    from pipeline.evaluate import evaluate_masks
+    from pipeline.postprocess.components import remove_small_components
+    from pipeline.postprocess.rules import keep_largest_component, remove_outside
+    from pipeline.postprocess.select import ClassComponents
+
+    rng = np.random.default_rng(seed)
+    pred = (rng.random(SHAPE) > 0.93).astype(np.uint8)  # many small components of all sizes
+    pred[5:11, 5:11, 3:7] = 1
+    truth = np.zeros(SHAPE, np.uint8)
+    truth[5:10, 6:11, 3:7] = 1
+    truth[15:18, 15:18, 5:8] = 1
+    truth[20:22, 2:4, 9:11] = 1
+    body = np.zeros(SHAPE, bool)
+    body[3:21, 3:21, 1:11] = True
+    parts = ClassComponents.of(pred == 1, truth == 1, body)
+    for keep, applied in [(parts.all(), pred), (parts.largest(), keep_largest_component(pred, 1)),
+                          (parts.in_body(), remove_outside(pred, 1, body)),
+                          (parts.at_least(3), remove_small_components(pred, 3))]:
+        row = evaluate_masks("c", 1, applied == 1, truth == 1, (1.0, 1.0, 1.0))
+        dice, tp, fp, fn = parts.score(keep)
+        assert dice == pytest.approx(row.dice)
+        assert (tp, fp, fn) == (row.lesion_tp, row.lesion_fp, row.lesion_fn)
