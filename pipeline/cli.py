@@ -96,9 +96,31 @@ def cmd_train(args) -> int:
 
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
     config = load_config(args.config, overrides)
-    result = train(config, resume=args.resume, progress=not args.quiet)
-    print(f"best checkpoint: {result.best} (validation Dice {result.best_metric:.3f})")
-    print(f"last checkpoint: {result.last}; log: {result.log_csv}")
+    if args.fold == "all":
+        from pipeline.training import train_folds
+
+        results = train_folds(config, resume=args.resume, progress=not args.quiet)
+    else:
+        results = [train(config, resume=args.resume, progress=not args.quiet, fold=args.fold)]
+    for result in results:
+        print(f"best checkpoint: {result.best} (validation Dice {result.best_metric:.3f})")
+        print(f"last checkpoint: {result.last}; log: {result.log_csv}")
+    return 0
+
+
+def cmd_cv(args) -> int:
+    from pipeline.cv import run_cv
+
+    result = run_cv(args.out_dir, device=args.device, progress=not args.quiet)
+    if result.missing_folds:
+        print(f"warning: no best.pt for fold(s) {result.missing_folds}: evaluated the other folds only",
+              file=sys.stderr)
+    for name, value in result.mean_dice.items():
+        print(f"mean Dice {name}: {value:.4f}")
+    for name, value in result.mean_dice_postprocessed.items():
+        print(f"mean Dice {name} after post-processing: {value:.4f}")
+    print(f"post-processing chosen: {result.chosen or 'none'}")
+    print(f"out-of-fold predictions, metrics.csv, summary.json and postprocessing.json in {result.cv_dir}")
     return 0
 
 
@@ -227,6 +249,19 @@ def _print_summary(s: dict) -> None:
 # --- argument parsing ----------------------------------------------------------------------------
 
 
+def _fold(text: str):
+    """``--fold``: a fold number >= 0, or ``all``."""
+    if text == "all":
+        return "all"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fold number (0, 1, ...) or 'all', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a fold number >= 0 or 'all', got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -332,7 +367,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5 model.features=16")
     p.add_argument("--resume", action="store_true", help="continue from train.out_dir/last.pt")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (sets train.device)")
+    p.add_argument("--fold", type=_fold, default=None, metavar="K|all",
+                   help="cross-validation fold K (0-based, < data.folds) into train.out_dir/fold_K, or 'all' "
+                        "(every fold in turn; finished folds are skipped); splits: train.out_dir/splits.json")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("cv", parents=[common],
+                       help="evaluate the folds of `train --fold` on their validation cases, choose post-processing")
+    p.add_argument("out_dir", help="the train.out_dir of the folds (holding splits.json and fold_K/best.pt)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("segment", parents=[common], help="segment every scan under a folder")
     p.add_argument("input_dir", help="folder of NIfTI files and/or DICOM series (searched recursively)")

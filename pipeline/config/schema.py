@@ -64,12 +64,16 @@ class DataConfig:
     channels: list[str] = field(default_factory=list)
     val_fraction: float = 0.2  # fraction of training cases held out for validation
     val_cases: list[str] = field(default_factory=list)  # explicit validation case ids (override fraction)
+    # cross-validation folds (`medseg train --fold K|all`, splits.json in train.out_dir); >= 2
+    folds: int = 5
 
     def _check(self) -> None:
         values = sorted(self.labels.values())
         if values != list(range(len(values))) or len(values) < 2:
             _fail("data.labels", self.labels, "a mapping of >= 2 names to consecutive integers 0..N-1")
         _in_range("data.val_fraction", self.val_fraction, 0.0, 0.9)
+        if not isinstance(self.folds, int) or self.folds < 2:
+            _fail("data.folds", self.folds, "an integer >= 2 (cross-validation folds)")
         if any(not name or not isinstance(name, str) for name in self.channels):
             _fail("data.channels", self.channels, "a list of channel names such as [FLAIR, T1c]")
 
@@ -308,6 +312,22 @@ class InferenceConfig:
 
 
 @dataclass
+class PostprocessConfig:
+    """Rules applied to a segmentation on the source grid (:mod:`pipeline.postprocess.rules`), by class
+    name; ``medseg cv`` chooses them from the out-of-fold predictions. The minimum component size is
+    ``inference.min_component_mm3``."""
+
+    keep_largest: list[str] = field(default_factory=list)  # classes keeping only their largest component
+    restrict_to_body: list[str] = field(default_factory=list)  # classes losing components outside the body
+
+    def _check(self) -> None:
+        for key in ("keep_largest", "restrict_to_body"):
+            names = getattr(self, key)
+            if any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
+                _fail(f"postprocess.{key}", names, "a list of distinct class names such as [lesion]")
+
+
+@dataclass
 class ChannelRule:
     """Which series of a DICOM study is one input channel (``input.channels``).
 
@@ -386,6 +406,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
 
     @property
     def num_classes(self) -> int:

@@ -22,11 +22,11 @@ from pipeline.infer.accumulate import SlabAccumulator
 from pipeline.infer.runner import NetworkRunner
 from pipeline.infer.sliding import predict_logits, window_forward
 from pipeline.infer.stream import StreamStats, stream_windows
-from pipeline.io.geometry import voxel_volume_mm3
 from pipeline.model import build_model
 from pipeline.model.checkpoint import load_checkpoint
-from pipeline.postprocess import ToSourceGrid, remove_small_components
+from pipeline.postprocess import ToSourceGrid
 from pipeline.postprocess.resample import axis_map, crop_box, to_source_slabs
+from pipeline.postprocess.rules import apply_postprocessing
 from pipeline.runtime import resolve_device
 from pipeline.transforms.preprocess import preprocess_transforms
 
@@ -207,9 +207,8 @@ class Segmenter:
                 classes = self.config.num_classes
                 one_hot = torch.nn.functional.one_hot(prediction.labels[0].long(), classes).movedim(-1, 0).float()
                 on_labels(0, shape[-1], self.to_source(one_hot, image).argmax(dim=0, keepdim=True).float())
-        min_mm3 = self.config.inference.min_component_mm3
-        if min_mm3 > 0:
-            labels = remove_small_components(labels, min_mm3 / voxel_volume_mm3(affine))
+        # inference.min_component_mm3 and postprocess.* (keep largest, restrict to the body)
+        labels = apply_postprocessing(labels, affine, prepared.source_image, self.config)
         return Segmentation(
             labels=labels,
             affine=affine,

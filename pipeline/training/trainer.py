@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import itertools
 import logging
 import math
@@ -71,12 +72,52 @@ class TrainResult:
     epochs: int
 
 
-def train(config: Config, resume: bool = False, progress: bool = False) -> TrainResult:
-    return Trainer(config, progress=progress).run(resume=resume)
+def train(config: Config, resume: bool = False, progress: bool = False, fold: Optional[int] = None) -> TrainResult:
+    """Train one model; with ``fold`` (0-based), cross-validation fold ``fold`` of ``data.folds``: its
+    validation cases are that fold's ``val`` list of ``train.out_dir/splits.json`` and it trains into
+    ``train.out_dir/fold_<fold>/`` (:mod:`pipeline.training.folds`)."""
+    return Trainer(config, progress=progress, fold=fold).run(resume=resume)
+
+
+def train_folds(config: Config, resume: bool = False, progress: bool = False) -> list[TrainResult]:
+    """Every cross-validation fold in turn (``medseg train --fold all``). A fold whose ``last.pt`` has
+    reached ``train.epochs`` is skipped; with ``resume`` an unfinished fold continues from its ``last.pt``."""
+    from pipeline.training.data import training_cases
+    from pipeline.training.folds import fold_dir, fold_splits
+
+    splits = fold_splits(config.train.out_dir, training_cases(config.data.root), config)
+    results = []
+    for fold in range(len(splits)):
+        last = fold_dir(config.train.out_dir, fold) / "last.pt"
+        done = _completed(last, config.train.epochs)
+        if done is not None:
+            log.info("fold %d already trained (%s): skipped", fold, last)
+            results.append(done)
+            continue
+        results.append(train(config, resume=resume and last.is_file(), progress=progress, fold=fold))
+    return results
+
+
+def _completed(last: Path, epochs: int) -> Optional[TrainResult]:
+    """The result of a fold whose ``last.pt`` reached ``epochs``, else None."""
+    if not last.is_file():
+        return None
+    ckpt = load_checkpoint(last)
+    if ckpt.epoch < epochs:
+        return None
+    best = last.with_name("best.pt")
+    return TrainResult(best, last, last.with_name("log.csv"), ckpt.best_metric, ckpt.epoch)
 
 
 class Trainer:
-    def __init__(self, config: Config, progress: bool = False):
+    def __init__(self, config: Config, progress: bool = False, fold: Optional[int] = None):
+        self.fold = fold
+        self.base_dir = Path(config.train.out_dir)
+        if fold is not None:
+            from pipeline.training.folds import check_fold, fold_config
+
+            check_fold(config, fold)
+            config = fold_config(config, fold)
         self.cfg = config
         self.progress = progress
         self.out_dir = Path(config.train.out_dir)
@@ -112,7 +153,7 @@ class Trainer:
         # Fail now, not after caching the data, if the patch or window does not fit the network.
         self.model.output_size(tuple(cfg.sampling.patch_size))
         self.model.output_size(tuple(cfg.inference.roi_size))
-        self.train_items, self.val_items = split_cases(items, cfg)
+        self.train_items, self.val_items = self._split(items)
         if not self.train_items:
             raise InputError(f"no training cases left after the validation split of {len(items)} cases")
         log.info("training on %d cases, validating on %d", len(self.train_items), len(self.val_items))
@@ -233,6 +274,20 @@ class Trainer:
         log.info("epoch %d: loss %.4f val dice %s (%.1f s)", epoch + 1, loss, row["val_dice"] or "-", seconds)
 
     # --- helpers ---------------------------------------------------------------------------------
+
+    def _split(self, items: list[dict]) -> tuple[list[dict], list[dict]]:
+        """The fold's cases from ``splits.json`` (written once beside the folds, with the resolved
+        config), else the ``data.val_fraction`` / ``data.val_cases`` split."""
+        if self.fold is None:
+            return split_cases(items, self.cfg)
+        from pipeline.training.folds import fold_items, fold_splits
+
+        splits = fold_splits(self.base_dir, items, self.cfg)
+        if not (self.base_dir / "config.yaml").is_file():
+            save_config(dataclasses.replace(self.cfg, train=dataclasses.replace(
+                self.cfg.train, out_dir=str(self.base_dir))), self.base_dir / "config.yaml")
+        log.info("fold %d of %d", self.fold, len(splits))
+        return fold_items(items, splits, self.fold)
 
     def _is_validation_epoch(self, epoch: int) -> bool:
         return (epoch + 1) % self.cfg.train.val_every == 0 or epoch + 1 == self.cfg.train.epochs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from monai.transforms import (
     Compose,
@@ -25,7 +26,12 @@ from monai.transforms import (
 from pipeline.config import PreprocessConfig
 from pipeline.transforms.antialias import AntiAliasd
 from pipeline.transforms.load import CheckLabelsd, LoadScand
-from pipeline.transforms.normalize import NormalizeChannelsd, body_foreground, resolve_channel_norms
+from pipeline.transforms.normalize import (
+    NormalizeChannelsd,
+    body_foreground,
+    normalize_channel_,
+    resolve_channel_norms,
+)
 
 
 def preprocess_transforms(
@@ -64,6 +70,19 @@ def preprocess_transforms(
             )
         )
     return Compose(steps)
+
+
+def body_floor(image, cfg: PreprocessConfig, channels: Sequence[str] = ()) -> torch.Tensor:
+    """The voxels of ``image`` (a scan's first channel as read, ``[i, j, k]``) that ``crop_foreground``
+    keeps as body: the same intensity normalisation and floor as preprocessing (above the CT window's
+    low end; above the image's minimum for z-score and ``auto``). Boolean, ``image``'s grid."""
+    x = torch.from_numpy(np.array(image, dtype=np.float32))[None]  # a writable copy
+    if cfg.intensity.mode == "auto":
+        names = list(channels) or [c.name for c in cfg.intensity.channels] or ["0"]
+        normalize_channel_(x[0], resolve_channel_norms(names, cfg.intensity.channels)[0])
+    else:
+        x = _intensity(cfg, "image", channels)({"image": x})["image"]
+    return _foreground_fn(cfg)(torch.as_tensor(x))[0]
 
 
 def _intensity(cfg: PreprocessConfig, key: str, channels: Sequence[str]):
