@@ -2,7 +2,7 @@
 
 predict (each fold's ``best.pt`` on that fold's validation cases of ``splits.json``, read from the
 dataset's imagesTr, post-processing off) → evaluate every out-of-fold prediction together against
-labelsTr → choose post-processing (:mod:`pipeline.postprocess.select`) → evaluate the post-processed
+labelsTr → choose post-processing (:mod:`pipeline.cv.select`) → evaluate the post-processed
 predictions → record the chosen rules in each fold's ``best.pt`` and in ``OUT_DIR/config.yaml``.
 
 Outputs under ``OUT_DIR/cv/``: ``predictions/<case>_seg.nii.gz``, ``metrics.csv``, ``summary.json`` (as
@@ -81,7 +81,7 @@ def run_cv(out_dir: Union[str, Path], device: str = "auto", progress: bool = Fal
     options = _options(config)
     rows, _ = _evaluate(pred_dir, gt_dir, cv_dir, options, progress)
 
-    from pipeline.postprocess.select import OOFCase, chosen_config, select_postprocessing
+    from pipeline.cv.select import OOFCase, chosen_config, select_postprocessing
 
     oof = [OOFCase(c, pred_dir / f"{c}_seg.nii.gz", Path(items[c]["label"]), items[c]["image"]) for c in cases]
     report = select_postprocessing(oof, config)
@@ -109,12 +109,12 @@ def predict_cases(checkpoint: Path, items: list[dict], pred_dir: Path, device: s
                   progress: bool = False) -> list[Path]:
     """``pred_dir/<case>_seg.nii.gz`` for each item, with the checkpoint's model and its post-processing off
     (the raw predictions the choice of post-processing starts from)."""
+    from pipeline.cv.select import without_postprocessing
     from pipeline.infer.segmenter import Segmenter
     from pipeline.io.read_scan import is_nifti
     from pipeline.io.write import write_mask
     from pipeline.model import build_model
     from pipeline.model.checkpoint import load_checkpoint
-    from pipeline.postprocess.select import without_postprocessing
     from pipeline.progress import progress_bar
 
     ckpt = load_checkpoint(checkpoint)
@@ -134,8 +134,8 @@ def predict_cases(checkpoint: Path, items: list[dict], pred_dir: Path, device: s
 def record_postprocessing(checkpoints: list[Path], config_yaml: Path, chosen: dict) -> None:
     """Write the chosen rules into each checkpoint's config (re-saved atomically) and into ``config_yaml``
     (created from the first checkpoint's config if missing), so ``segment`` applies them."""
+    from pipeline.cv.select import chosen_config
     from pipeline.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-    from pipeline.postprocess.select import chosen_config
 
     first_config = None
     for path in checkpoints:
@@ -196,9 +196,9 @@ def _evaluate(pred_dir: Path, gt_dir: Path, out_dir, options, progress: bool):
 def _postprocess_predictions(cases, config: Config, out_dir: Path) -> None:
     import nibabel as nib
 
+    from pipeline.cv.select import first_channel
     from pipeline.io.write import write_mask
     from pipeline.postprocess.rules import apply_postprocessing
-    from pipeline.postprocess.select import first_channel
 
     needs_image = bool(config.postprocess.restrict_to_body)
     for case in cases:

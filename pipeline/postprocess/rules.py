@@ -9,7 +9,7 @@ Applied in this order by :func:`apply_postprocessing` (``Segmenter.finish`` call
 2. ``inference.min_component_mm3``: components (of every class) smaller than this volume are removed.
 3. ``postprocess.keep_largest``: only the largest component of such a class is kept.
 
-``medseg cv`` chooses them from the out-of-fold predictions (:mod:`pipeline.postprocess.select`). With
+``medseg cv`` chooses them from the out-of-fold predictions (:mod:`pipeline.cv.select`). With
 the defaults (empty lists, 0 mm³) the labels are returned unchanged.
 """
 

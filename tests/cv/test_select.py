@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
+from pipeline.cv.select import OOFCase, chosen_config, select_postprocessing, without_postprocessing
 from pipeline.postprocess.rules import apply_postprocessing
-from pipeline.postprocess.select import OOFCase, chosen_config, select_postprocessing, without_postprocessing
 from tests.conftest import make_affine, save_nifti
 
 SHAPE = (24, 24, 12)
@@ -97,10 +97,10 @@ def test_the_chosen_rules_applied_give_the_truth_back(tmp_path):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_component_scores_equal_evaluating_the_applied_rule(seed):
     """The per-component shortcut gives the Dice and lesion counts of evaluating each rule's output."""
+    from pipeline.cv.select import ClassComponents
     from pipeline.evaluate import evaluate_masks
     from pipeline.postprocess.components import remove_small_components
     from pipeline.postprocess.rules import keep_largest_component, remove_outside
-    from pipeline.postprocess.select import ClassComponents
 
     rng = np.random.default_rng(seed)
     pred = (rng.random(SHAPE) > 0.93).astype(np.uint8)  # many small components of all sizes
