@@ -136,7 +136,7 @@ def schedule(step_seconds: Optional[float], budget_seconds: Optional[float]) -> 
     if step_seconds is None or budget_seconds is None:
         return ({"epochs": GPU_EPOCHS, "steps_per_epoch": GPU_STEPS, "val_every": 50, "warmup_epochs": 5},
                 f"not measured: nnU-Net's {GPU_EPOCHS} x {GPU_STEPS} steps (pass --hours to fit a time budget)")
-    total = max(1, int(budget_seconds * (1 - VALIDATION_ALLOWANCE) // step_seconds))
+    total = max(1, int(budget_seconds * (1 - VALIDATION_ALLOWANCE) / step_seconds + 1e-6))  # no float shortfall
     steps = int(min(max(total // 20, 10), GPU_STEPS))
     epochs = max(1, total // steps)
     value = {"epochs": epochs, "steps_per_epoch": steps, "val_every": max(1, epochs // 10),
@@ -147,7 +147,7 @@ def schedule(step_seconds: Optional[float], budget_seconds: Optional[float]) -> 
 
 def fits_minimum(step_seconds: float, budget_seconds: float) -> bool:
     """Whether at least :data:`MIN_STEPS` steps fit the budget (less the validation allowance)."""
-    return step_seconds * MIN_STEPS <= budget_seconds * (1 - VALIDATION_ALLOWANCE)
+    return step_seconds * MIN_STEPS <= budget_seconds * (1 - VALIDATION_ALLOWANCE) + 1e-9
 
 
 def learning_rate(total_steps: int) -> tuple[float, str]:
