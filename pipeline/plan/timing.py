@@ -76,35 +76,67 @@ def fit_time_budget(net: dict, samples_per_volume: int, batch_size: int, shape: 
                     spacing: Sequence[float], in_channels: int, out_channels: int, budget_seconds: float,
                     device: str = "cpu") -> TimedNetwork:
     """``net`` shrunk (:func:`~pipeline.plan.rules.shrink_for_time`) until :data:`~pipeline.plan.rules.MIN_STEPS`
-    steps fit ``budget_seconds``, with its measured step time."""
+    steps fit ``budget_seconds``, with its measured step time.
+
+    The candidates are predicted from a small reference step; the one chosen is measured, and that
+    measurement corrects the prediction once: the largest earlier candidate it says would fit is measured
+    too and taken if it does, or, if the chosen one is too slow, the shrinking goes on and the result is
+    measured again.
+    """
     dims = len(net["patch_size"])
     reference = REFERENCE[dims]
     ref_seconds = measure_step(reference, 8, 3, in_channels, out_channels, 2, device)
-    seconds_per_mac = ref_seconds / (2 * unet_cost(reference, 8, 3, in_channels, out_channels, True).macs)
+    rate = ref_seconds / (2 * unet_cost(reference, 8, 3, in_channels, out_channels, True).macs)
 
-    def predict(candidate: dict, per_volume: int) -> float:
-        cost = unet_cost(candidate["patch_size"], candidate["features"], candidate["depth"], in_channels,
-                         out_channels, candidate["depth"] > 2)
-        return seconds_per_mac * cost.macs * batch_size * per_volume
+    def work(candidate: tuple[dict, int]) -> float:
+        shape_net, per_volume = candidate
+        cost = unet_cost(shape_net["patch_size"], shape_net["features"], shape_net["depth"], in_channels,
+                         out_channels, shape_net["depth"] > 2)
+        return float(cost.macs) * batch_size * per_volume
 
-    start, start_per_volume = dict(net), samples_per_volume
-    while not rules.fits_minimum(predict(net, samples_per_volume), budget_seconds):
-        smaller = rules.shrink_for_time(net, samples_per_volume, shape, spacing)
-        if smaller is None:
-            break
-        net, samples_per_volume, _ = smaller
-    shrunk = _changes(start, net, start_per_volume, samples_per_volume)
-    seconds = measure_step(net["patch_size"], net["features"], net["depth"], in_channels, out_channels,
-                           batch_size * samples_per_volume, device)
+    def measure(candidate: tuple[dict, int]) -> float:
+        shape_net, per_volume = candidate
+        return measure_step(shape_net["patch_size"], shape_net["features"], shape_net["depth"], in_channels,
+                            out_channels, batch_size * per_volume, device)
+
+    history = [(dict(net), samples_per_volume)]
+    _shrink_until(history, rate, work, budget_seconds, shape, spacing)
+    chosen, seconds = history[-1], measure(history[-1])
+    if rules.fits_minimum(seconds, budget_seconds):
+        rate = seconds / work(chosen)
+        larger = next((c for c in history[:-1] if rules.fits_minimum(rate * work(c), budget_seconds)), None)
+        if larger is not None:
+            larger_seconds = measure(larger)
+            if rules.fits_minimum(larger_seconds, budget_seconds):
+                chosen, seconds = larger, larger_seconds
+    else:
+        rate = seconds / work(chosen)
+        if _shrink_until(history, rate, work, budget_seconds, shape, spacing):
+            chosen, seconds = history[-1], measure(history[-1])
+    net, samples_per_volume = chosen
     measured = seconds <= MAX_MEASURED_STEP_S
     log.info("reference step %.3f s; planned step %.3f s (%s)", ref_seconds, seconds,
-             "measured" if measured else "one step")
-    fits = rules.fits_minimum(seconds, budget_seconds)
-    reason = (f"shrunk to fit {rules.MIN_STEPS} steps in {budget_seconds / 3600:.2f} h (predicted from a "
-              f"{ref_seconds:.3f} s reference step): " + ", ".join(shrunk) if shrunk else f"{rules.MIN_STEPS} steps fit {budget_seconds / 3600:.2f} h as planned")
-    if not fits:
+             "median of 3" if measured else "one step")
+    shrunk = _changes(history[0][0], net, history[0][1], samples_per_volume)
+    hours = budget_seconds / 3600
+    reason = (f"shrunk to fit {rules.MIN_STEPS} steps in {hours:.2f} h (timed): " + ", ".join(shrunk)
+              if shrunk else f"{rules.MIN_STEPS} steps fit {hours:.2f} h as planned (timed)")
+    if not rules.fits_minimum(seconds, budget_seconds):
         reason += f"; even the smallest network takes {seconds:.2f} s/step: fewer than {rules.MIN_STEPS} steps fit"
     return TimedNetwork(net, samples_per_volume, seconds, measured, reason)
+
+
+def _shrink_until(history: list, rate: float, work, budget_seconds: float, shape, spacing) -> bool:
+    """Append smaller candidates to ``history`` until the last is predicted (``rate`` s per MAC) to fit;
+    whether any was appended."""
+    grew = False
+    while not rules.fits_minimum(rate * work(history[-1]), budget_seconds):
+        smaller = rules.shrink_for_time(history[-1][0], history[-1][1], shape, spacing)
+        if smaller is None:
+            break
+        history.append((smaller[0], smaller[1]))
+        grew = True
+    return grew
 
 
 def _changes(before: dict, after: dict, per_volume_before: int, per_volume_after: int) -> list[str]:
