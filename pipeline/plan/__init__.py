@@ -59,6 +59,9 @@ def plan_dataset(dataset: Union[str, Path], out_dir: Union[str, Path, None] = No
         raise ConfigError(f"plan device {device!r}: expected one of {', '.join(DEVICES)}")
     if hours is not None and hours <= 0:
         raise ConfigError(f"plan hours {hours!r}: expected a number of hours > 0, e.g. 0.5")
+    if device == "cuda" and hours is not None and not _cuda_available():
+        raise ConfigError("--hours on --device cuda times training steps on the GPU, but no CUDA GPU is visible "
+                          "here: plan on the GPU machine, or drop --hours (nnU-Net's schedule, not measured)")
     if check:
         _check(dataset)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(dataset)
@@ -92,6 +95,12 @@ def _check(dataset) -> None:
                          f"{dataset}` for the full list, fix them, and plan again")
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _budget_text(device: str, hours: Optional[float]) -> str:
     if hours is not None:
         return f"{hours:g} h of training"
@@ -111,10 +120,11 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
     shape = rules.median_shape(shapes, spacings, target)
     dims, dims_reason = rules.spatial_dims(target, shape)
     net, net_reason = rules.fit_patch(shape, target, dims, budget, in_ch, out_ch, patches=2)
-    patch_bytes = unet_cost(net["patch_size"], net["features"], net["depth"], in_ch, out_ch,
-                            net["depth"] > 2).bytes(1)
+    cost = unet_cost(net["patch_size"], net["features"], net["depth"], in_ch, out_ch, net["depth"] > 2)
     dataset_voxels = sum(float(s[0]) * s[1] * s[2] for s in shapes)
-    sizes, batch_reason = rules.batch(dims, net["patch_size"], patch_bytes, budget, dataset_voxels)
+    # the parameters (and their gradients and moments) are there once, whatever the batch
+    sizes, batch_reason = rules.batch(dims, net["patch_size"], cost.bytes(1) - cost.bytes(0),
+                                      budget - cost.bytes(0), dataset_voxels)
     net_reason = f"{net_reason}; {budget_reason}"
     step_seconds = None
     if device == "cpu" or hours is not None:

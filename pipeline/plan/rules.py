@@ -108,8 +108,8 @@ def fit_patch(shape: Sequence[int], target: Sequence[float], dims: int, budget_b
             break
     value = {"patch_size": rounded, "depth": depth, "features": features}
     fits = need <= budget_bytes
-    reason = (f"from {start} (median shape {shape}, isotropic start), fitted to {budget_bytes / 2**30:.1f} GiB: "
-              f"estimated {need / 2**30:.2f} GiB for {patches} patch(es)"
+    reason = (f"memory: {start} (isotropic start within the median shape) -> {rounded}, features {features}: "
+              f"estimated {need / 2**30:.2f} GiB for {patches} patch(es) of {budget_bytes / 2**30:.1f} GiB"
               + ("" if fits else " (DOES NOT FIT even at the smallest patch: lower the batch or add memory)"))
     return value, reason
 
@@ -117,8 +117,8 @@ def fit_patch(shape: Sequence[int], target: Sequence[float], dims: int, budget_b
 def batch(dims: int, patch: Sequence[int], patch_bytes: float, budget_bytes: float,
           dataset_voxels: float) -> tuple[dict, str]:
     """3D: :data:`PATCHES_3D` patches (nnU-Net), two volumes one patch each. 2D: as many slices as the memory
-    holds, at most :data:`MAX_2D_BATCH` and :data:`MAX_BATCH_DATASET_FRACTION` of the dataset's voxels,
-    taken from two volumes."""
+    holds (``budget_bytes`` left after the parameters, ``patch_bytes`` of activations per slice), at most
+    :data:`MAX_2D_BATCH` and :data:`MAX_BATCH_DATASET_FRACTION` of the dataset's voxels, from two volumes."""
     if dims == 3:
         return {"batch_size": 2, "samples_per_volume": 1}, "nnU-Net's 3D batch: 2 patches (2 volumes x 1)"
     by_memory = int(budget_bytes // max(patch_bytes, 1))

@@ -115,3 +115,13 @@ def test_plan_measures_and_trains_as_written(datasets, tmp_path, kind, dims, cha
     assert (model_dir / "best.pt").is_file()
     log = (model_dir / "log.csv").read_text().splitlines()
     assert len(log) == 2 and log[1].startswith("1,")
+
+
+def test_cuda_timing_without_a_gpu_is_refused(datasets, tmp_path, monkeypatch):
+    import pipeline.plan as plan
+    from pipeline.errors import ConfigError
+
+    monkeypatch.setattr(plan, "_cuda_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+        plan_dataset(datasets["ct"], tmp_path / "plan", device="cuda", hours=1)
+    assert not (tmp_path / "plan").exists()
