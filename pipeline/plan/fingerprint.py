@@ -26,6 +26,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from pipeline.io.geometry import voxel_spacing, voxel_volume_mm3
+
 log = logging.getLogger(__name__)
 
 SAMPLES_PER_CASE = 10_000  # foreground voxels drawn per case and channel (nnU-Net's number)
@@ -102,8 +104,6 @@ class _Collector:
 
     def add(self, case_id: str, image: np.ndarray, label: np.ndarray, affine: np.ndarray, orientation: str) -> None:
         order = axis_order(affine, orientation)
-        from pipeline.io.geometry import voxel_spacing, voxel_volume_mm3
-
         spacing = voxel_spacing(affine)
         label = np.rint(label).astype(np.int64) if label.dtype.kind == "f" else label.astype(np.int64)
         counts = np.bincount(label.ravel(), minlength=len(self.voxels))[: len(self.voxels)]
