@@ -90,6 +90,28 @@ def cmd_check(args) -> int:
     return 0 if report.ok else 2
 
 
+def cmd_plan(args) -> int:
+    from pipeline.dataset import check_dataset
+    from pipeline.plan import plan_dataset
+
+    report = check_dataset(args.dataset, progress=not args.quiet)
+    if not report.ok:
+        for line in report.lines():
+            print(f"error: {line}")
+        print(f"{report.cases} case(s), {len(report.problems)} problem(s): fix them (medseg check {args.dataset}) "
+              "and plan again")
+        return 2
+    result = plan_dataset(args.dataset, args.out, device=args.device, memory_gb=args.memory_gb, hours=args.hours,
+                          check=False, progress=not args.quiet)
+    for key, value, reason in result.choices:
+        print(f"{key:<32} {str(value):<28} {reason}")
+    if result.step_seconds is not None:
+        print(f"measured training step: {result.step_seconds:.3f} s")
+    print(f"plans: {result.plans}  fingerprint: {result.fingerprint}")
+    print(f"train it: medseg train {result.plans}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from pipeline.config import load_config
     from pipeline.training import train
@@ -300,6 +322,16 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -361,6 +393,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=_non_negative_float, default=None, metavar="MM",
                    help="largest difference of two grids' affine entries (voxel axes, origin) in mm (default 0.001)")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("plan", parents=[common],
+                       help="choose a complete training config from a dataset (spacing, patch, network, schedule)")
+    p.add_argument("dataset", help="dataset folder: imagesTr/ + labelsTr/, with or without dataset.json")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where plans.yaml and fingerprint.json go (default: runs/plan/<dataset folder name>)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where training will run (cpu: steps timed here, training fitted to --hours, default 0.5)")
+    p.add_argument("--memory-gb", type=_positive_float, default=None, metavar="N",
+                   help="memory a training step may use (default: 25%% of the RAM on cpu, the GPU's memory on cuda)")
+    p.add_argument("--hours", type=_positive_float, default=None, metavar="H",
+                   help="training time budget; steps are timed on this machine (default on cpu: 0.5)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("train", parents=[common], help="train a model from a YAML config")
     p.add_argument("config", help="YAML config, e.g. configs/lesion3d.yaml")

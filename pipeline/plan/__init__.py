@@ -1,0 +1,223 @@
+"""``plan_dataset``: a complete training config chosen from the dataset itself (as nnU-Net plans).
+
+The skeleton: check the dataset → fingerprint it (:mod:`~pipeline.plan.fingerprint`) → apply the rules
+(:mod:`~pipeline.plan.rules`) → on a CPU, or with ``hours``, time real training steps and fit the training
+into the budget (:mod:`~pipeline.plan.timing`) → write ``plans.yaml`` and ``fingerprint.json``
+(:mod:`~pipeline.plan.write`). Every planned value can be changed afterwards: edit ``plans.yaml``, or pass
+dotted overrides to ``medseg train plans.yaml key=value``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from pipeline.errors import ConfigError, InputError
+from pipeline.plan import rules
+from pipeline.plan.cost import unet_cost
+from pipeline.plan.write import Choice, flat_choices, write_fingerprint, write_plans
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("cpu", "cuda")
+CPU_HOURS = 0.5  # default time budget on a CPU: 30 minutes of training, validation included
+ORIENTATION = "RAS"
+MAX_PROBLEMS_SHOWN = 8
+
+
+@dataclass
+class PlanResult:
+    out_dir: Path
+    plans: Path  # plans.yaml
+    fingerprint: Path  # fingerprint.json
+    config: Any  # the pipeline.config.Config plans.yaml loads as
+    choices: list[tuple[str, Any, str]] = field(default_factory=list)  # (dotted key, value, reason)
+    step_seconds: Optional[float] = None  # measured training step (None: not measured)
+
+
+def default_out_dir(dataset: Union[str, Path]) -> Path:
+    """``runs/plan/<dataset folder name>`` (relative to the working directory)."""
+    return Path("runs") / "plan" / Path(dataset).resolve().name
+
+
+def plan_dataset(dataset: Union[str, Path], out_dir: Union[str, Path, None] = None, device: str = "cpu",
+                 memory_gb: Optional[float] = None, hours: Optional[float] = None, *, check: bool = True,
+                 progress: bool = False) -> PlanResult:
+    """Plan training on ``dataset``; write ``plans.yaml`` and ``fingerprint.json`` into ``out_dir``.
+
+    ``device``: where training will run (``cpu``: steps are timed here and the training fits ``hours``,
+    default 0.5; ``cuda``: timed only when ``hours`` is given, else nnU-Net's schedule). ``memory_gb``:
+    the memory a training step may use (default: :func:`pipeline.plan.memory.memory_budget`). ``check``:
+    refuse a dataset with problems (:func:`pipeline.dataset.check_dataset`), listing them.
+    """
+    from pipeline.plan.fingerprint import dataset_fingerprint
+    from pipeline.plan.memory import memory_budget
+
+    if device not in DEVICES:
+        raise ConfigError(f"plan device {device!r}: expected one of {', '.join(DEVICES)}")
+    if hours is not None and hours <= 0:
+        raise ConfigError(f"plan hours {hours!r}: expected a number of hours > 0, e.g. 0.5")
+    if device == "cuda" and hours is not None and not _cuda_available():
+        raise ConfigError("--hours on --device cuda times training steps on the GPU, but no CUDA GPU is visible "
+                          "here: plan on the GPU machine, or drop --hours (nnU-Net's schedule, not measured)")
+    if check:
+        _check(dataset)
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(dataset)
+    fingerprint = dataset_fingerprint(dataset, ORIENTATION, progress=progress)
+    if not fingerprint["num_cases"]:
+        raise InputError(f"the dataset '{dataset}' has no training case with a label: nothing to plan from")
+    fingerprint_path = write_fingerprint(fingerprint, out_dir / "fingerprint.json")
+    budget, budget_reason = memory_budget(device, memory_gb)
+    plan, step_seconds = _plan(fingerprint, out_dir, device, budget, budget_reason, hours)
+    header = (f"Planned by `medseg plan {fingerprint['dataset']}` for {device}"
+              f" ({budget_reason}; {_budget_text(device, hours)}).\n"
+              "Train it as it is: medseg train plans.yaml   (change any value here, or override it: "
+              "medseg train plans.yaml train.epochs=50)\n"
+              "data.root and train.out_dir are absolute paths, so it trains from any folder. "
+              "The dataset's facts: fingerprint.json.\n"
+              "Post-processing chosen from the data (a postprocess section) is set by `medseg cv`.")
+    plans_path = out_dir / "plans.yaml"
+    config = write_plans(plan, plans_path, header)
+    return PlanResult(out_dir, plans_path, fingerprint_path, config, list(flat_choices(plan)), step_seconds)
+
+
+def _check(dataset) -> None:
+    from pipeline.dataset import check_dataset
+
+    report = check_dataset(dataset)
+    if not report.ok:
+        lines = report.lines()
+        shown = "; ".join(lines[:MAX_PROBLEMS_SHOWN]) + (f"; ... ({len(lines)} in all)"
+                                                          if len(lines) > MAX_PROBLEMS_SHOWN else "")
+        raise InputError(f"the dataset '{dataset}' has {len(lines)} problem(s): {shown}. Run `medseg check "
+                         f"{dataset}` for the full list, fix them, and plan again")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _budget_text(device: str, hours: Optional[float]) -> str:
+    if hours is not None:
+        return f"{hours:g} h of training"
+    return f"{CPU_HOURS:g} h of training" if device == "cpu" else "training time not budgeted"
+
+
+def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: str,
+          hours: Optional[float]) -> tuple[dict, Optional[float]]:
+    """The plan tree (sections of :class:`Choice`) and the measured step time."""
+    from pipeline.plan.timing import fit_time_budget
+
+    spacings = [case["spacing"] for case in fp["cases"]]
+    shapes = [case["shape"] for case in fp["cases"]]
+    channels, labels = fp["channels"], fp["labels"]
+    in_ch, out_ch = len(channels), len(labels)
+    target, target_reason = rules.target_spacing(spacings)
+    shape = rules.median_shape(shapes, spacings, target)
+    dims, dims_reason = rules.spatial_dims(target, shape)
+    net, net_reason = rules.fit_patch(shape, target, dims, budget, in_ch, out_ch, patches=2)
+    cost = unet_cost(net["patch_size"], net["features"], net["depth"], in_ch, out_ch, net["depth"] > 2)
+    dataset_voxels = sum(float(s[0]) * s[1] * s[2] for s in shapes)
+    # the parameters (and their gradients and moments) are there once, whatever the batch
+    sizes, batch_reason = rules.batch(dims, net["patch_size"], cost.bytes(1) - cost.bytes(0),
+                                      budget - cost.bytes(0), dataset_voxels)
+    net_reason = f"{net_reason}; {budget_reason}"
+    step_seconds = None
+    if device == "cpu" or hours is not None:
+        seconds = (hours if hours is not None else CPU_HOURS) * 3600
+        timed = fit_time_budget(net, sizes["samples_per_volume"], sizes["batch_size"], shape[:dims], target[:dims],
+                                in_ch, out_ch, seconds, device)
+        net, step_seconds = timed.net, timed.step_seconds
+        if timed.samples_per_volume != sizes["samples_per_volume"]:
+            sizes = {**sizes, "samples_per_volume": timed.samples_per_volume}
+            batch_reason += f"; {timed.reason}"
+        net_reason = f"{net_reason}; {timed.reason}"
+        sched, sched_reason = rules.schedule(step_seconds, seconds)
+    else:
+        sched, sched_reason = rules.schedule(None, None)
+    lr, lr_reason = rules.learning_rate(sched["epochs"] * sched["steps_per_epoch"])
+    norms, norm_reason = rules.normalization(channels, fp["intensity"])
+    pos, pos_reason = rules.pos_ratio(fp["class_fractions"], fp["cases_with_lesion_fraction"])
+    min_mm3, min_reason = rules.min_component_mm3(fp["lesions"])
+    overlap, overlap_reason = rules.overlap(device)
+    deep = net["depth"] > 2
+    patch = list(net["patch_size"])
+    plan = {
+        "data": {
+            "root": Choice(fp["dataset"], "the planned dataset (absolute path)"),
+            "labels": Choice(labels, "from the dataset"),
+            "channels": Choice(channels, "from the dataset, in order"),
+            "val_fraction": 0.2,
+            "val_cases": [],
+        },
+        "preprocess": {
+            "orientation": ORIENTATION,
+            "spacing": Choice(target, target_reason),
+            "intensity": {"mode": Choice("auto", "per channel by name"),
+                          "window": [-150.0, 250.0],
+                          "channels": Choice(norms, norm_reason)},
+            "crop_foreground": True,
+            "crop_margin": 4,
+        },
+        "model": {
+            "name": "unet",
+            "spatial_dims": Choice(dims, dims_reason),
+            "features": Choice(net["features"], "fitted with the patch (see sampling.patch_size)"),
+            "depth": Choice(net["depth"], f"pool until an axis is {rules.MIN_BOTTOM}-{2 * rules.MIN_BOTTOM - 1} "
+                                          f"voxels at the bottom (patch {patch})"),
+            "norm": "instance",
+            "upsample": "transpose",
+            "padding": "same",
+            "deep_supervision": Choice(deep, "nnU-Net's deep supervision" if deep else "depth 2: no lower decoder"),
+            "dropout": 0.0,
+        },
+        "sampling": {
+            "patch_size": Choice(patch, f"median shape {shape[:dims]} at the target spacing; {net_reason}"),
+            "pos_ratio": Choice(pos, pos_reason),
+            "lesion_slice_ratio": Choice(round(pos / (pos + 1), 2), "2D: pos_ratio / (pos_ratio + 1)"),
+            "samples_per_volume": Choice(sizes["samples_per_volume"], batch_reason),
+            "batch_size": Choice(sizes["batch_size"], "volumes per step (x samples_per_volume)"),
+            "cache": True,
+        },
+        "augment": {
+            "flip_prob": 0.5, "rotate_prob": 0.2, "rotate_deg": 15.0, "scale_prob": 0.2, "scale_range": 0.15,
+            "elastic_prob": Choice(0.2 if dims == 2 else 0.0, "2D elastic deformation is cheap" if dims == 2
+                                   else "3D elastic deformation is slow"),
+            "intensity_scale_prob": 0.3, "intensity_shift_prob": 0.3, "noise_prob": 0.2,
+        },
+        "loss": {"dice_weight": 1.0, "focal_weight": 1.0, "gamma": 2.0, "include_background": False},
+        "train": {
+            "out_dir": Choice(str((out_dir / "model").resolve()), "beside plans.yaml (absolute path)"),
+            "epochs": Choice(sched["epochs"], sched_reason),
+            "steps_per_epoch": Choice(sched["steps_per_epoch"], "epochs >= 20 of 10-250 steps"),
+            "lr": Choice(lr, lr_reason),
+            "weight_decay": 0.0001,
+            "warmup_epochs": Choice(sched["warmup_epochs"], "2% of the epochs, 1-5"),
+            "schedule": "poly",
+            "grad_clip": 12.0,
+            "val_every": Choice(sched["val_every"], "about 10 validations"),
+            "amp": True,
+            "seed": 0,
+            "num_workers": 0,
+            "device": Choice(device, "planned for"),
+        },
+        "inference": {
+            "roi_size": Choice(patch, "the training patch"),
+            "overlap": Choice(overlap, overlap_reason),
+            "sw_batch_size": 2,
+            "blend": "gaussian",
+            "threshold": None,
+            "min_component_mm3": Choice(min_mm3, min_reason),
+            "device": "auto",
+            "backend": "auto",
+            "amp": True,
+        },
+    }
+    return plan, step_seconds
+
+
+__all__ = ["PlanResult", "default_out_dir", "plan_dataset"]

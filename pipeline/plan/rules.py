@@ -1,0 +1,234 @@
+"""The planning rules, in one place: each a small pure function of fingerprint facts (and the device's
+budget) returning ``(value, reason)``. ``plan_dataset`` applies them in order; ``plans.yaml`` carries each
+reason beside its value. The rules follow nnU-Net's where our U-Net allows (it pools every axis by 2 at
+every level, so a patch axis must be a multiple of ``2**(depth-1)``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+from pipeline.plan.cost import unet_cost
+
+ANISOTROPY = 3.0  # nnU-Net: spacings differing more than 3x are anisotropic
+ANISOTROPY_2D = 5.0  # beyond this ratio (slices > 5x thicker than the pixels) train on 2D axial slices
+MIN_SLICES_3D = 16  # fewer slices (median, at the target spacing) than this: 2D
+START_VOXELS = {3: 256**3, 2: 2048**2}  # nnU-Net's initial patch (isotropic in mm), before it is fitted
+MIN_BOTTOM = 4  # pool until an axis would drop below 4 voxels at the bottom of the U
+MAX_DEPTH = 6
+MIN_PATCH = {3: 16, 2: 32}  # an axis is not shrunk below this (voxels)
+FEATURES = 32  # nnU-Net's first-level width
+MIN_FEATURES = 8
+PATCHES_3D = 2  # nnU-Net's 3D batch
+MAX_2D_BATCH = 32
+MAX_BATCH_DATASET_FRACTION = 0.05  # nnU-Net: a batch covers at most 5% of the dataset's voxels
+MIN_STEPS = 500  # the least training worth having (optimiser steps)
+VALIDATION_ALLOWANCE = 0.15  # share of the time budget kept for validation
+GPU_EPOCHS, GPU_STEPS = 1000, 250  # nnU-Net's schedule (not measured)
+MAX_POS_RATIO, MIN_POS_RATIO = 4.0, 0.5
+MAX_MIN_COMPONENT_MM3 = 10.0  # never remove predicted components larger than this by default
+
+
+def target_spacing(spacings: Sequence[Sequence[float]]) -> tuple[list[float], str]:
+    """The median spacing per axis; when one axis is more than :data:`ANISOTROPY` times coarser than the
+    finest, that axis takes the 10th percentile of its spacings instead (nnU-Net: resample the few thicker
+    scans finer rather than the many thin ones coarser), never finer than the other axes' coarsest."""
+    values = np.asarray(spacings, dtype=np.float64)
+    median = np.median(values, axis=0)
+    worst = int(np.argmax(median))
+    ratio = float(median[worst] / median.min())
+    if ratio <= ANISOTROPY:
+        return _round(median), f"median spacing of {len(values)} cases (max/min {ratio:.2f} <= {ANISOTROPY:g})"
+    others = [a for a in range(len(median)) if a != worst]
+    low_res = max(float(np.percentile(values[:, worst], 10)), float(median[others].max()))
+    target = median.copy()
+    target[worst] = low_res
+    return _round(target), (f"median spacing; anisotropic (axis {worst} {ratio:.2f}x coarser than the finest > "
+                            f"{ANISOTROPY:g}): axis {worst} takes the 10th percentile of its spacings")
+
+
+def median_shape(shapes: Sequence[Sequence[int]], spacings: Sequence[Sequence[float]],
+                 target: Sequence[float]) -> list[int]:
+    """The median shape of the cases once resampled to ``target``."""
+    resampled = np.asarray(shapes, np.float64) * np.asarray(spacings, np.float64) / np.asarray(target, np.float64)
+    return [int(round(v)) for v in np.median(resampled, axis=0)]
+
+
+def spatial_dims(target: Sequence[float], shape: Sequence[int]) -> tuple[int, str]:
+    """3D patches, unless the slice axis (the last) is so much coarser (> :data:`ANISOTROPY_2D` x) or so
+    short (< :data:`MIN_SLICES_3D` slices) that a 3D U-Net pooling every axis alike has nothing to pool:
+    then 2D axial slices."""
+    ratio = max(target) / min(target)
+    low_res = int(np.argmax(target))
+    if low_res == 2 and ratio > ANISOTROPY_2D:
+        return 2, f"slices {ratio:.1f}x thicker than the pixels (> {ANISOTROPY_2D:g}): 2D axial slices"
+    if shape[2] < MIN_SLICES_3D:
+        return 2, f"median {shape[2]} slices (< {MIN_SLICES_3D}): too few for 3D patches, 2D axial slices"
+    return 3, f"3D patches (spacing ratio {ratio:.1f} <= {ANISOTROPY_2D:g}, median {shape[2]} slices)"
+
+
+def depth_for(patch: Sequence[int]) -> int:
+    """Levels of the U: pool while every axis keeps >= :data:`MIN_BOTTOM` voxels at the bottom."""
+    poolings = min(int(math.floor(math.log2(max(p, 1) / MIN_BOTTOM))) for p in patch)
+    return int(min(max(poolings + 1, 2), MAX_DEPTH))
+
+
+def fit_patch(shape: Sequence[int], target: Sequence[float], dims: int, budget_bytes: float,
+              in_channels: int, out_channels: int, patches: int, features: int = FEATURES) -> tuple[dict, str]:
+    """Patch size, depth and features fitted to ``budget_bytes`` (nnU-Net's procedure).
+
+    Start from a patch isotropic in mm of :data:`START_VOXELS` voxels, clipped to the median shape; while the
+    step's estimated memory (:func:`pipeline.plan.cost.unet_cost`, ``patches`` patches) exceeds the budget,
+    shrink the axis largest relative to the median shape (ties: the longest in mm) by one multiple of
+    ``2**(depth-1)``; once every axis is at :data:`MIN_PATCH`, halve the features (down to :data:`MIN_FEATURES`).
+    ``shape``/``target``: 3 axes (2D: the first two are used).
+    """
+    shape = [int(s) for s in shape[:dims]]
+    spacing = [float(s) for s in target[:dims]]
+    inverse = [1.0 / s for s in spacing]
+    scale = (START_VOXELS[dims] / float(np.prod(inverse))) ** (1.0 / dims)
+    patch = [min(int(round(i * scale)), s) for i, s in zip(inverse, shape)]
+    start = list(patch)
+    while True:
+        depth = depth_for(patch)
+        rounded = _round_to(patch, 2 ** (depth - 1))
+        need = unet_cost(rounded, features, depth, in_channels, out_channels, deep_supervision=depth > 2).bytes(patches)
+        if need <= budget_bytes:
+            break
+        shrinkable = [a for a in range(dims) if patch[a] > MIN_PATCH[dims]]
+        if shrinkable:
+            axis = max(shrinkable, key=lambda a: (patch[a] / shape[a], patch[a] * spacing[a]))
+            patch[axis] = max(MIN_PATCH[dims], patch[axis] - 2 ** (depth - 1))
+        elif features > MIN_FEATURES:
+            features //= 2
+        else:
+            break
+    value = {"patch_size": rounded, "depth": depth, "features": features}
+    fits = need <= budget_bytes
+    reason = (f"memory: {start} (isotropic start within the median shape) -> {rounded}, features {features}: "
+              f"estimated {need / 2**30:.2f} GiB for {patches} patch(es) of {budget_bytes / 2**30:.1f} GiB"
+              + ("" if fits else " (DOES NOT FIT even at the smallest patch: lower the batch or add memory)"))
+    return value, reason
+
+
+def batch(dims: int, patch: Sequence[int], patch_bytes: float, budget_bytes: float,
+          dataset_voxels: float) -> tuple[dict, str]:
+    """3D: :data:`PATCHES_3D` patches (nnU-Net), two volumes one patch each. 2D: as many slices as the memory
+    holds (``budget_bytes`` left after the parameters, ``patch_bytes`` of activations per slice), at most
+    :data:`MAX_2D_BATCH` and :data:`MAX_BATCH_DATASET_FRACTION` of the dataset's voxels, from two volumes."""
+    if dims == 3:
+        return {"batch_size": 2, "samples_per_volume": 1}, "nnU-Net's 3D batch: 2 patches (2 volumes x 1)"
+    by_memory = int(budget_bytes // max(patch_bytes, 1))
+    by_data = int(MAX_BATCH_DATASET_FRACTION * dataset_voxels // max(int(np.prod(patch)), 1))
+    total = max(2, min(by_memory, by_data, MAX_2D_BATCH))
+    per_volume = max(1, total // 2)
+    return ({"batch_size": 2, "samples_per_volume": per_volume},
+            f"{2 * per_volume} slices per step (memory allows {by_memory}, 5% of the data {by_data}, "
+            f"cap {MAX_2D_BATCH}), 2 volumes x {per_volume}")
+
+
+def schedule(step_seconds: Optional[float], budget_seconds: Optional[float]) -> tuple[dict, str]:
+    """Epochs x steps per epoch: every step the time budget holds (less :data:`VALIDATION_ALLOWANCE` for
+    validation), 20 epochs or more with 10-250 steps each; without a measurement nnU-Net's 1000 x 250."""
+    if step_seconds is None or budget_seconds is None:
+        return ({"epochs": GPU_EPOCHS, "steps_per_epoch": GPU_STEPS, "val_every": 50, "warmup_epochs": 5},
+                f"not measured: nnU-Net's {GPU_EPOCHS} x {GPU_STEPS} steps (pass --hours to fit a time budget)")
+    total = max(1, int(budget_seconds * (1 - VALIDATION_ALLOWANCE) / step_seconds + 1e-6))  # no float shortfall
+    steps = int(min(max(total // 20, 10), GPU_STEPS))
+    epochs = max(1, total // steps)
+    value = {"epochs": epochs, "steps_per_epoch": steps, "val_every": max(1, epochs // 10),
+             "warmup_epochs": min(5, max(1, epochs // 50))}
+    return value, (f"{step_seconds:.3f} s/step measured: {epochs * steps} steps fill "
+                   f"{budget_seconds / 3600:.2f} h less {VALIDATION_ALLOWANCE:.0%} for validation")
+
+
+def fits_minimum(step_seconds: float, budget_seconds: float) -> bool:
+    """Whether at least :data:`MIN_STEPS` steps fit the budget (less the validation allowance)."""
+    return step_seconds * MIN_STEPS <= budget_seconds * (1 - VALIDATION_ALLOWANCE) + 1e-9
+
+
+def learning_rate(total_steps: int) -> tuple[float, str]:
+    """AdamW: 1e-3 (our reference); a short training (< 2000 steps) 3e-3 to get somewhere in time."""
+    if total_steps < 2000:
+        return 0.003, f"short training ({total_steps} steps < 2000): AdamW 3e-3"
+    return 0.001, f"{total_steps} steps: AdamW 1e-3"
+
+
+def normalization(channels: Sequence[str], intensity: dict) -> tuple[list[dict], str]:
+    """Per channel (nnU-Net): CT clips to the foreground's 0.5/99.5 percentiles and z-scores with the
+    foreground mean/std of the values inside them; any other channel a per-image z-score."""
+    out, parts = [], []
+    for name in channels:
+        stats = intensity.get(name)
+        if name.strip().upper() == "CT" and stats:
+            out.append({"name": name, "scheme": "ct",
+                        "clip": [round(stats["percentile_00_5"], 2), round(stats["percentile_99_5"], 2)],
+                        "mean": round(stats["clipped_mean"], 3), "std": round(stats["clipped_std"], 3)})
+            parts.append(f"{name}: CT, clip to foreground 0.5/99.5 percentiles + mean/std")
+        else:
+            out.append({"name": name, "scheme": "zscore"})
+            parts.append(f"{name}: per-image z-score")
+    return out, "; ".join(parts)
+
+
+def pos_ratio(class_fractions: dict, cases_with_lesion: float) -> tuple[float, str]:
+    """Lesion-centred : random patch centres from the lesion voxels' share ``f`` of the data:
+    ``-log10(f) - 1`` (1% -> 1, 0.1% -> 2, 0.01% -> 3), within [:data:`MIN_POS_RATIO`, :data:`MAX_POS_RATIO`]."""
+    names = list(class_fractions)
+    foreground = float(sum(class_fractions[n] for n in names[1:]))
+    if foreground <= 0:
+        return 1.0, "no lesion voxel in the training data: 1"
+    value = round(min(max(-math.log10(foreground) - 1.0, MIN_POS_RATIO), MAX_POS_RATIO), 1)
+    return value, (f"lesions are {foreground:.3%} of the voxels, in {cases_with_lesion:.0%} of the cases: "
+                   f"-log10(f) - 1 within [{MIN_POS_RATIO:g}, {MAX_POS_RATIO:g}]")
+
+
+def min_component_mm3(lesions: dict) -> tuple[float, str]:
+    """Half the smallest training lesion (any class), at most :data:`MAX_MIN_COMPONENT_MM3`."""
+    volumes = [v for facts in lesions.values() for v in facts["volumes_mm3"]]
+    if not volumes:
+        return 0.0, "no training lesion: nothing removed"
+    smallest = min(volumes)
+    value = round(min(0.5 * smallest, MAX_MIN_COMPONENT_MM3), 2)
+    return value, (f"half the smallest training lesion ({smallest:.1f} mm3), at most {MAX_MIN_COMPONENT_MM3:g}; "
+                   "data-chosen post-processing is set by `medseg cv`")
+
+
+def overlap(device: str) -> tuple[float, str]:
+    """Sliding-window overlap: nnU-Net's 0.5 on a GPU; 0.25 on a CPU (3.4x fewer windows in 3D)."""
+    if device == "cuda":
+        return 0.5, "nnU-Net's 0.5"
+    return 0.25, "CPU: 0.25 (0.5 costs 3.4x the windows in 3D)"
+
+
+def _round(values) -> list[float]:
+    return [round(float(v), 4) for v in values]
+
+
+def _round_to(patch: Sequence[int], divisor: int) -> list[int]:
+    return [max(divisor, (int(p) // divisor) * divisor) for p in patch]
+
+
+def shrink_for_time(net: dict, samples_per_volume: int, shape: Sequence[int],
+                    spacing: Sequence[float]) -> Optional[tuple[dict, int, str]]:
+    """One step smaller when training does not fit the time budget: halve the features (down to
+    :data:`MIN_FEATURES`), then shrink the patch as :func:`fit_patch` does, then (2D) halve the slices per
+    volume. ``None`` when nothing is left to shrink."""
+    if net["features"] > MIN_FEATURES:
+        return {**net, "features": net["features"] // 2}, samples_per_volume, "halved the features"
+    patch = list(net["patch_size"])
+    dims = len(patch)
+    divisor = 2 ** (net["depth"] - 1)
+    shrinkable = [a for a in range(dims) if patch[a] - divisor >= MIN_PATCH[dims]]
+    if shrinkable:
+        axis = max(shrinkable, key=lambda a: (patch[a] / max(shape[a], 1), patch[a] * spacing[a]))
+        patch[axis] -= divisor
+        depth = depth_for(patch)
+        patch = _round_to(patch, 2 ** (depth - 1))
+        return {**net, "patch_size": patch, "depth": depth}, samples_per_volume, f"shrank patch axis {axis}"
+    if samples_per_volume > 1:
+        return dict(net), samples_per_volume // 2, "halved the slices per volume"
+    return None
