@@ -10,6 +10,7 @@ dotted overrides to ``medseg train plans.yaml key=value``.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -62,10 +63,15 @@ def plan_dataset(dataset: Union[str, Path], out_dir: Union[str, Path, None] = No
     if device == "cuda" and hours is not None and not _cuda_available():
         raise ConfigError("--hours on --device cuda times training steps on the GPU, but no CUDA GPU is visible "
                           "here: plan on the GPU machine, or drop --hours (nnU-Net's schedule, not measured)")
+    began = time.perf_counter()
     if check:
         _check(dataset)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(dataset)
+    read_began = time.perf_counter()
     fingerprint = dataset_fingerprint(dataset, ORIENTATION, progress=progress)
+    # one read of the dataset here: training reads it again (check, cache), inside the time budget
+    fingerprint["read_seconds"] = round(time.perf_counter() - read_began, 2)
+    fingerprint["check_seconds"] = round(read_began - began, 2)
     if not fingerprint["num_cases"]:
         raise InputError(f"the dataset '{dataset}' has no training case with a label: nothing to plan from")
     fingerprint_path = write_fingerprint(fingerprint, out_dir / "fingerprint.json")
@@ -127,8 +133,10 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
                                       budget - cost.bytes(0), dataset_voxels)
     net_reason = f"{net_reason}; {budget_reason}"
     step_seconds = None
+    seconds, data_reason = None, ""
     if device == "cpu" or hours is not None:
-        seconds = (hours if hours is not None else CPU_HOURS) * 3600
+        seconds, data_reason = rules.training_budget((hours if hours is not None else CPU_HOURS) * 3600,
+                                                     max(fp.get("read_seconds", 0.0), fp.get("check_seconds", 0.0)))
         timed = fit_time_budget(net, sizes["samples_per_volume"], sizes["batch_size"], shape[:dims], target[:dims],
                                 in_ch, out_ch, seconds, device)
         net, step_seconds = timed.net, timed.step_seconds
@@ -137,6 +145,7 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
             batch_reason += f"; {timed.reason}"
         net_reason = f"{net_reason}; {timed.reason}"
         sched, sched_reason = rules.schedule(step_seconds, seconds)
+        sched_reason = f"{sched_reason} ({data_reason})"
     else:
         sched, sched_reason = rules.schedule(None, None)
     lr, lr_reason = rules.learning_rate(sched["epochs"] * sched["steps_per_epoch"])
@@ -144,6 +153,12 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
     pos, pos_reason = rules.pos_ratio(fp["class_fractions"], fp["cases_with_lesion_fraction"])
     min_mm3, min_reason = rules.min_component_mm3(fp["lesions"])
     overlap, overlap_reason = rules.overlap(device)
+    from pipeline.plan.memory import ram_bytes
+
+    cached, cache_reason = rules.cache(fp["num_cases"], in_ch, shape, ram_bytes())
+    val, val_reason = rules.validation(fp["num_cases"], step_seconds,
+                                       sizes["batch_size"] * sizes["samples_per_volume"], shape,
+                                       list(net["patch_size"]), overlap, sched["epochs"], seconds)
     deep = net["depth"] > 2
     patch = list(net["patch_size"])
     plan = {
@@ -151,7 +166,7 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
             "root": Choice(fp["dataset"], "the planned dataset (absolute path)"),
             "labels": Choice(labels, "from the dataset"),
             "channels": Choice(channels, "from the dataset, in order"),
-            "val_fraction": 0.2,
+            "val_fraction": Choice(val["val_fraction"], val_reason),
             "val_cases": [],
         },
         "preprocess": {
@@ -181,7 +196,7 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
             "lesion_slice_ratio": Choice(round(pos / (pos + 1), 2), "2D: pos_ratio / (pos_ratio + 1)"),
             "samples_per_volume": Choice(sizes["samples_per_volume"], batch_reason),
             "batch_size": Choice(sizes["batch_size"], "volumes per step (x samples_per_volume)"),
-            "cache": True,
+            "cache": Choice(cached, cache_reason),
         },
         "augment": {
             "flip_prob": 0.5, "rotate_prob": 0.2, "rotate_deg": 15.0, "scale_prob": 0.2, "scale_range": 0.15,
@@ -199,7 +214,7 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
             "warmup_epochs": Choice(sched["warmup_epochs"], "2% of the epochs, 1-5"),
             "schedule": "poly",
             "grad_clip": 12.0,
-            "val_every": Choice(sched["val_every"], "about 10 validations"),
+            "val_every": Choice(val["val_every"], val_reason),
             "amp": True,
             "seed": 0,
             "num_workers": 0,

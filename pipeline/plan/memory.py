@@ -30,13 +30,13 @@ def memory_budget(device: str, memory_gb: Optional[float] = None) -> tuple[float
         except Exception:  # noqa: BLE001 - any CUDA problem: plan for the fallback and say so
             pass
         return FALLBACK_GB * GIB, f"no CUDA GPU here: planned for {FALLBACK_GB:g} GiB (set --memory-gb)"
-    total = _ram_bytes()
+    total = ram_bytes()
     if total is None:
         return FALLBACK_GB * GIB, f"RAM unknown: planned for {FALLBACK_GB:g} GiB (set --memory-gb)"
     return CPU_FRACTION * total, f"{CPU_FRACTION:.0%} of {total / GIB:.1f} GiB RAM"
 
 
-def _ram_bytes() -> Optional[float]:
+def ram_bytes() -> Optional[float]:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):

@@ -232,3 +232,54 @@ def shrink_for_time(net: dict, samples_per_volume: int, shape: Sequence[int],
     if samples_per_volume > 1:
         return dict(net), samples_per_volume // 2, "halved the slices per volume"
     return None
+
+
+# --- what the data costs: reading it, caching it, validating on it ---------------------------------
+
+DATA_PASSES = 2.5  # training start: the check reads every case (1), the cache reads and preprocesses it (~1.5)
+CACHE_BYTES_PER_VOXEL = 4 + 8  # float32 label + int64 crop indices (lesion / background), beside 4 per channel
+CACHE_RAM_FRACTION = 0.5  # the cache may take half the RAM (the training step has its own budget)
+MAX_VALIDATION_CASES = 25  # a larger validation set only costs time: its Dice barely moves
+
+
+def training_budget(budget_seconds: float, read_seconds: float) -> tuple[float, str]:
+    """Seconds left for optimiser steps and validation once training has read its data:
+    ``budget - DATA_PASSES x`` the time one read of the dataset took here (the fingerprint's)."""
+    data = DATA_PASSES * read_seconds
+    left = max(budget_seconds - data, 0.25 * budget_seconds)
+    return left, (f"{budget_seconds / 60:.1f} min budget less {data / 60:.1f} min for the data "
+                  f"({DATA_PASSES:g} reads at {read_seconds:.0f} s each, measured)")
+
+
+def cache(num_cases: int, channels: int, shape: Sequence[int], ram_bytes: Optional[float]) -> tuple[bool, str]:
+    """Keep the preprocessed training set in memory where it fits :data:`CACHE_RAM_FRACTION` of the RAM
+    (per voxel: 4 bytes per channel + the label and its crop indices); else read each volume as drawn."""
+    voxels = float(np.prod([int(s) for s in shape]))
+    need = num_cases * voxels * (4 * channels + CACHE_BYTES_PER_VOXEL)
+    if ram_bytes is None:
+        return True, f"RAM unknown; the cache needs about {need / 2**30:.1f} GiB"
+    allowed = CACHE_RAM_FRACTION * ram_bytes
+    if need <= allowed:
+        return True, f"the preprocessed cases take about {need / 2**30:.1f} GiB, within {allowed / 2**30:.1f} GiB"
+    return False, (f"the preprocessed cases would take about {need / 2**30:.1f} GiB, more than "
+                   f"{CACHE_RAM_FRACTION:.0%} of the RAM: each volume is read as it is drawn")
+
+
+def validation(num_cases: int, step_seconds: Optional[float], patches_per_step: int, shape: Sequence[int],
+               patch: Sequence[int], overlap_fraction: float, epochs: int,
+               seconds: Optional[float]) -> tuple[dict, str]:
+    """``data.val_fraction`` and ``train.val_every``: 20% of the cases (at most
+    :data:`MAX_VALIDATION_CASES`), validated as often as :data:`VALIDATION_ALLOWANCE` of the time allows
+    (a window's forward pass ~ a third of a training step's per patch), at most 10 times, at least at the end."""
+    val_cases = max(1, min(round(0.2 * num_cases), MAX_VALIDATION_CASES)) if num_cases > 1 else 0
+    fraction = round(val_cases / num_cases, 3) if num_cases else 0.2
+    if step_seconds is None or seconds is None or val_cases == 0:
+        return {"val_fraction": fraction, "val_every": max(1, epochs // 10)}, f"{val_cases} validation cases"
+    step = [max(1, int(p * (1 - overlap_fraction))) for p in patch]
+    windows = int(np.prod([max(1, math.ceil((max(s, p) - p) / st) + 1) for s, p, st in zip(shape, patch, step)]))
+    windows *= int(np.prod([int(s) for s in shape[len(patch):]]))  # 2D: every slice
+    per_case = windows * step_seconds / (3 * max(patches_per_step, 1))
+    runs = int(min(10, max(1, VALIDATION_ALLOWANCE * seconds // max(per_case * val_cases, 1e-9))))
+    value = {"val_fraction": fraction, "val_every": max(1, math.ceil(epochs / runs))}
+    return value, (f"{val_cases} validation cases of ~{windows} windows (~{per_case:.0f} s each): "
+                   f"{runs} validation(s) fit {VALIDATION_ALLOWANCE:.0%} of the time")

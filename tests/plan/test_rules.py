@@ -171,3 +171,32 @@ def test_cost_memory_grows_with_patch_and_features():
     assert unet_cost([64, 32, 32], 8, 3).activation_elements == pytest.approx(2 * small.activation_elements, rel=0.01)
     assert unet_cost([32, 32, 32], 16, 3).macs == pytest.approx(4 * small.macs, rel=0.05)
     assert math.isclose(small.bytes(2) - small.bytes(1), small.activation_elements * 4 * 1.5)
+
+
+def test_training_budget_leaves_the_data_reads_out():
+    seconds, reason = rules.training_budget(1800.0, 60.0)
+    assert seconds == pytest.approx(1800.0 - rules.DATA_PASSES * 60.0)
+    assert "measured" in reason
+    assert rules.training_budget(1800.0, 2000.0)[0] == pytest.approx(450.0)  # never below a quarter
+
+
+def test_cache_only_where_the_preprocessed_cases_fit_half_the_ram():
+    gib = 2**30
+    # 20 cases x 1M voxels x (4 x 2 channels + 12) bytes = 400 MB
+    assert rules.cache(20, 2, (100, 100, 100), 8 * gib)[0] is True
+    # 484 four-channel brains of 140x170x140 voxels: ~87 GiB, more than half of 24 GiB
+    keep, reason = rules.cache(484, 4, (140, 170, 140), 24 * gib)
+    assert keep is False and "read as it is drawn" in reason
+
+
+def test_validation_fits_its_share_of_the_time():
+    # 10 cases: 2 validation cases; a 64^3 volume and a 32^3 patch at overlap 0.5: 3^3 = 27 windows
+    value, _ = rules.validation(10, 1.2, 2, (64, 64, 64), (32, 32, 32), 0.5, 20, 1800.0)
+    # a window: 1.2 / (3 x 2) = 0.2 s; 27 x 0.2 x 2 cases = 10.8 s a validation; 15% of 1800 s holds 25: 10
+    assert value == {"val_fraction": 0.2, "val_every": 2}
+    many, _ = rules.validation(400, 1.2, 2, (64, 64, 64), (32, 32, 32), 0.5, 20, 1800.0)
+    assert many["val_fraction"] == pytest.approx(rules.MAX_VALIDATION_CASES / 400, abs=1e-3)
+    # 25 cases x 5.4 s = 135 s a validation: 2 fit in 270 s -> every 10 epochs
+    assert many["val_every"] == 10
+    slices, _ = rules.validation(10, 1.2, 2, (64, 64, 8), (32, 32), 0.5, 20, 1800.0)
+    assert slices["val_every"] >= 2  # 2D: every slice's windows count
