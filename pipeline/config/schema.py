@@ -52,6 +52,7 @@ SCHEDULES = ("poly", "cosine")
 BACKENDS = ("auto", "torch", "onnxruntime")
 BLENDS = ("gaussian", "constant")
 TTA_MODES = ("none", "mirror")
+PROBABILITY_DTYPES = ("uint8", "float16")  # segment --probabilities-dtype
 
 
 @dataclass

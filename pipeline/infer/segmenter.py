@@ -107,6 +107,7 @@ class Segmenter:
                                         for net, sha in members]
         self.model_sha256s = [model_sha256] + [sha for _, sha in members]
         self.model_sha256 = ensemble_identity(self.model_sha256s) if all(self.model_sha256s) else model_sha256
+        self.model_paths: list[str] = []  # the checkpoints, when loaded from files
         self.preprocess = preprocess_transforms(config.preprocess, channels=config.data.channels)
         self.to_source = ToSourceGrid(self.preprocess)
 
@@ -142,8 +143,10 @@ class Segmenter:
             network = build_model(ckpt.config.model, in_channels=config.in_channels, out_channels=config.num_classes)
             network.load_state_dict(ckpt.state_dict)
             networks.append((network, ckpt.sha256))
-        return cls(networks[0][0], config, device=device, model_sha256=networks[0][1], backend=backend,
-                   members=networks[1:])
+        segmenter = cls(networks[0][0], config, device=device, model_sha256=networks[0][1], backend=backend,
+                        members=networks[1:])
+        segmenter.model_paths = [str(p) for p in paths]
+        return segmenter
 
     @property
     def tta(self) -> str:
