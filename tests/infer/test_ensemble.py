@@ -214,3 +214,45 @@ def test_tta_keys_are_validated():
         load_config(None, ["model.spatial_dims=2", "sampling.patch_size=[16, 16]", "inference.roi_size=[16, 16]",
                            "inference.tta_axes=[2]"])
     assert load_config(None, ["inference.tta=mirror", "inference.tta_axes=[0, 1]"]).inference.tta_axes == [0, 1]
+
+
+class Pointwise2D(torch.nn.Module):
+    def __init__(self, weights, biases):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(weights, dtype=torch.float32).view(1, -1, 1, 1))
+        self.b = torch.nn.Parameter(torch.tensor(biases, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        assert x.ndim == 4, "a 2D network gets (B, C, X, Y)"
+        return x[:, :1] * self.w + self.b
+
+
+class ValidPointwise(Pointwise):
+    """Pointwise, then a crop of (2, 2, 1) voxels per side, as a valid-padding network returns less."""
+
+    def margin(self, roi):
+        return [2, 2, 1]
+
+    def forward(self, x):
+        return super().forward(x)[..., 2:-2, 2:-2, 1:-1]
+
+
+def test_mirror_tta_on_2d_networks_flips_the_two_in_plane_axes():
+    net = Pointwise2D([0.5, -1.5], [0.2, 0.0])
+    cfg = ["model.spatial_dims=2", "sampling.patch_size=[8, 8]", "inference.roi_size=[8, 8]"]
+    x = image()
+    plain = Segmenter(net, config(*cfg), "cpu", backend="torch").probabilities(x)
+    mirrored = Segmenter(net, config(*cfg, "inference.tta=mirror"), "cpu", backend="torch")
+    calls = []
+    mirrored.runner._forward = lambda batch: calls.append(batch.shape) or net(batch)
+    torch.testing.assert_close(mirrored.probabilities(x), plain, atol=1e-6, rtol=1e-5)
+    assert calls and len(calls) % 4 == 0 and all(len(shape) == 4 for shape in calls)  # 4 flips per batch
+
+
+def test_mirror_tta_on_a_valid_padding_network():
+    net = ValidPointwise([0.5, -1.5], [0.2, 0.0])
+    x = image(shape=(14, 12, 9))
+    plain = Segmenter(net, config(), "cpu", backend="torch").probabilities(x)
+    mirrored = Segmenter(net, config("inference.tta=mirror"), "cpu", backend="torch").probabilities(x)
+    torch.testing.assert_close(mirrored, plain, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(plain, softmax_of(Pointwise([0.5, -1.5], [0.2, 0.0]), x), atol=1e-5, rtol=1e-4)
