@@ -69,9 +69,9 @@ def segment_folder(
 
     ``model``: a checkpoint path, several (an ensemble: their softmax probabilities are averaged), a
     training folder (its ``fold_*/best.pt``, or its ``best.pt``) or a ready :class:`Segmenter`. ``tta``:
-    ``none | mirror`` instead of the model's ``inference.tta`` (a checkpoint path only). ``save_probabilities``:
-    also write ``<case>_prob.nii.gz`` (``probabilities_dtype``: ``uint8`` 0-255 or ``float16``). ``backend``: ``auto | torch | onnxruntime``
-    for a checkpoint path (default: the model's ``inference.backend``). ``overwrite``: redo cases already done.
+    ``none | mirror`` instead of the model's ``inference.tta`` (a checkpoint path only).
+    ``save_probabilities``: also write ``<case>_prob.nii.gz`` (``probabilities_dtype``: ``uint8`` 0-255 or
+    ``float16``). ``backend``: ``auto | torch | onnxruntime`` for a checkpoint path (default: the model's ``inference.backend``). ``overwrite``: redo cases already done.
     ``shard``: ``"I/N"`` or ``(I, N)``, 1-based: this process takes every N-th case from the I-th.
     ``dicom_seg``: also write ``<case>_seg.dcm`` for DICOM sources. ``qc``: QC pictures.
     ``background=False`` runs the stages one after another (a baseline for the throughput benchmark).
@@ -89,7 +89,8 @@ def segment_folder(
     if not Path(input_dir).exists():
         raise InputError(f"input folder not found: '{input_dir}'. Pass a folder holding NIfTI files or DICOM series")
     if save_probabilities and probabilities_dtype not in PROBABILITY_DTYPES:
-        raise InputError(f"probabilities dtype {probabilities_dtype!r}: expected one of {', '.join(PROBABILITY_DTYPES)}")
+        raise InputError(f"probabilities dtype {probabilities_dtype!r}: expected one of "
+                         f"{', '.join(PROBABILITY_DTYPES)}")
     segmenter = model if isinstance(model, Segmenter) else Segmenter.from_checkpoints(model, device=device,
                                                                                       backend=backend, tta=tta)
     select = select or segmenter.config.input

@@ -118,7 +118,8 @@ class CaseWriter:
     def _sidecar(self, result: CaseResult, case: Case, affine) -> dict:
         row = result.to_row()
         row.pop("status"), row.pop("error"), row.pop("resumed"), row.pop("sidecar")
-        return {**row, "model": self.model, "models": list(self.segmenter.model_paths), "source_files": len(case.files),
+        return {**row, "model": self.model, "models": list(self.segmenter.model_paths),
+                "source_files": len(case.files),
                 "affine": [[round(float(v), 6) for v in r] for r in affine], "config": self.config_dict,
                 "versions": self.versions, "lesions": [asdict(lesion) for lesion in result.lesions],
                 "assumptions": list(case.volume.assumptions) if case.volume is not None else []}

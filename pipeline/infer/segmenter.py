@@ -140,7 +140,8 @@ class Segmenter:
             config.inference._check()
         networks = []
         for ckpt in checkpoints:
-            network = build_model(ckpt.config.model, in_channels=config.in_channels, out_channels=config.num_classes)
+            network = build_model(ckpt.config.model, in_channels=config.in_channels,
+                                  out_channels=config.num_classes)
             network.load_state_dict(ckpt.state_dict)
             networks.append((network, ckpt.sha256))
         segmenter = cls(networks[0][0], config, device=device, model_sha256=networks[0][1], backend=backend,

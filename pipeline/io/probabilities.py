@@ -1,4 +1,5 @@
-"""Probability maps as NIfTI (a batch run's ``<case>_prob.nii.gz``), in the source geometry (the mask's affine and shape).
+"""Probability maps as NIfTI (a batch run's ``<case>_prob.nii.gz``), in the source geometry (the mask's
+affine and shape).
 
 Binary models: the foreground probability, 3D. More classes: one channel per class, 4D ``(x, y, z, c)``.
 ``uint8`` (the default): ``round(p * 255)``, no scaling in the header (read 0..255, divide by 255).

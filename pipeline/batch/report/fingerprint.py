@@ -3,7 +3,8 @@
 ``sha256`` of the model identity (checkpoint sha256; an ensemble's: of its members' sha256s in order),
 the inference (TTA included), preprocessing and input settings, the label names, the package version,
 the source's identity (each file's path, size and modification time) and, when asked for, the extra
-outputs that change what a case holds (``--save-probabilities`` and its dtype). The device is left out: it does not change what a mask should be.
+outputs that change what a case holds (``--save-probabilities`` and its dtype). The device is left
+out: it does not change what a mask should be.
 """
 
 from __future__ import annotations

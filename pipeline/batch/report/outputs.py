@@ -1,7 +1,8 @@
 """Where a batch run writes: the per-case files, the per-run (per-shard) files, and shards themselves.
 
 Per case (``OUTPUT_DIR/``): ``<case>_seg.nii.gz`` (mask), ``<case>_seg.dcm`` (DICOM SEG, DICOM
-sources with ``dicom_seg``), ``<case>_prob.nii.gz`` (probabilities, with ``save_probabilities``), ``qc/<case>.png`` (QC picture) and ``<case>_seg.json`` (sidecar, always
+sources with ``dicom_seg``), ``<case>_prob.nii.gz`` (probabilities, with ``save_probabilities``),
+``qc/<case>.png`` (QC picture) and ``<case>_seg.json`` (sidecar, always
 written last). Per run: ``manifest.csv``/``.json``, ``lesions.csv``, ``index.html``, ``segment.log``
 and the lock ``.medseg.lock``; a shard ``I`` of ``N`` writes ``manifest.shard-I-of-N.csv`` and so on
 instead (merged by ``medseg manifest``), and no ``index.html``.
