@@ -191,3 +191,12 @@ def test_cli_single_model_keeps_its_columns(tmp_path):
     assert row["model_sha256"] == sha and row["model_sha256s"] == [sha] and row["tta"] == "none"
     assert row["probabilities"] == "" and meta["model"] == str(a)
     assert not (tmp_path / "out" / "scan_0_prob.nii.gz").exists()
+
+
+def test_no_tta_keeps_the_fingerprint_of_before():
+    """Without TTA the settings identity has no TTA keys: output folders of earlier versions still resume."""
+    from pipeline.batch.report.fingerprint import settings_identity
+
+    assert "tta" not in settings_identity(config())["inference"]
+    mirrored = settings_identity(config("inference.tta=mirror", "inference.tta_axes=[0, 1]"))["inference"]
+    assert mirrored["tta"] == "mirror" and mirrored["tta_axes"] == [0, 1]

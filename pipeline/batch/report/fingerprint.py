@@ -23,6 +23,8 @@ def settings_identity(config: Config) -> dict:
     inference = asdict(config.inference)
     for key in ("device", "backend"):  # backends agree to float rounding (tested)
         inference.pop(key, None)
+    if inference.get("tta") == "none":  # no TTA: the fingerprint of the versions before TTA existed
+        inference.pop("tta", None), inference.pop("tta_axes", None)
     return {"inference": inference, "preprocess": asdict(config.preprocess), "labels": dict(config.data.labels),
             "model": asdict(config.model), "input": asdict(config.input)}
 
