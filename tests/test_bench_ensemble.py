@@ -33,6 +33,6 @@ def test_ensemble_rss_measures_both_in_one_run(tmp_path):
     assert results["reduced"] == list(REDUCED) and any("reduced" in line for line in lines)
     out = io.StringIO()
     print_ensemble_rss(results, file=out)
-    assert "2 models, tta mirror" in out.getvalue() and "ratio" in out.getvalue()
+    assert "2 models, tta mirror:" in out.getvalue() and "ratio" in out.getvalue()
     assert "features=4" in out.getvalue()  # the reduction is said
     assert (tmp_path / "models" / "ensemble_1.pt").is_file()

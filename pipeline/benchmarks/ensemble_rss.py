@@ -128,10 +128,9 @@ def print_ensemble_rss(results: dict, file=None) -> None:
     lines = [
         f"peak RSS, segment of {_fmt_shape(results['shape'])} in a child process (median of "
         f"{results['repeats']} run(s) each, alternating):",
-        f"  1 model, no TTA:                 {results['peak_rss_gb_single']:.3f} GiB "
-        f"({results['seconds_single']:.1f} s)",
-        f"  {results['ensemble']} models, tta {results['tta']:<8}        {results['peak_rss_gb_ensemble']:.3f} GiB "
-        f"({results['seconds_ensemble']:.1f} s)",
+        f"  {'1 model, no TTA:':<28}{results['peak_rss_gb_single']:.3f} GiB ({results['seconds_single']:.1f} s)",
+        f"  {str(results['ensemble']) + ' models, tta ' + results['tta'] + ':':<28}"
+        f"{results['peak_rss_gb_ensemble']:.3f} GiB ({results['seconds_ensemble']:.1f} s)",
         f"  ratio {results['peak_rss_ratio_ensemble_vs_single']:.3f} (target <= {results['target_ratio']})",
     ]
     if reduced:
