@@ -154,18 +154,22 @@ def cmd_segment(args) -> int:
     from pipeline.batch.report import RunFiles, Shard
 
     start = time.perf_counter()
-    model = args.model
+    # `--model A B` takes what follows it: dotted overrides given after it are overrides, not models
+    models = [m for m in args.model if "=" not in m or Path(m).exists()]
+    args.overrides = list(args.overrides) + [m for m in args.model if m not in models]
+    model = models[0] if len(models) == 1 else models
     select = None
     if args.overrides:  # input.* rules on top of the model's own
         from pipeline.config import override_config
         from pipeline.infer import Segmenter
 
-        model = Segmenter.from_checkpoint(args.model, device=args.device, backend=args.backend)
+        model = Segmenter.from_checkpoints(model, device=args.device, backend=args.backend, tta=args.tta)
         select = override_config(model.config, args.overrides, allowed_prefix="input.").input
     results = segment_folder(args.input_dir, args.output_dir, model, device=args.device, backend=args.backend,
                              overwrite=args.overwrite, shard=args.shard, dicom_seg=args.dicom_seg,
                              qc=not args.no_qc, progress=not args.quiet, select=select,
-                             keep_paths=args.keep_paths)
+                             keep_paths=args.keep_paths, tta=args.tta, save_probabilities=args.save_probabilities,
+                             probabilities_dtype=args.probabilities_dtype)
     s = summarise(results)
     for r in results:
         if r.status == "failed":
@@ -235,6 +239,17 @@ def cmd_demo(args) -> int:
 
 def cmd_bench(args) -> int:
     from pipeline.benchmarks.bench import print_table, run_bench, save_results
+
+    if args.ensemble:  # only the ensemble's memory against one model's
+        from pipeline.benchmarks.ensemble_rss import ensemble_rss, print_ensemble_rss
+
+        results = ensemble_rss(args.config, args.work_dir, ensemble=args.ensemble, tta=args.tta,
+                               repeats=args.repeats, overrides=args.overrides, reduced=not args.full_size,
+                               progress=None if not args.quiet else (lambda line: None))
+        print_ensemble_rss(results)
+        if args.json:
+            print(f"results: {save_results(results, args.json)}")
+        return 0
 
     results = run_bench(args.config, args.work_dir, repeats=args.repeats, quick=args.quick,
                         overrides=args.overrides, compare_on=args.compare_on,
@@ -347,7 +362,7 @@ _KEEP_PATHS_HELP = ("write full source paths in the outputs and logs (default: r
 
 
 def _parser() -> argparse.ArgumentParser:
-    from pipeline.config.schema import BACKENDS, SYNTH_KINDS  # torch-free: the one list of each
+    from pipeline.config.schema import BACKENDS, PROBABILITY_DTYPES, SYNTH_KINDS, TTA_MODES  # torch-free
 
     # The flags work before or after the command; SUPPRESS keeps a subcommand's copy from resetting
     # a flag given before the command.
@@ -428,7 +443,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", help="masks are written as <case>_seg.nii.gz")
     p.add_argument("overrides", nargs="*", help="input selection/repair rules on top of the model's, e.g. "
                                                 "input.modalities=[CT] input.on_gantry_tilt=resample")
-    p.add_argument("--model", required=True, help="checkpoint written by `medseg train` (best.pt)")
+    p.add_argument("--model", required=True, nargs="+", metavar="MODEL",
+                   help="checkpoint written by `medseg train` (best.pt); several, or a training folder (its "
+                        "fold_*/best.pt), for an ensemble averaging their softmax probabilities")
+    p.add_argument("--tta", default=None, choices=TTA_MODES,
+                   help="test-time augmentation (default: the model's inference.tta); mirror: average over the "
+                        "flips of the spatial axes (3D: 8, 2D: 4)")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write <case>_prob.nii.gz in the source geometry (binary: P(lesion), 3D; more "
+                        "classes: one channel per class, 4D x,y,z,c)")
+    p.add_argument("--probabilities-dtype", default="uint8", choices=PROBABILITY_DTYPES,
+                   help="uint8: round(p*255) (default); float16: float16 values, stored as float32 (NIfTI-1 has "
+                        "no 16-bit float)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="how the network runs (default: the model's inference.backend, auto: the faster one "
@@ -480,6 +506,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="only the 256x256x128 case, 2 training steps (a smoke run)")
     p.add_argument("--compare-on", choices=("small", "large"), default="small",
                    help="the case for segment vs plain MONAI (default: 256x256x128)")
+    p.add_argument("--ensemble", type=_positive_int, default=None, metavar="N",
+                   help="only measure the peak RSS of segmenting the 512x512x400 case with N models (and --tta) "
+                        "against one model, in the same run (--repeats runs each, medians)")
+    p.add_argument("--tta", choices=TTA_MODES, default="mirror", help="with --ensemble: the TTA (default mirror)")
+    p.add_argument("--full-size", action="store_true",
+                   help="with --ensemble: the config's own network and spacing (default: features 4, a 2x2x2.5 "
+                        "mm grid and the torch backend, so 8N passes fit in minutes on a CPU)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -26,7 +26,7 @@ The run reads as its steps: discover → load the model → prepare the output f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 from pipeline.batch.report.lock import OutputLock
 from pipeline.batch.report.outputs import RunFiles, Shard, prepare_output_dir
@@ -34,7 +34,7 @@ from pipeline.batch.result import CaseResult
 from pipeline.batch.run import BatchRun
 from pipeline.batch.runlog import log_to
 from pipeline.batch.write_case import dicom_seg_writer
-from pipeline.config.schema import InputConfig
+from pipeline.config.schema import PROBABILITY_DTYPES, InputConfig
 from pipeline.errors import InputError
 from pipeline.infer.segmenter import Segmenter
 from pipeline.io.discover import Discovery, discover
@@ -47,7 +47,7 @@ __all__ = ["segment_folder"]
 def segment_folder(
     input_dir: Union[str, Path],
     output_dir: Union[str, Path],
-    model: Union[str, Path, Segmenter],
+    model: Union[str, Path, Sequence[Union[str, Path]], Segmenter],
     *,
     device: str = "auto",
     backend: Optional[str] = None,
@@ -61,11 +61,17 @@ def segment_folder(
     on_case: Optional[Callable[[CaseResult], None]] = None,
     keep_paths: bool = False,
     isolate_reading: bool = True,
+    tta: Optional[str] = None,
+    save_probabilities: bool = False,
+    probabilities_dtype: str = "uint8",
 ) -> list[CaseResult]:
     """Segment every scan under ``input_dir`` into ``output_dir/<case>_seg.nii.gz`` (+ reports).
 
-    ``model``: a checkpoint path or a ready :class:`Segmenter`. ``backend``: ``auto | torch | onnxruntime``
-    for a checkpoint path (default: the model's ``inference.backend``). ``overwrite``: redo cases already done.
+    ``model``: a checkpoint path, several (an ensemble: their softmax probabilities are averaged), a
+    training folder (its ``fold_*/best.pt``, or its ``best.pt``) or a ready :class:`Segmenter`. ``tta``:
+    ``none | mirror`` instead of the model's ``inference.tta`` (a checkpoint path only).
+    ``save_probabilities``: also write ``<case>_prob.nii.gz`` (``probabilities_dtype``: ``uint8`` 0-255 or
+    ``float16``). ``backend``: ``auto | torch | onnxruntime`` for a checkpoint path (default: the model's ``inference.backend``). ``overwrite``: redo cases already done.
     ``shard``: ``"I/N"`` or ``(I, N)``, 1-based: this process takes every N-th case from the I-th.
     ``dicom_seg``: also write ``<case>_seg.dcm`` for DICOM sources. ``qc``: QC pictures.
     ``background=False`` runs the stages one after another (a baseline for the throughput benchmark).
@@ -82,7 +88,11 @@ def segment_folder(
     shard = Shard.parse(shard)
     if not Path(input_dir).exists():
         raise InputError(f"input folder not found: '{input_dir}'. Pass a folder holding NIfTI files or DICOM series")
-    segmenter = model if isinstance(model, Segmenter) else Segmenter.from_checkpoint(model, device=device, backend=backend)
+    if save_probabilities and probabilities_dtype not in PROBABILITY_DTYPES:
+        raise InputError(f"probabilities dtype {probabilities_dtype!r}: expected one of "
+                         f"{', '.join(PROBABILITY_DTYPES)}")
+    segmenter = model if isinstance(model, Segmenter) else Segmenter.from_checkpoints(model, device=device,
+                                                                                      backend=backend, tta=tta)
     select = select or segmenter.config.input
     _check_channel_rules(select, segmenter.config)
     with held_logs() as held:  # discovery's lines name folders: shown once the identifiers are known
@@ -100,7 +110,7 @@ def segment_folder(
                 log_to(files.log, redact, echo=progress and not bars):
             run = BatchRun(segmenter, files, model=model, input_dir=input_dir, overwrite=overwrite,
                            select=select, dicom_seg=dicom_seg, qc=qc, progress=bars, on_case=on_case,
-                           redact=redact)
+                           redact=redact, probabilities=probabilities_dtype if save_probabilities else None)
             return run.run(discovery, background=background, isolate_reading=isolate_reading)
 
 

@@ -29,15 +29,18 @@ class Plan:
 
 
 def plan_run(cases: list[Case], skipped, *, output_dir: Path, model_id: str, config, redact: Redactor,
-             overwrite: bool, qc: bool, dicom_seg: bool) -> Plan:
+             overwrite: bool, qc: bool, dicom_seg: bool, probabilities: Optional[str] = None) -> Plan:
+    """``probabilities``: the dtype of ``--save-probabilities`` (None: not asked), part of the fingerprint."""
     plan = Plan()
     for item in skipped:
         plan.kept.append(CaseResult(case_id=item.case_id, source=redact.path(item.source), status="skipped",
                                     error=redact.text(item.reason), series_uid=item.series_uid,
                                     finished=now()))
     for case in cases:
-        fingerprint = case_fingerprint(model_id, config, case.files)
-        previous = None if overwrite else _previous(case, fingerprint, output_dir, redact, qc, dicom_seg)
+        fingerprint = case_fingerprint(model_id, config, case.files,
+                                       {"probabilities": probabilities} if probabilities else None)
+        previous = None if overwrite else _previous(case, fingerprint, output_dir, redact, qc, dicom_seg,
+                                                    bool(probabilities))
         if previous is not None:
             plan.kept.append(previous)
             run_log.info("case %s: already done (same fingerprint), kept", case.case_id)
@@ -47,7 +50,7 @@ def plan_run(cases: list[Case], skipped, *, output_dir: Path, model_id: str, con
 
 
 def _previous(case: Case, fingerprint: str, output_dir: Path, redact: Redactor, qc: bool,
-              dicom_seg: bool) -> Optional[CaseResult]:
+              dicom_seg: bool, probabilities: bool = False) -> Optional[CaseResult]:
     """The result of an earlier run for ``case``, if its outputs are complete and match."""
     outputs = CaseOutputs(output_dir, case.case_id)
     data = read_sidecar(outputs.sidecar)
@@ -57,6 +60,8 @@ def _previous(case: Case, fingerprint: str, output_dir: Path, redact: Redactor, 
         return None
     if dicom_seg and case.kind == "dicom" and not outputs.dicom_seg.is_file() \
             and not data.get("dicom_seg_error"):  # a SEG that cannot be written is not retried
+        return None
+    if probabilities and not outputs.probabilities.is_file() and not data.get("probabilities_error"):
         return None
     result = _result_from_sidecar(data, case, outputs, redact.path(case.display_source))
     result.resumed = True
@@ -78,5 +83,8 @@ def _result_from_sidecar(data: dict, case: Case, outputs: CaseOutputs, source: s
         dicom_seg_error="" if outputs.dicom_seg.is_file() else str(data.get("dicom_seg_error") or ""),
         started=str(data.get("started") or ""), finished=str(data.get("finished") or ""),
         host=str(data.get("host") or ""), lesions=lesions, channel_series_uids=list(case.channel_series_uids),
+        model_sha256s=list(data.get("model_sha256s") or []), tta=str(data.get("tta") or ""),
+        probabilities=str(outputs.probabilities) if outputs.probabilities.is_file() else "",
+        probabilities_error="" if outputs.probabilities.is_file() else str(data.get("probabilities_error") or ""),
         **timing,
     )

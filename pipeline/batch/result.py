@@ -46,6 +46,10 @@ class CaseResult:
     host: str = ""
     channel_series_uids: list = field(default_factory=list)  # DICOM studies: each channel's series UID
     dicom_seg_error: str = ""  # why the DICOM SEG asked for was not written (the mask is kept)
+    model_sha256s: list = field(default_factory=list)  # every model of an ensemble, in order
+    tta: str = ""  # none | mirror | mirror:AXES
+    probabilities: str = ""  # <case>_prob.nii.gz, when asked for and written
+    probabilities_error: str = ""  # why the probabilities asked for were not written (the mask is kept)
     lesions: list = field(default_factory=list, repr=False)  # list[Lesion]
 
     def to_row(self) -> dict:
@@ -53,6 +57,7 @@ class CaseResult:
         row["shape"] = list(self.shape) or None
         row["spacing_mm"] = [round(float(s), 6) for s in self.spacing_mm] or None
         row["channel_series_uids"] = list(self.channel_series_uids) or None
+        row["model_sha256s"] = list(self.model_sha256s) or None
         for name in ("seconds_load", "seconds_infer", "seconds_post", "seconds_write", "seconds"):
             row[name] = None if self.status == "skipped" else round(row[name], 4)
         return row

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from dataclasses import asdict, replace
+from typing import Optional
 
 from pipeline.batch.plan import plan_run
 from pipeline.batch.report.fingerprint import state_dict_sha256
@@ -25,6 +26,7 @@ from pipeline.batch.runlog import run_log
 from pipeline.batch.stages import pipelined
 from pipeline.batch.write_case import CaseWriter
 from pipeline.errors import describe_error
+from pipeline.infer.ensemble import ensemble_identity
 from pipeline.infer.segmenter import Segmenter
 from pipeline.io.discover import Case, Discovery
 from pipeline.io.privacy import Redactor
@@ -37,15 +39,17 @@ __all__ = ["BatchRun"]
 
 class BatchRun:
     def __init__(self, segmenter: Segmenter, files: RunFiles, *, model, input_dir, overwrite, select, dicom_seg, qc,
-                 progress, on_case, redact: Redactor):
+                 progress, on_case, redact: Redactor, probabilities: Optional[str] = None):
         from pipeline.model.checkpoint import versions
 
         self.segmenter, self.files = segmenter, files
         self.out = files.output_dir
         self.overwrite, self.dicom_seg, self.qc = overwrite, dicom_seg, qc
+        self.probabilities = probabilities  # uint8 | float16: --save-probabilities; None: not asked
         self.progress, self.on_case = progress, on_case  # progress: draw bars (the terminal decided)
         self.redact = redact
-        self.model_id = segmenter.model_sha256 or "state:" + state_dict_sha256(segmenter.network.state_dict())
+        self.model_id = segmenter.model_sha256 or "state:" + ensemble_identity(
+            [state_dict_sha256(network.state_dict()) for network in segmenter.networks])
         self.host = socket.gethostname()
         self.versions = versions()
         self.config = replace(segmenter.config, input=select)  # what decides the masks, input rules included
@@ -53,16 +57,19 @@ class BatchRun:
         self._lock = threading.RLock()  # _record saves the reports under the same lock
         self.bar = None
         self.reader = None  # the IsolatedReader of the run, if any
-        model_path = "" if isinstance(model, Segmenter) else str(model)
+        model_path = ";".join(segmenter.model_paths) if isinstance(model, Segmenter) else model_text(model)
         self.manifest = Manifest(files.manifest_csv, files.manifest_json, {
             "input_dir": redact.path(input_dir),  # its name only (and full paths with keep_paths)
             "output_dir": str(self.out) if redact.keep_paths else redact.text(self.out.resolve().name),
             "model": model_path,
             "model_sha256": segmenter.model_sha256, "shard": str(files.shard) if files.shard else None,
+            "models": list(segmenter.model_paths), "model_sha256s": list(segmenter.model_sha256s),
+            "tta": segmenter.tta, "probabilities": probabilities,
             "started": now(), "host": self.host, "versions": self.versions,
         })
         self.writer = CaseWriter(segmenter, redact=redact, dicom_seg=dicom_seg, qc=qc, host=self.host,
-                                 model=model_path, config_dict=asdict(self.config), versions=self.versions)
+                                 model=model_path, config_dict=asdict(self.config), versions=self.versions,
+                                 probabilities=probabilities)
 
     def run(self, discovery: Discovery, background: bool, isolate_reading: bool = True) -> list[CaseResult]:
         start = time.perf_counter()
@@ -117,7 +124,8 @@ class BatchRun:
 
     def _plan(self, cases: list[Case], skipped) -> list[tuple[Case, str]]:
         plan = plan_run(cases, skipped, output_dir=self.out, model_id=self.model_id, config=self.config,
-                        redact=self.redact, overwrite=self.overwrite, qc=self.qc, dicom_seg=self.dicom_seg)
+                        redact=self.redact, overwrite=self.overwrite, qc=self.qc, dicom_seg=self.dicom_seg,
+                        probabilities=self.probabilities)
         for result in plan.kept:
             self._record(result, save=False)
         self._save_reports()
@@ -147,7 +155,8 @@ class BatchRun:
                                      desc=f"  {item.case.case_id}", unit="tile", leave=False, position=1,
                                      dynamic_ncols=True)
             tick = (lambda: tiles.update(1)) if tiles is not None else None
-            item.probs = self.segmenter.predict(item.prepared, progress=tick)
+            item.probs = self.segmenter.predict(item.prepared, progress=tick,
+                                                class_probabilities=self.probabilities is not None)
         except Exception as exc:  # out of memory included: the batch goes on
             item.error, item.prepared, item.probs = exc, None, None
             _free_device_memory()
@@ -212,6 +221,13 @@ class BatchRun:
         if self.progress:
             self.bar = progress_bar(enabled=True, total=total, initial=initial, desc="segment", unit="case",
                                     position=0, dynamic_ncols=True)
+
+
+def model_text(model) -> str:
+    """The ``model`` a run was given, as the manifest and sidecars write it: a path, or paths joined by ``;``."""
+    if isinstance(model, (list, tuple)):
+        return ";".join(str(m) for m in model)
+    return str(model)
 
 
 def _result_order(results: dict[str, CaseResult]):

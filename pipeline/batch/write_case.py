@@ -1,4 +1,4 @@
-"""One finished case into its files: mask, DICOM SEG, QC picture and, last, the provenance sidecar.
+"""One finished case into its files: mask, DICOM SEG, probabilities, QC picture and, last, the sidecar.
 
 Every file is written to a temporary name and renamed; the sidecar is removed first and written last,
 so the case counts as unfinished until all of its files are complete.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict
+from typing import Optional
 
 from pipeline.batch.report.lesions import lesion_stats, lesion_totals
 from pipeline.batch.report.outputs import CaseOutputs
@@ -19,6 +20,7 @@ from pipeline.infer.segmenter import Segmenter
 from pipeline.io.discover import Case
 from pipeline.io.geometry import voxel_spacing
 from pipeline.io.privacy import Redactor
+from pipeline.io.probabilities import write_probabilities
 from pipeline.io.write import write_mask
 
 log = logging.getLogger(__name__)
@@ -30,12 +32,14 @@ class CaseWriter:
     """Finishes a case (probabilities → labels in the source grid, lesion statistics) and writes its files.
 
     ``model``: the checkpoint path of the run (the sidecar's ``model``); ``config_dict``, ``versions``:
-    what the sidecar records of the settings and the software.
+    what the sidecar records of the settings and the software. ``probabilities``: ``uint8 | float16`` to
+    write ``<case>_prob.nii.gz`` (:mod:`pipeline.io.probabilities`), None for none.
     """
 
     def __init__(self, segmenter: Segmenter, *, redact: Redactor, dicom_seg: bool, qc: bool, host: str,
-                 model: str, config_dict: dict, versions: dict):
+                 model: str, config_dict: dict, versions: dict, probabilities: Optional[str] = None):
         self.segmenter, self.redact = segmenter, redact
+        self.probabilities = probabilities
         self.dicom_seg, self.qc = dicom_seg, qc
         self.host, self.model, self.config_dict, self.versions = host, model, config_dict, versions
 
@@ -54,6 +58,7 @@ class CaseWriter:
         write_mask(seg.labels, seg.affine, outputs.mask, source=case.source if case.kind == "nifti" else None)
         wants_seg = self.dicom_seg and case.kind == "dicom"
         seg_error = self._write_dicom_seg(case, seg, outputs) if wants_seg else ""
+        prob_error = self._write_probabilities(case, seg, outputs) if self.probabilities else ""
         if self.qc:
             from pipeline.batch.report.qc import display_window, write_qc_png
 
@@ -73,6 +78,9 @@ class CaseWriter:
             dicom_seg=str(outputs.dicom_seg) if wants_seg and not seg_error else "",
             dicom_seg_error=seg_error, started=item.started, host=self.host, lesions=lesions,
             channel_series_uids=list(case.channel_series_uids),
+            model_sha256s=[s for s in self.segmenter.model_sha256s if s], tta=self.segmenter.tta,
+            probabilities=str(outputs.probabilities) if self.probabilities and not prob_error else "",
+            probabilities_error=prob_error,
         )
         result.seconds_write = time.perf_counter() - start
         result.seconds = result.seconds_load + result.seconds_infer + result.seconds_post + result.seconds_write
@@ -93,10 +101,25 @@ class CaseWriter:
             return reason
         return ""
 
+    def _write_probabilities(self, case: Case, seg, outputs: CaseOutputs) -> str:
+        """Write ``<case>_prob.nii.gz`` (binary models: P(lesion), 3D; more classes: one channel per
+        class, 4D) in the mask's geometry. Secondary, as the DICOM SEG: a failure is returned (for
+        ``probabilities_error``) and logged, and the case keeps its mask."""
+        try:
+            values = seg.class_probabilities if seg.class_probabilities is not None else seg.foreground
+            write_probabilities(values, seg.affine, outputs.probabilities, self.probabilities)
+        except Exception as exc:  # disk, memory: secondary to the mask
+            outputs.probabilities.unlink(missing_ok=True)
+            reason = describe_error(exc)
+            log.warning("%s: probabilities not written (the mask is): %s", case.case_id, reason)
+            return reason
+        return ""
+
     def _sidecar(self, result: CaseResult, case: Case, affine) -> dict:
         row = result.to_row()
         row.pop("status"), row.pop("error"), row.pop("resumed"), row.pop("sidecar")
-        return {**row, "model": self.model, "source_files": len(case.files),
+        return {**row, "model": self.model, "models": list(self.segmenter.model_paths),
+                "source_files": len(case.files),
                 "affine": [[round(float(v), 6) for v in r] for r in affine], "config": self.config_dict,
                 "versions": self.versions, "lesions": [asdict(lesion) for lesion in result.lesions],
                 "assumptions": list(case.volume.assumptions) if case.volume is not None else []}

@@ -86,8 +86,8 @@ SegmentFn = Callable[[Path, Path, Path], dict]
 # --- the segment under test ------------------------------------------------------------------------
 
 
-def default_segment(checkpoint_path: Union[str, Path], image_path: Union[str, Path],
-                    out_dir: Union[str, Path]) -> dict:
+def default_segment(checkpoint_path: Union[str, Path, Sequence[Union[str, Path]]], image_path: Union[str, Path],
+                    out_dir: Union[str, Path], tta: Optional[str] = None) -> dict:
     """Segment ``image_path`` with the checkpoint and write the mask into ``out_dir``: what ``segment`` does.
 
     The contract (the benchmark relies on these keys): seconds per stage ``load``, ``preprocess``,
@@ -97,7 +97,9 @@ def default_segment(checkpoint_path: Union[str, Path], image_path: Union[str, Pa
 
     The stages are those of ``medseg segment`` (:class:`~pipeline.infer.Segmenter`: ``read``, ``prepare``,
     ``predict``, ``finish``, then :func:`~pipeline.io.write.write_mask`); ``total`` includes loading the
-    checkpoint and choosing the backend (timed once per machine, then remembered).
+    checkpoint and choosing the backend (timed once per machine, then remembered). Several checkpoints:
+    an ensemble; ``tta``: ``none | mirror`` instead of the model's ``inference.tta``
+    (:mod:`pipeline.benchmarks.ensemble_rss`).
     """
     from pipeline.infer import Segmenter
     from pipeline.io.write import write_mask
@@ -105,8 +107,9 @@ def default_segment(checkpoint_path: Union[str, Path], image_path: Union[str, Pa
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    segmenter = Segmenter.from_checkpoint(checkpoint_path)
-    segmenter.forward()  # the backend choice: part of the total, not of the inference stage
+    segmenter = Segmenter.from_checkpoints(checkpoint_path, tta=tta)
+    for runner in segmenter.runners:  # the backend choice: part of the total, not of the inference stage
+        runner.forward()
     t0 = time.perf_counter()
     loaded = segmenter.read(str(image_path))
     t1 = time.perf_counter()

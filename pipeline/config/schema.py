@@ -51,6 +51,8 @@ PADDINGS = ("same", "valid")
 SCHEDULES = ("poly", "cosine")
 BACKENDS = ("auto", "torch", "onnxruntime")
 BLENDS = ("gaussian", "constant")
+TTA_MODES = ("none", "mirror")
+PROBABILITY_DTYPES = ("uint8", "float16")  # segment --probabilities-dtype
 
 
 @dataclass
@@ -300,9 +302,14 @@ class InferenceConfig:
     device: str = "auto"
     backend: str = "auto"  # auto | torch | onnxruntime; auto: the faster one measured on this machine (once)
     amp: bool = True  # float16 autocast where the device has fast half precision (CUDA); never on a CPU
+    # test-time augmentation: none | mirror (softmax probabilities averaged over the flips of the spatial
+    # axes: 3D, all 3 = 8 combinations; 2D, the 2 in-plane axes = 4)
+    tta: str = "none"
+    tta_axes: Optional[list[int]] = None  # mirror: flip only these axes of the preprocessed grid; null: all
 
     def _check(self) -> None:
         _in_range("inference.overlap", self.overlap, 0.0, 0.95)
+        _choice("inference.tta", self.tta, TTA_MODES)
         _choice("inference.backend", self.backend, BACKENDS)
         _positive("inference.sw_batch_size", self.sw_batch_size)
         _choice("inference.blend", self.blend, BLENDS)
@@ -430,6 +437,11 @@ class Config:
         dims = self.model.spatial_dims
         _sizes("sampling.patch_size", self.sampling.patch_size, dims)
         _sizes("inference.roi_size", self.inference.roi_size, dims)
+        axes = self.inference.tta_axes
+        if axes is not None and (not axes or len(set(axes)) != len(axes)
+                                 or any(not isinstance(a, int) or not 0 <= a < dims for a in axes)):
+            _fail("inference.tta_axes", axes, f"null or distinct axes among {list(range(dims))} "
+                  f"(model.spatial_dims is {dims})")
         norms = self.preprocess.intensity.channels
         if self.preprocess.intensity.mode == "auto" and norms and self.data.channels \
                 and len(norms) != len(self.data.channels):

@@ -16,13 +16,20 @@ class SlabAccumulator:
     ``keep_all=False``: binary models keep P(lesion), float16; many-class models keep P(any class but
     background), float16, and the argmax in :attr:`labels` (uint8). ``keep_all=True``: every class's
     probability, float32.
+
+    ``probabilities=True``: the slabs already hold class probabilities (an ensemble's or TTA's average,
+    :mod:`pipeline.infer.ensemble`), not logits: no softmax is taken. ``keep_classes=True`` (many-class
+    models, ``keep_all=False``): every class's probability is also kept, float16, in :attr:`class_probs`
+    (for ``--save-probabilities``).
     """
 
-    def __init__(self, spatial: tuple, keep_all: bool):
+    def __init__(self, spatial: tuple, keep_all: bool, probabilities: bool = False, keep_classes: bool = False):
         self.spatial, self.keep_all = tuple(spatial), keep_all
+        self.probabilities, self.keep_classes = probabilities, keep_classes
         self.probs: Optional[torch.Tensor] = None
         self.binary: Optional[bool] = None
         self.labels: Optional[torch.Tensor] = None
+        self.class_probs: Optional[torch.Tensor] = None
 
     def __call__(self, z0: int, z1: int, logits: torch.Tensor) -> None:
         keep_all = self.keep_all
@@ -33,15 +40,23 @@ class SlabAccumulator:
             self.binary = binary
             if not (binary or keep_all):
                 self.labels = torch.zeros((1,) + self.spatial, dtype=torch.uint8)
+                if self.keep_classes:
+                    self.class_probs = torch.zeros((logits.shape[0],) + self.spatial, dtype=torch.float16)
         # In place on the handed-over slab: no class-sized temporaries (memory must not grow with classes).
         if binary:
-            self.probs[0, ..., z0:z1].copy_(logits[1].sub_(logits[0]).sigmoid_())
+            lesion = logits[1] if self.probabilities else logits[1].sub_(logits[0]).sigmoid_()
+            self.probs[0, ..., z0:z1].copy_(lesion)
             return
-        logits.sub_(logits.amax(dim=0, keepdim=True)).exp_()
-        probs = logits.div_(logits.sum(dim=0, keepdim=True))
+        if self.probabilities:
+            probs = logits
+        else:
+            logits.sub_(logits.amax(dim=0, keepdim=True)).exp_()
+            probs = logits.div_(logits.sum(dim=0, keepdim=True))
         if keep_all:
             self.probs[..., z0:z1].copy_(probs)
             return
+        if self.class_probs is not None:
+            self.class_probs[..., z0:z1].copy_(probs)
         self.labels[0, ..., z0:z1].copy_(_argmax_classes(probs))
         self.probs[0, ..., z0:z1].copy_(probs[1:].sum(dim=0))
 

@@ -3,7 +3,9 @@
 ``segment(source)`` runs the three stages in one call. Batch processing calls them one by one so they
 can overlap in different threads: :meth:`Segmenter.load` (read + preprocess), :meth:`Segmenter.predict`
 (the network, on its device) and :meth:`Segmenter.finish` (probabilities back to the source grid, label
-decision, small-component removal). How the network runs is :class:`~pipeline.infer.runner.NetworkRunner`'s;
+decision, small-component removal). Several networks (an ensemble, :meth:`Segmenter.from_checkpoints`)
+and test-time mirroring (``inference.tta``) average their softmax probabilities window batch by window
+batch (:mod:`pipeline.infer.ensemble`). How each network runs is :class:`~pipeline.infer.runner.NetworkRunner`'s;
 what becomes of each finished slab of windows, :class:`~pipeline.infer.accumulate.SlabAccumulator`'s.
 """
 
@@ -12,13 +14,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from pipeline.config import Config
 from pipeline.infer.accumulate import SlabAccumulator
+from pipeline.infer.ensemble import (
+    averaged_probabilities,
+    check_compatible,
+    checkpoint_paths,
+    ensemble_identity,
+    mirror_flips,
+    tta_label,
+)
 from pipeline.infer.runner import NetworkRunner
 from pipeline.infer.sliding import predict_logits, window_forward
 from pipeline.infer.stream import StreamStats, stream_windows
@@ -43,6 +53,9 @@ class Segmentation:
     foreground: Optional[np.ndarray] = None
     # the scan's intensities as read (HU for CT, the file's dtype), the source grid: for statistics and QC
     image: Optional[np.ndarray] = None
+    # many-class models, when asked (predict(class_probabilities=True)): every class's probability,
+    # float16, (I, J, K, classes) on the source grid
+    class_probabilities: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -64,6 +77,8 @@ class Prediction:
     # many-class models: uint8 (1, *preprocessed grid), the argmax taken slab by slab as the windows finish
     # (memory does not grow with the classes); binary models: None (decided on the source grid)
     labels: Optional[torch.Tensor] = None
+    # many-class models asked for it: float16 (classes, *preprocessed grid), every class's probability
+    class_probs: Optional[torch.Tensor] = None
     windows: int = 0
     forwards: int = 0  # network calls
     network_seconds: float = 0.0
@@ -75,15 +90,24 @@ class Segmenter:
     The network may be any module mapping (B, channels, *roi) to (B, C, *roi'), so tests can pass a model
     whose output is known. How it runs (``inference.backend``, ``inference.amp``, the CPU-fused copy
     of our U-Net) is settled at the first prediction by its :attr:`runner`; see :meth:`forward`.
+
+    ``members``: more networks (with their checkpoint sha256s) of an ensemble, run with ``config``'s
+    inference settings; :attr:`runners` holds one runner per network, :attr:`model_sha256s` their sha256s
+    in order, and :attr:`model_sha256` is the ensemble's identity (:func:`ensemble_identity`).
     """
 
     def __init__(self, network: torch.nn.Module, config: Config, device: Union[str, torch.device] = "auto",
-                 model_sha256: str = "", backend: Optional[str] = None):
+                 model_sha256: str = "", backend: Optional[str] = None,
+                 members: Sequence[tuple[torch.nn.Module, str]] = ()):
         self.config = config
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.network = network.to(self.device).eval()
-        self.model_sha256 = model_sha256
         self.runner = NetworkRunner(self.network, config, self.device, model_sha256, backend)
+        self.runners = [self.runner] + [NetworkRunner(net.to(self.device).eval(), config, self.device, sha, backend)
+                                        for net, sha in members]
+        self.model_sha256s = [model_sha256] + [sha for _, sha in members]
+        self.model_sha256 = ensemble_identity(self.model_sha256s) if all(self.model_sha256s) else model_sha256
+        self.model_paths: list[str] = []  # the checkpoints, when loaded from files
         self.preprocess = preprocess_transforms(config.preprocess, channels=config.data.channels)
         self.to_source = ToSourceGrid(self.preprocess)
 
@@ -94,6 +118,45 @@ class Segmenter:
         network = build_model(config.model, in_channels=config.in_channels, out_channels=config.num_classes)
         network.load_state_dict(ckpt.state_dict)
         return cls(network, config, device=device, model_sha256=ckpt.sha256, backend=backend)
+
+    @classmethod
+    def from_checkpoints(cls, model, device: str = "auto", backend: Optional[str] = None,
+                         tta: Optional[str] = None) -> Segmenter:
+        """One segmenter for several checkpoints (an ensemble) or a training folder
+        (:func:`~pipeline.infer.ensemble.checkpoint_paths`); one checkpoint is :meth:`from_checkpoint`'s.
+
+        The models must agree on preprocessing, labels, channels, spatial dims and window
+        (:func:`~pipeline.infer.ensemble.check_compatible`); the first one's inference settings are used.
+        ``tta``: ``none | mirror``, replacing the models' ``inference.tta``.
+        """
+        from dataclasses import replace
+
+        paths = checkpoint_paths(model)
+        checkpoints = [load_checkpoint(path) for path in paths]
+        check_compatible([c.config for c in checkpoints], [str(p) for p in paths])
+        config = checkpoints[0].config
+        if tta is not None:
+            config = replace(config, inference=replace(config.inference, tta=tta))
+            config.inference._check()
+        networks = []
+        for ckpt in checkpoints:
+            network = build_model(ckpt.config.model, in_channels=config.in_channels,
+                                  out_channels=config.num_classes)
+            network.load_state_dict(ckpt.state_dict)
+            networks.append((network, ckpt.sha256))
+        segmenter = cls(networks[0][0], config, device=device, model_sha256=networks[0][1], backend=backend,
+                        members=networks[1:])
+        segmenter.model_paths = [str(p) for p in paths]
+        return segmenter
+
+    @property
+    def tta(self) -> str:
+        """The test-time augmentation: ``none``, ``mirror`` or ``mirror:AXES`` (:func:`tta_label`)."""
+        return tta_label(self.config.inference.tta, self.config.inference.tta_axes)
+
+    @property
+    def networks(self) -> list[torch.nn.Module]:
+        return [runner.network for runner in self.runners]
 
     # --- how the network runs: the runner's -----------------------------------------------------
 
@@ -138,24 +201,30 @@ class Segmenter:
         prepared.source = prepared.source or str(source)
         return prepared
 
-    def predict(self, prepared: Prepared, progress=None) -> Prediction:
+    def predict(self, prepared: Prepared, progress=None, class_probabilities: bool = False) -> Prediction:
         """Probabilities on the preprocessed grid (float16, CPU), streamed window band by window band.
 
         ``progress``: an optional callable called once per network call (batch of windows).
+        ``class_probabilities``: many-class models also keep every class's probability (for
+        ``--save-probabilities``; binary models' P(lesion) is always kept).
         """
-        return self._predict(prepared.image, progress, keep_all=False)
+        return self._predict(prepared.image, progress, keep_all=False, keep_classes=class_probabilities)
 
     def probabilities(self, image: torch.Tensor, progress=None) -> torch.Tensor:
         """Class probabilities (C, *spatial), float32, for a preprocessed image (channels, *spatial)."""
         return self._predict(image, progress, keep_all=True).probs.float()
 
-    def _predict(self, image: torch.Tensor, progress, keep_all: bool) -> Prediction:
+    def _predict(self, image: torch.Tensor, progress, keep_all: bool, keep_classes: bool = False) -> Prediction:
         cfg, dims = self.config.inference, self.config.model.spatial_dims
         forward = self.forward()
+        flips = mirror_flips(cfg.tta, cfg.tta_axes, dims)
+        averaged = len(self.runners) > 1 or len(flips) > 1
+        if averaged:  # every network on every flip of each batch of windows: their probabilities' mean
+            forward = averaged_probabilities([runner.forward() for runner in self.runners], flips)
         x = image.as_tensor() if hasattr(image, "as_tensor") else image
         x = x.to(torch.float32)
         spatial = tuple(x.shape[1:])
-        on_slab = SlabAccumulator(spatial, keep_all)
+        on_slab = SlabAccumulator(spatial, keep_all, probabilities=averaged, keep_classes=keep_classes)
 
         valid = self.runner.valid_padding()
         if dims == 3 and not valid:
@@ -171,7 +240,8 @@ class Segmenter:
             logits = predict_logits(self.network, x.to(self.device), cfg, dims, forward=counted)
             on_slab(0, spatial[-1], logits.float())
         return Prediction(probs=on_slab.probs, binary=on_slab.binary, labels=on_slab.labels, windows=stats.windows,
-                          forwards=stats.forwards, network_seconds=stats.network_seconds)
+                          forwards=stats.forwards, network_seconds=stats.network_seconds,
+                          class_probs=on_slab.class_probs)
 
     def finish(self, prediction: Prediction, prepared: Prepared) -> Segmentation:
         """Labels (and lesion probability) on the source grid from :meth:`predict`'s output, slab by slab.
@@ -216,7 +286,27 @@ class Segmenter:
             source_format=str(image.meta.get("source_format", "")),
             foreground=foreground,
             image=prepared.source_image,
+            class_probabilities=self.source_class_probabilities(prediction, prepared),
         )
+
+    def source_class_probabilities(self, prediction: Prediction, prepared: Prepared) -> Optional[np.ndarray]:
+        """Every class's probability on the source grid, float16 (I, J, K, classes), interpolated linearly;
+        None unless :meth:`predict` kept them (many-class models, ``class_probabilities=True``)."""
+        if prediction.class_probs is None:
+            return None
+        image, shape = prepared.image, prepared.source_image.shape
+        out = np.zeros(tuple(shape) + (prediction.class_probs.shape[0],), dtype=np.float16)
+
+        def on_slab(k0: int, k1: int, values: torch.Tensor) -> None:
+            out[:, :, k0:k1, :] = values.permute(1, 2, 3, 0).numpy().astype(np.float16)
+
+        affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
+        maps = axis_map(affine, np.asarray(image.affine, dtype=np.float64))
+        if maps is not None:
+            to_source_slabs(prediction.class_probs, crop_box(image, image.shape[1:]), maps, shape, on_slab)
+        else:
+            on_slab(0, shape[-1], self.to_source(prediction.class_probs.float(), image))
+        return out
 
     def segment(self, source: Union[str, list[str]]) -> Segmentation:
         prepared = self.load(source)

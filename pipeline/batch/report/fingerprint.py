@@ -1,8 +1,10 @@
 """Case fingerprints: what decides whether an existing mask can be kept on a re-run.
 
-``sha256`` of the model identity (checkpoint sha256), the inference, preprocessing and input settings, the
-label names, the package version, and the source's identity (each file's path, size and modification
-time). The device is left out: it does not change what a mask should be.
+``sha256`` of the model identity (checkpoint sha256; an ensemble's: of its members' sha256s in order),
+the inference (TTA included), preprocessing and input settings, the label names, the package version,
+the source's identity (each file's path, size and modification time) and, when asked for, the extra
+outputs that change what a case holds (``--save-probabilities`` and its dtype). The device is left
+out: it does not change what a mask should be.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict
-from typing import Iterable
+from typing import Iterable, Optional
 
 from pipeline.config import Config
 
@@ -21,6 +23,8 @@ def settings_identity(config: Config) -> dict:
     inference = asdict(config.inference)
     for key in ("device", "backend"):  # backends agree to float rounding (tested)
         inference.pop(key, None)
+    if inference.get("tta") == "none":  # no TTA: the fingerprint of the versions before TTA existed
+        inference.pop("tta", None), inference.pop("tta_axes", None)
     return {"inference": inference, "preprocess": asdict(config.preprocess), "labels": dict(config.data.labels),
             "model": asdict(config.model), "input": asdict(config.input)}
 
@@ -37,11 +41,15 @@ def source_identity(files: Iterable[str]) -> list[list]:
     return out
 
 
-def case_fingerprint(model_id: str, config: Config, files: Iterable[str]) -> str:
+def case_fingerprint(model_id: str, config: Config, files: Iterable[str], outputs: Optional[dict] = None) -> str:
+    """``outputs``: extra outputs asked for (e.g. ``{"probabilities": "uint8"}``); none leaves the
+    fingerprint as it was before such outputs existed."""
     from pipeline import __version__
 
     payload = {"model": model_id, "settings": settings_identity(config), "medseg": __version__,
                "source": source_identity(files)}
+    if outputs:
+        payload["outputs"] = dict(outputs)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

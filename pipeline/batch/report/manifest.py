@@ -4,7 +4,11 @@ Rows are plain dicts. The first :data:`MANIFEST_COLUMNS` are the contract (names
 :data:`EXTRA_COLUMNS` follow. ``status`` is ``done`` (a mask and its sidecar exist; ``resumed`` tells
 whether this run made them or an earlier one), ``skipped`` (discovery set it aside; ``error`` says why)
 or ``failed`` (``error`` says why; nothing of the case is left in the output folder). A ``done`` case whose
-DICOM SEG could not be written keeps its mask; ``dicom_seg_error`` says why the SEG is missing. Both files are
+DICOM SEG could not be written keeps its mask; ``dicom_seg_error`` says why the SEG is missing.
+``model_sha256s``: the sha256 of every model of an ensemble, in order (one model: its own; ``model_sha256``
+is then the ensemble's identity); ``tta``: none | mirror | mirror:AXES; ``probabilities``: the
+``<case>_prob.nii.gz`` written (``probabilities_error``: why the one asked for is missing; the mask is
+kept). Both files are
 rewritten atomically after every case, so they always describe what is really on disk.
 
 In the JSON, ``shape``/``spacing_mm`` are lists and missing values ``null``; in the CSV they are
@@ -32,6 +36,7 @@ MANIFEST_COLUMNS = [
 EXTRA_COLUMNS = [
     "kind", "resumed", "seconds_post", "seconds", "output", "sidecar", "qc_png", "dicom_seg",
     "fingerprint", "started", "finished", "host", "dicom_seg_error", "channel_series_uids",
+    "model_sha256s", "tta", "probabilities", "probabilities_error",
 ]
 ALL_COLUMNS = MANIFEST_COLUMNS + EXTRA_COLUMNS
 MANIFEST_FORMAT = "medseg-manifest"
@@ -101,7 +106,8 @@ def read_manifest_json(path: Union[str, Path]) -> tuple[dict, list[dict]]:
     return meta, rows
 
 
-LIST_SEPARATORS = {"channel_series_uids": ";"}  # lists of UIDs: "x" (as in shapes) would be ambiguous
+# lists of UIDs and hashes: "x" (as in shapes) would be ambiguous
+LIST_SEPARATORS = {"channel_series_uids": ";", "model_sha256s": ";"}
 
 
 def csv_cell(value, separator: str = "x") -> str:

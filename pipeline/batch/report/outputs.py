@@ -1,7 +1,8 @@
 """Where a batch run writes: the per-case files, the per-run (per-shard) files, and shards themselves.
 
 Per case (``OUTPUT_DIR/``): ``<case>_seg.nii.gz`` (mask), ``<case>_seg.dcm`` (DICOM SEG, DICOM
-sources with ``dicom_seg``), ``qc/<case>.png`` (QC picture) and ``<case>_seg.json`` (sidecar, always
+sources with ``dicom_seg``), ``<case>_prob.nii.gz`` (probabilities, with ``save_probabilities``),
+``qc/<case>.png`` (QC picture) and ``<case>_seg.json`` (sidecar, always
 written last). Per run: ``manifest.csv``/``.json``, ``lesions.csv``, ``index.html``, ``segment.log``
 and the lock ``.medseg.lock``; a shard ``I`` of ``N`` writes ``manifest.shard-I-of-N.csv`` and so on
 instead (merged by ``medseg manifest``), and no ``index.html``.
@@ -27,6 +28,7 @@ from pipeline.errors import InputError
 MASK_SUFFIX = "_seg.nii.gz"
 SIDECAR_SUFFIX = "_seg.json"
 DICOM_SEG_SUFFIX = "_seg.dcm"
+PROBABILITY_SUFFIX = "_prob.nii.gz"  # written by pipeline.io.probabilities
 QC_FOLDER = "qc"
 _PROBE = ".medseg-write-test."
 
@@ -136,12 +138,16 @@ class CaseOutputs:
     def qc_png(self) -> Path:
         return self.output_dir / QC_FOLDER / f"{self.case_id}.png"
 
+    @property
+    def probabilities(self) -> Path:
+        return self.output_dir / f"{self.case_id}{PROBABILITY_SUFFIX}"
+
     def all(self) -> list[Path]:
-        return [self.mask, self.dicom_seg, self.qc_png, self.sidecar]
+        return [self.mask, self.dicom_seg, self.qc_png, self.probabilities, self.sidecar]
 
     def remove(self) -> None:
         """Delete this case's outputs, sidecar first (so a mask never looks finished on its own)."""
-        for path in [self.sidecar, self.mask, self.dicom_seg, self.qc_png]:
+        for path in [self.sidecar, self.mask, self.dicom_seg, self.qc_png, self.probabilities]:
             path.unlink(missing_ok=True)
 
 
