@@ -17,7 +17,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -149,6 +149,25 @@ def record_postprocessing(checkpoints: list[Path], config_yaml: Path, chosen: di
         base = dataclasses.replace(first_config, train=dataclasses.replace(
             first_config.train, out_dir=str(config_yaml.parent)))
     _save_config_atomic(chosen_config(base, chosen), config_yaml)
+    plans = _plans_of(config_yaml.parent)
+    if plans is not None:
+        from pipeline.plan.write import record_postprocessing as record_in_plans
+
+        record_in_plans(plans, chosen, f"`medseg cv {config_yaml.parent}` from the out-of-fold predictions")
+        log.info("post-processing chosen recorded in %s", plans)
+
+
+def _plans_of(out_dir: Path) -> Optional[Path]:
+    """The ``plans.yaml`` (of ``medseg plan``) whose ``train.out_dir`` is ``out_dir``, if there is one: it
+    sits one folder up, beside ``fingerprint.json``."""
+    plans = out_dir.parent / "plans.yaml"
+    if not plans.is_file():
+        return None
+    try:
+        planned = Path(load_config(plans).train.out_dir)
+    except Exception:  # noqa: BLE001 - a file we cannot read is not ours to change
+        return None
+    return plans if planned.resolve() == out_dir.resolve() else None
 
 
 # --- helpers -------------------------------------------------------------------------------------

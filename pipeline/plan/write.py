@@ -105,3 +105,31 @@ def _string(text: str) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def record_postprocessing(plans: Union[str, Path], chosen: dict, source: str) -> Path:
+    """Write post-processing rules chosen by ``medseg cv`` into ``plans`` (a ``plans.yaml``), keeping its
+    comments: ``inference.min_component_mm3`` in place and a ``postprocess`` section at the end (replacing
+    one written before), each with ``source`` as its reason. Loaded back before the atomic rename."""
+    import re
+
+    from pipeline.config import load_config
+
+    plans = Path(plans)
+    text = plans.read_text()
+    reason = _one_line(f"chosen by {source}")
+    text, found = re.subn(r"(?m)^(\s+)min_component_mm3:.*$",
+                          lambda m: f"{m.group(1)}min_component_mm3: {flow(float(chosen['min_component_mm3']))}"
+                                    f"  # {reason}", text, count=1)
+    text = re.sub(r"(?ms)^postprocess:\n(?:[ #].*\n|\n)*", "", text)  # an earlier choice, up to the next section
+    if not text.endswith("\n"):
+        text += "\n"
+    text += (f"\npostprocess:\n"
+             f"{INDENT}keep_largest: {flow(list(chosen['keep_largest']))}  # {reason}\n"
+             f"{INDENT}restrict_to_body: {flow(list(chosen['restrict_to_body']))}  # {reason}\n")
+    if not found:
+        text += f"\ninference:\n{INDENT}min_component_mm3: {flow(float(chosen['min_component_mm3']))}  # {reason}\n"
+    with atomic_path(plans, suffix=".tmp.yaml") as tmp:
+        tmp.write_text(text)
+        load_config(tmp)  # never leave a plan the schema refuses
+    return plans
