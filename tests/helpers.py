@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from tests.conftest import blob_label, make_affine, save_nifti
 
@@ -121,3 +122,16 @@ def assert_corners_at_same_world_position(volume, affine, read_array, read_affin
         read_index = np.rint(np.linalg.solve(read_affine, world)[:3]).astype(int)
         np.testing.assert_allclose(read_affine @ [*read_index, 1], world, atol=1e-4)
         assert read_array[tuple(read_index)] == volume[tuple(index)]
+
+
+class Pointwise(torch.nn.Module):
+    """logit_c = w_c * x + b_c per voxel (x: the windowed intensity, 0..1): a known probability per voxel,
+    and flip-equivariant, so every window (and every mirror of it) agrees on every voxel."""
+
+    def __init__(self, weights, biases):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(weights, dtype=torch.float32).view(1, -1, 1, 1, 1))
+        self.b = torch.nn.Parameter(torch.tensor(biases, dtype=torch.float32).view(1, -1, 1, 1, 1))
+
+    def forward(self, x):
+        return x[:, :1] * self.w + self.b

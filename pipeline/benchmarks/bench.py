@@ -559,17 +559,23 @@ def mask_dice(a_path, b_path) -> dict:
 
 def child_segment(checkpoint: Path, image: Path, out_dir: Path, timeout: Optional[float] = None) -> dict:
     """Run :func:`default_segment` in a child process; its result plus ``peak_rss_bytes`` and ``wall``."""
+    return child_result(["pipeline.benchmarks.bench", "--child-segment", str(checkpoint), str(image), str(out_dir)],
+                        timeout, "the benchmark's child segment")
+
+
+def child_result(module_args: Sequence[str], timeout: Optional[float], what: str) -> dict:
+    """``python -m *module_args`` in a child process (this checkout first on its path): the JSON it prints
+    after :data:`CHILD_MARKER`, plus its own ``peak_rss_bytes``/``peak_rss_gb`` and ``wall`` seconds."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-m", "pipeline.benchmarks.bench", "--child-segment", str(checkpoint), str(image),
-           str(out_dir)]
     start = time.perf_counter()
-    peak, returncode, output = peak_rss_child(cmd, env=env, timeout=timeout, tail_chars=20000)
+    peak, returncode, output = peak_rss_child([sys.executable, "-m", *module_args], env=env, timeout=timeout,
+                                              tail_chars=20000)
     wall = time.perf_counter() - start
     lines = [line for line in output.splitlines() if line.startswith(CHILD_MARKER)]
     if returncode != 0 or not lines:
-        raise RuntimeError(f"the benchmark's child segment failed (exit {returncode}): {output[-3000:]}")
+        raise RuntimeError(f"{what} failed (exit {returncode}): {output[-3000:]}")
     result = json.loads(lines[-1][len(CHILD_MARKER):])
     result.update(peak_rss_bytes=peak, peak_rss_gb=peak / GIB, wall=wall)
     return result

@@ -19,15 +19,20 @@ not by the windows, which is what the ratio checks: an ensemble must not hold a 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from pipeline.benchmarks.bench import CHILD_MARKER, GIB, LARGE_SHAPE, SPACING, _fmt_shape, bench_config
-from pipeline.benchmarks.measure import peak_rss_child
+from pipeline.benchmarks.bench import (
+    CHILD_MARKER,
+    GIB,
+    LARGE_SHAPE,
+    SPACING,
+    _fmt_shape,
+    bench_config,
+    child_result,
+)
 
 REDUCED = ("model.features=4", "preprocess.spacing=[2.0, 2.0, 2.5]", "inference.backend=torch")
 TARGET_RATIO = 1.15
@@ -65,20 +70,8 @@ def ensemble_models(folder: Union[str, Path], config, n: int) -> list[Path]:
 def child_ensemble_segment(checkpoints: Sequence[Path], image: Path, out_dir: Path, tta: str,
                            timeout: Optional[float] = None) -> dict:
     """One ``segment`` with ``checkpoints`` and ``tta`` in a child process: its result + ``peak_rss_bytes``."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-m", "pipeline.benchmarks.ensemble_rss", "--child", tta, str(image), str(out_dir),
-           *[str(c) for c in checkpoints]]
-    start = time.perf_counter()
-    peak, returncode, output = peak_rss_child(cmd, env=env, timeout=timeout, tail_chars=20000)
-    wall = time.perf_counter() - start
-    lines = [line for line in output.splitlines() if line.startswith(CHILD_MARKER)]
-    if returncode != 0 or not lines:
-        raise RuntimeError(f"the ensemble benchmark's child segment failed (exit {returncode}): {output[-3000:]}")
-    result = json.loads(lines[-1][len(CHILD_MARKER):])
-    result.update(peak_rss_bytes=peak, peak_rss_gb=peak / GIB, wall=wall)
-    return result
+    return child_result(["pipeline.benchmarks.ensemble_rss", "--child", tta, str(image), str(out_dir),
+                         *[str(c) for c in checkpoints]], timeout, "the ensemble benchmark's child segment")
 
 
 def ensemble_rss(config_path, work_dir: Union[str, Path], *, ensemble: int = 5, tta: str = "mirror",

@@ -19,22 +19,10 @@ from pipeline.config import load_config
 from pipeline.infer import Segmenter
 from pipeline.io.probabilities import encode_probabilities
 from tests.conftest import make_affine, save_nifti
-from tests.helpers import tiny_checkpoint, torch_threads
+from tests.helpers import Pointwise, tiny_checkpoint, torch_threads
 
 SHAPE = (20, 18, 10)
 AFFINE = make_affine("LPS", spacing=(0.8, 0.9, 2.5))
-
-
-class Pointwise(torch.nn.Module):
-    """logit_c = w_c * x + b_c per voxel (x: the windowed intensity, 0..1): a known probability per voxel."""
-
-    def __init__(self, weights, biases):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.tensor(weights, dtype=torch.float32).view(1, -1, 1, 1, 1))
-        self.b = torch.nn.Parameter(torch.tensor(biases, dtype=torch.float32).view(1, -1, 1, 1, 1))
-
-    def forward(self, x):
-        return x[:, :1] * self.w + self.b
 
 
 @pytest.fixture(autouse=True)

@@ -11,25 +11,13 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError, InputError
 from pipeline.infer import Segmenter
 from pipeline.infer.ensemble import averaged_probabilities, checkpoint_paths, mirror_flips, tta_label
-from tests.helpers import tiny_checkpoint, tiny_config_overrides, torch_threads
+from tests.helpers import Pointwise, tiny_checkpoint, tiny_config_overrides, torch_threads
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     with torch_threads(1):
         yield
-
-
-class Pointwise(torch.nn.Module):
-    """logit_c = w_c * x + b_c per voxel: flip-equivariant, so every window agrees on every voxel."""
-
-    def __init__(self, weights, biases):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.tensor(weights, dtype=torch.float32).view(1, -1, 1, 1, 1))
-        self.b = torch.nn.Parameter(torch.tensor(biases, dtype=torch.float32).view(1, -1, 1, 1, 1))
-
-    def forward(self, x):
-        return x[:, :1] * self.w + self.b
 
 
 class Ramp(torch.nn.Module):
