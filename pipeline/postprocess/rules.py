@@ -64,10 +64,14 @@ def body_mask(image: np.ndarray, config: Config) -> np.ndarray:
     """The body: the largest connected component of the voxels above preprocessing's intensity floor."""
     from pipeline.transforms.preprocess import body_floor
 
-    floor = body_floor(image, config.preprocess, config.data.channels).numpy()
-    components, count = label_components(floor)
+    return largest_component(body_floor(image, config.preprocess, config.data.channels).numpy())
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of ``mask`` (ties: the first found); ``mask`` itself with one or none."""
+    components, count = label_components(mask)
     if count <= 1:
-        return floor
+        return mask
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     return components == int(np.argmax(sizes))
@@ -78,13 +82,12 @@ def keep_largest_component(labels: np.ndarray, value: int) -> np.ndarray:
     box = foreground_box(labels == value)
     if box is None:
         return labels
-    components, count = label_components(labels[box] == value)
-    if count <= 1:
+    inside = labels[box] == value
+    kept = largest_component(inside)
+    if kept is inside:
         return labels
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
     out = labels.copy()
-    out[box][(components > 0) & (components != int(np.argmax(sizes)))] = 0
+    out[box][inside & ~kept] = 0
     return out
 
 
