@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lint test test-fast clean
+.PHONY: install system-deps demo lint test test-fast clean
 
 install: $(STAMP)
 
@@ -24,10 +24,22 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests
 
-test: lint
+# Debian packages the archive tests use: a real Orthanc with its DICOMweb plugin, and
+# dciodvfy (dicom3tools) to validate every DICOM SEG/RTSTRUCT the tests write. Installed where
+# apt-get is available and we are root (as on CI); elsewhere those tests skip with the reason.
+SYSTEM_PACKAGES := orthanc orthanc-dicomweb dicom3tools
+
+system-deps:
+	@if command -v Orthanc >/dev/null && command -v dciodvfy >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "system-deps: not root with apt-get; the Orthanc/dciodvfy tests will skip (install: $(SYSTEM_PACKAGES))"; fi
+
+test: lint system-deps
 	$(BIN)/python -m pytest -q
 
-test-fast: lint
+test-fast: lint system-deps
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
