@@ -68,6 +68,9 @@ class DataConfig:
     val_cases: list[str] = field(default_factory=list)  # explicit validation case ids (override fraction)
     # cross-validation folds (`medseg train --fold K|all`, splits.json in train.out_dir); >= 2
     folds: int = 5
+    # train on at most this many of the dataset's labelled cases: a seeded draw (train.seed), the same in
+    # every run and fold; 0 = all. `medseg plan` sets it where reading every case would eat the time budget
+    max_cases: int = 0
 
     def _check(self) -> None:
         values = sorted(self.labels.values())
@@ -76,6 +79,8 @@ class DataConfig:
         _in_range("data.val_fraction", self.val_fraction, 0.0, 0.9)
         if not isinstance(self.folds, int) or self.folds < 2:
             _fail("data.folds", self.folds, "an integer >= 2 (cross-validation folds)")
+        if not isinstance(self.max_cases, int) or isinstance(self.max_cases, bool) or self.max_cases < 0:
+            _fail("data.max_cases", self.max_cases, "an integer >= 0 (0 = every case)")
         if any(not name or not isinstance(name, str) for name in self.channels):
             _fail("data.channels", self.channels, "a list of channel names such as [FLAIR, T1c]")
 

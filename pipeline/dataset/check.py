@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Collection, Optional, Union
 
 import numpy as np
 
@@ -52,19 +52,21 @@ class CheckReport:
 
 def check_dataset(root: Union[str, Path], labels: Optional[dict[str, int]] = None,
                   affine_tolerance_mm: float = AFFINE_TOLERANCE_MM, split: str = "Tr",
-                  progress: bool = False) -> CheckReport:
-    """Every problem of the dataset in ``root``; ``labels`` (name -> value) replaces the dataset's own."""
+                  progress: bool = False, case_ids: Optional[Collection[str]] = None) -> CheckReport:
+    """Every problem of the dataset in ``root``; ``labels`` (name -> value) replaces the dataset's own.
+    ``case_ids``: read only these cases' files (the layout is still checked whole)."""
     dataset, problems = list_dataset(root, split)
     allowed = dict(labels) if labels is not None else dict(dataset.labels)
     checker = _CaseChecker(dataset, allowed, float(affine_tolerance_mm))
-    cases = dataset.cases
+    wanted = None if case_ids is None else set(case_ids)
+    cases = dataset.cases if wanted is None else [c for c in dataset.cases if c.case_id in wanted]
     if progress:
         from tqdm import tqdm
 
         cases = tqdm(cases, desc="check", unit="case")
     for case in cases:
         problems.extend(checker.check(case))
-    return CheckReport(dataset.root, dataset.layout, len(dataset.cases), problems)
+    return CheckReport(dataset.root, dataset.layout, len(cases), problems)
 
 
 class _CaseChecker:

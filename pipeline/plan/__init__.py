@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 DEVICES = ("cpu", "cuda")
 CPU_HOURS = 0.5  # default time budget on a CPU: 30 minutes of training, validation included
 ORIENTATION = "RAS"
+SEED = 0  # train.seed of the plan: data.max_cases draws its cases with it
 MAX_PROBLEMS_SHOWN = 8
 
 
@@ -64,11 +65,14 @@ def plan_dataset(dataset: Union[str, Path], out_dir: Union[str, Path, None] = No
         raise ConfigError("--hours on --device cuda times training steps on the GPU, but no CUDA GPU is visible "
                           "here: plan on the GPU machine, or drop --hours (nnU-Net's schedule, not measured)")
     began = time.perf_counter()
+    draw = _case_draw(dataset, (hours if hours is not None else CPU_HOURS) * 3600
+                      if device == "cpu" or hours is not None else None)
     if check:
-        _check(dataset)
+        _check(dataset, draw["case_ids"])
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(dataset)
     read_began = time.perf_counter()
-    fingerprint = dataset_fingerprint(dataset, ORIENTATION, progress=progress)
+    fingerprint = dataset_fingerprint(dataset, ORIENTATION, progress=progress, case_ids=draw["case_ids"])
+    fingerprint["case_draw"] = {k: v for k, v in draw.items() if k != "case_ids"}
     # one read of the dataset here: training reads it again (check, cache), inside the time budget
     fingerprint["read_seconds"] = round(time.perf_counter() - read_began, 2)
     fingerprint["check_seconds"] = round(read_began - began, 2)
@@ -89,10 +93,34 @@ def plan_dataset(dataset: Union[str, Path], out_dir: Union[str, Path, None] = No
     return PlanResult(out_dir, plans_path, fingerprint_path, config, list(flat_choices(plan)), step_seconds)
 
 
-def _check(dataset) -> None:
+def _case_draw(dataset, budget_seconds: Optional[float]) -> dict:
+    """``data.max_cases`` (:func:`pipeline.plan.rules.case_count`) from a timed read of a few cases, and the
+    ids of the cases drawn (None: all), which the plan checks and fingerprints: the cases training will see."""
+    from pipeline.dataset.layout import read_dataset
+    from pipeline.plan.fingerprint import probe_reads
+    from pipeline.plan.memory import ram_bytes
+    from pipeline.training.data import select_cases
+    from pipeline.training.dataset_config import dataset_items
+
+    listed = read_dataset(dataset)
+    items = [item for item in dataset_items(listed) if item["label"]]
+    if listed.problems or len(items) <= rules.MIN_CASES:
+        # a small dataset is read whole (a broken layout: the check lists its problems)
+        return {"max_cases": 0, "reason": f"all {len(items)} cases", "read_seconds_per_case": None, "case_ids": None}
+    channels = max(1, len(listed.channel_names))
+    probe = probe_reads(items, channels)
+    per_case = probe.voxels * (4 * channels + rules.CACHE_BYTES_PER_VOXEL)
+    n, reason = rules.case_count(len(items), probe.seconds, per_case, budget_seconds, ram_bytes())
+    ids = [item["case_id"] for item in select_cases(items, n, SEED)] if n else None
+    if n:
+        log.info("planning on %d of %d cases: %s", n, len(items), reason)
+    return {"max_cases": n, "reason": reason, "read_seconds_per_case": round(probe.seconds, 3), "case_ids": ids}
+
+
+def _check(dataset, case_ids=None) -> None:
     from pipeline.dataset import check_dataset
 
-    report = check_dataset(dataset)
+    report = check_dataset(dataset, case_ids=case_ids)
     if not report.ok:
         lines = report.lines()
         shown = "; ".join(lines[:MAX_PROBLEMS_SHOWN]) + (f"; ... ({len(lines)} in all)"
@@ -166,6 +194,8 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
             "root": Choice(fp["dataset"], "the planned dataset (absolute path)"),
             "labels": Choice(labels, "from the dataset"),
             "channels": Choice(channels, "from the dataset, in order"),
+            "max_cases": Choice(fp.get("case_draw", {}).get("max_cases", 0),
+                                fp.get("case_draw", {}).get("reason", "all cases")),
             "val_fraction": Choice(val["val_fraction"], val_reason),
             "val_cases": [],
         },
@@ -216,7 +246,7 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
             "grad_clip": 12.0,
             "val_every": Choice(val["val_every"], val_reason),
             "amp": True,
-            "seed": 0,
+            "seed": SEED,
             "num_workers": 0,
             "device": Choice(device, "planned for"),
         },

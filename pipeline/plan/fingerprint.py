@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Collection, Optional, Union
 
 import numpy as np
 
@@ -35,8 +37,9 @@ PERCENTILES = (0.5, 99.5)
 
 
 def dataset_fingerprint(root: Union[str, Path], orientation: str = "RAS", samples_per_case: int = SAMPLES_PER_CASE,
-                        seed: int = 0, progress: bool = False) -> dict:
-    """The fingerprint of the training cases of the dataset in ``root`` (see the module docstring)."""
+                        seed: int = 0, progress: bool = False, case_ids: Optional[Collection[str]] = None) -> dict:
+    """The fingerprint of the training cases of the dataset in ``root`` (see the module docstring); with
+    ``case_ids``, of those cases only (``data.max_cases``: the cases training will see)."""
     from pipeline.dataset.layout import read_dataset
     from pipeline.io.reader import ScanReader
     from pipeline.training.dataset_config import dataset_items
@@ -47,6 +50,10 @@ def dataset_fingerprint(root: Union[str, Path], orientation: str = "RAS", sample
     reader, label_reader = ScanReader(channels=len(names), channel_names=names), ScanReader()
     stats = _Collector(names, labels, np.random.default_rng(seed), samples_per_case)
     items = [item for item in dataset_items(dataset) if item["label"]]
+    dataset_cases = len(items)
+    if case_ids is not None:
+        wanted = set(case_ids)
+        items = [item for item in items if item["case_id"] in wanted]
     if progress:
         from tqdm import tqdm
 
@@ -57,7 +64,32 @@ def dataset_fingerprint(root: Union[str, Path], orientation: str = "RAS", sample
         image = image[..., None] if image.ndim == 3 else image
         stats.add(item["case_id"], image, np.asarray(label), np.asarray(meta["affine"], dtype=np.float64),
                   orientation)
-    return stats.result(dataset, orientation)
+    return {**stats.result(dataset, orientation), "dataset_cases": dataset_cases}
+
+
+@dataclass
+class ReadProbe:
+    seconds: float  # median seconds to read one case (its channels and its label)
+    voxels: float  # median voxels of one case's grid
+    cases: int  # cases read
+
+
+def probe_reads(items: list[dict], channels: int, count: int = 3) -> ReadProbe:
+    """Read the first ``count`` labelled ``items`` as the fingerprint does, timing each: what one pass over the
+    dataset costs per case, measured here, before deciding how many cases training can afford."""
+    from pipeline.io.reader import ScanReader
+
+    reader, label_reader = ScanReader(channels=channels), ScanReader()
+    seconds, voxels = [], []
+    for item in [item for item in items if item["label"]][:count]:
+        began = time.perf_counter()
+        image, _ = reader.get_data(reader.read(item["image"]))
+        label_reader.get_data(label_reader.read(item["label"]))
+        seconds.append(time.perf_counter() - began)
+        voxels.append(float(np.prod(image.shape[:3])))
+    if not seconds:
+        return ReadProbe(0.0, 0.0, 0)
+    return ReadProbe(float(np.median(seconds)), float(np.median(voxels)), len(seconds))
 
 
 def axis_order(affine: np.ndarray, orientation: str) -> list[int]:

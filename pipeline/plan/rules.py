@@ -240,6 +240,8 @@ DATA_PASSES = 2.5  # training start: the check reads every case (1), the cache r
 CACHE_BYTES_PER_VOXEL = 4 + 8  # float32 label + int64 crop indices (lesion / background), beside 4 per channel
 CACHE_RAM_FRACTION = 0.5  # the cache may take half the RAM (the training step has its own budget)
 MAX_VALIDATION_CASES = 25  # a larger validation set only costs time: its Dice barely moves
+DATA_SHARE = 0.25  # reading the training cases may take this share of the time budget
+MIN_CASES = 20  # data.max_cases never draws fewer cases than this
 
 
 def training_budget(budget_seconds: float, read_seconds: float) -> tuple[float, str]:
@@ -249,6 +251,32 @@ def training_budget(budget_seconds: float, read_seconds: float) -> tuple[float, 
     left = max(budget_seconds - data, 0.25 * budget_seconds)
     return left, (f"{budget_seconds / 60:.1f} min budget less {data / 60:.1f} min for the data "
                   f"({DATA_PASSES:g} reads at {read_seconds:.0f} s each, measured)")
+
+
+def case_count(num_cases: int, read_seconds: float, bytes_per_case: float, budget_seconds: Optional[float],
+               ram_bytes: Optional[float]) -> tuple[int, str]:
+    """``data.max_cases``: every case, unless reading them (:data:`DATA_PASSES` reads at ``read_seconds`` a
+    case, measured here) would take more than :data:`DATA_SHARE` of the time budget, or their preprocessed
+    cache (``bytes_per_case``) more than :data:`CACHE_RAM_FRACTION` of the RAM; then as many cases as fit
+    both, at least :data:`MIN_CASES` (0 = all). A CPU budget holds a few thousand patches: a larger dataset
+    adds reading time, and memory, but not much that the training could learn from."""
+    limits = []
+    if budget_seconds is not None and read_seconds > 0:
+        by_time = int(DATA_SHARE * budget_seconds // (DATA_PASSES * read_seconds))
+        limits.append((by_time, f"reading {DATA_PASSES:g}x at {read_seconds:.1f} s a case (measured) fits "
+                                f"{DATA_SHARE:.0%} of the {budget_seconds / 60:.0f} min budget for {by_time} cases"))
+    if ram_bytes is not None and bytes_per_case > 0:
+        by_ram = int(CACHE_RAM_FRACTION * ram_bytes // bytes_per_case)
+        limits.append((by_ram, f"the cache holds {by_ram} cases of {bytes_per_case / 2**20:.0f} MiB in "
+                               f"{CACHE_RAM_FRACTION:.0%} of the RAM"))
+    if not limits or min(n for n, _ in limits) >= num_cases:
+        return 0, f"all {num_cases} cases" + (f" ({'; '.join(r for _, r in limits)})" if limits else "")
+    n, _ = min(limits)
+    chosen = max(MIN_CASES, n)
+    if chosen >= num_cases:
+        return 0, f"all {num_cases} cases (at least {MIN_CASES}; {'; '.join(r for _, r in limits)})"
+    return chosen, (f"{chosen} of the {num_cases} cases, a seeded draw ({'; '.join(r for _, r in limits)}"
+                    f"{'' if chosen == n else f'; at least {MIN_CASES}'})")
 
 
 def cache(num_cases: int, channels: int, shape: Sequence[int], ram_bytes: Optional[float]) -> tuple[bool, str]:

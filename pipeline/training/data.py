@@ -30,10 +30,10 @@ from pipeline.transforms.sampling import sampling_transforms
 log = logging.getLogger(__name__)
 
 
-def training_cases(root: str | Path) -> list[dict]:
+def training_cases(root: str | Path, max_cases: int = 0, seed: int = 0) -> list[dict]:
     """``[{"case_id", "image", "label"}]`` of the dataset at ``root`` (nnU-Net v2, MSD or a plain folder:
-    :func:`pipeline.dataset.layout.read_dataset`); a layout problem (a missing channel or label file, a
-    duplicate case) raises :class:`InputError` naming it."""
+    :func:`pipeline.dataset.layout.read_dataset`), at most ``max_cases`` of them (:func:`select_cases`); a
+    layout problem (a missing channel or label file, a duplicate case) raises :class:`InputError` naming it."""
     from pipeline.dataset.layout import read_dataset
     from pipeline.training.dataset_config import dataset_items
 
@@ -41,7 +41,19 @@ def training_cases(root: str | Path) -> list[dict]:
     if dataset.problems:
         raise InputError(f"the dataset '{root}' has {len(dataset.problems)} problem(s): "
                          + "; ".join(dataset.problems[:8]) + f". Run `medseg check {root}` for the full list")
-    return dataset_items(dataset)
+    return select_cases(dataset_items(dataset), max_cases, seed)
+
+
+def select_cases(items: list[dict], max_cases: int, seed: int = 0) -> list[dict]:
+    """At most ``max_cases`` of the labelled ``items`` (``data.max_cases``; 0 = all of them): a seeded draw,
+    kept in dataset order, so that training, every fold, ``medseg cv`` and ``medseg plan`` see the same cases.
+    Unlabelled items are never drawn (they are not training cases)."""
+    if not max_cases or max_cases >= sum(1 for item in items if item.get("label")):
+        return list(items)
+    labelled = [i for i, item in enumerate(items) if item.get("label")]
+    order = np.random.default_rng(seed).permutation(len(labelled))
+    chosen = {labelled[i] for i in order[:max_cases]}
+    return [item for i, item in enumerate(items) if i in chosen]
 
 
 def split_cases(items: list[dict], cfg: Config) -> tuple[list[dict], list[dict]]:

@@ -45,7 +45,8 @@ def dataset_items(dataset) -> list[dict]:
 def load_training_data(cfg: Config, check: bool = True) -> tuple[Config, list[dict]]:
     """The config resolved against ``data.root``'s dataset, and its training items.
 
-    With ``check`` the whole dataset is validated first (:func:`pipeline.dataset.check.check_dataset`);
+    The items are the ``data.max_cases`` draw (:func:`pipeline.training.data.select_cases`; all cases by
+    default). With ``check`` those cases are validated first (:func:`pipeline.dataset.check.check_dataset`);
     any problem stops training with the list.
     """
     from pipeline.dataset.check import check_dataset
@@ -56,10 +57,16 @@ def load_training_data(cfg: Config, check: bool = True) -> tuple[Config, list[di
             f"training data folder not found: '{cfg.data.root}'. Set data.root to a dataset folder (nnU-Net v2, "
             "MSD, or imagesTr/ + labelsTr/), e.g. one made by `medseg synth data/demo`"
         )
+    from pipeline.training.data import select_cases
+
     dataset = read_dataset(cfg.data.root)
     labels = _labels(cfg, dataset)
+    items = select_cases(dataset_items(dataset), cfg.data.max_cases, cfg.train.seed)
+    if len(items) < len(dataset.cases):
+        log.info("data.max_cases %d: training on %d of the dataset's %d cases (a seeded draw)",
+                 cfg.data.max_cases, len(items), len(dataset.cases))
     if check:
-        report = check_dataset(cfg.data.root, labels=labels)
+        report = check_dataset(cfg.data.root, labels=labels, case_ids={item["case_id"] for item in items})
         if not report.ok:
             lines = report.lines()
             shown = "; ".join(lines[:MAX_PROBLEMS_SHOWN]) + (f"; ... ({len(lines)} in all)" if len(lines) >
@@ -68,7 +75,6 @@ def load_training_data(cfg: Config, check: bool = True) -> tuple[Config, list[di
                              f"Run `medseg check {cfg.data.root}` for the full list, fix them, and train again")
     channels = _channels(cfg, dataset)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=labels, channels=channels))
-    items = dataset_items(dataset)
     cfg = _intensity(cfg, items)
     return cfg, items
 

@@ -85,7 +85,8 @@ def train_folds(config: Config, resume: bool = False, progress: bool = False) ->
     from pipeline.training.data import training_cases
     from pipeline.training.folds import fold_dir, fold_splits
 
-    splits = fold_splits(config.train.out_dir, training_cases(config.data.root), config)
+    splits = fold_splits(config.train.out_dir, training_cases(config.data.root, config.data.max_cases,
+                                                           config.train.seed), config)
     results = []
     for fold in range(len(splits)):
         last = fold_dir(config.train.out_dir, fold) / "last.pt"

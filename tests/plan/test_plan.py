@@ -125,3 +125,23 @@ def test_cuda_timing_without_a_gpu_is_refused(datasets, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
         plan_dataset(datasets["ct"], tmp_path / "plan", device="cuda", hours=1)
     assert not (tmp_path / "plan").exists()
+
+
+def test_a_dataset_too_slow_to_read_whole_is_planned_and_trained_on_a_seeded_draw(tmp_path, monkeypatch):
+    from pipeline.plan import fingerprint as fingerprint_module
+    from pipeline.plan import rules
+    from pipeline.synth import synthesize
+    from pipeline.training.data import training_cases
+
+    root = synthesize(tmp_path / "many", cases=24, dicom_test_cases=0, shape=(48, 48, 16), test_fraction=0.0)
+    # as if each case took 10 s to read: 25% of 30 min reads 18 cases 2.5 times; the draw keeps the minimum 20
+    monkeypatch.setattr(fingerprint_module, "probe_reads",
+                        lambda items, channels, count=3: fingerprint_module.ReadProbe(10.0, 48 * 48 * 16, 3))
+    result = plan_dataset(root, tmp_path / "plan", device="cpu")
+    fingerprint = json.loads(result.fingerprint.read_text())
+    assert fingerprint["dataset_cases"] == 24 and fingerprint["num_cases"] == rules.MIN_CASES == 20
+    assert fingerprint["case_draw"]["max_cases"] == 20 and fingerprint["case_draw"]["read_seconds_per_case"] == 10.0
+    assert result.config.data.max_cases == 20
+    drawn = [item["case_id"] for item in training_cases(root, 20, result.config.train.seed)]
+    assert [case["case_id"] for case in fingerprint["cases"]] == drawn
+    assert "20 of the 24 cases" in result.plans.read_text()

@@ -200,3 +200,25 @@ def test_validation_fits_its_share_of_the_time():
     assert many["val_every"] == 10
     slices, _ = rules.validation(10, 1.2, 2, (64, 64, 8), (32, 32), 0.5, 20, 1800.0)
     assert slices["val_every"] >= 2  # 2D: every slice's windows count
+
+
+def test_case_count_keeps_every_case_that_fits_the_time_and_the_ram():
+    gib = 2**30
+    # 40 cases at 1 s a read: 2.5 x 40 = 100 s, within 25% of 30 min; 40 x 100 MiB within half of 24 GiB
+    assert rules.case_count(40, 1.0, 100 * 2**20, 1800.0, 24 * gib)[0] == 0
+    assert rules.case_count(40, 1.0, 100 * 2**20, None, None) == (0, "all 40 cases")
+
+
+def test_case_count_draws_what_the_time_budget_reads():
+    # 484 brains at 1.5 s a read: 25% of 1800 s = 450 s holds 450 / (2.5 x 1.5) = 120 cases
+    n, reason = rules.case_count(484, 1.5, 100 * 2**20, 1800.0, 24 * 2**30)
+    assert n == 120 and "120 of the 484 cases" in reason and "measured" in reason
+
+
+def test_case_count_draws_what_the_cache_holds_and_never_below_the_minimum():
+    # 12 GiB (half of 24) holds 12 * 1024 / 300 = 40 cases of 300 MiB
+    assert rules.case_count(484, 0.1, 300 * 2**20, 1800.0, 24 * 2**30)[0] == 40
+    # a budget that reads 4 cases still trains on 20
+    n, reason = rules.case_count(100, 20.0, 2**20, 1800.0, 24 * 2**30)
+    assert n == rules.MIN_CASES and f"at least {rules.MIN_CASES}" in reason
+    assert rules.case_count(rules.MIN_CASES, 20.0, 2**20, 1800.0, None)[0] == 0
