@@ -1,0 +1,130 @@
+"""``segment_archive`` against a REAL Orthanc with its DICOMweb plugin (no mock server): search, retrieve,
+segment, store the SEGs back, resume, and a series deleted between the search and its retrieval.
+
+The stand-in network marks voxels above 100 HU, so the synthetic studies' masks are their labels.
+"""
+
+from __future__ import annotations
+
+import json
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from pipeline.archive.client import make_client
+from pipeline.archive.credentials import Credentials
+from pipeline.archive.query import find_series
+from pipeline.archive.run import ArchiveOptions, segment_archive
+from pipeline.archive.state import STATE_NAME
+from pipeline.archive.url import parse_archive_url
+from pipeline.batch import exit_code
+from pipeline.config import load_config
+from pipeline.infer import Segmenter
+from pipeline.io.dicom_seg import read_dicom_seg
+from tests.archive.conftest import PASSWORD, USER
+from tests.batch.test_batch import Above100HU, _one_thread  # noqa: F401  (fixture)
+
+CREDENTIALS = Credentials("basic", user=USER, secret=PASSWORD, origin="test")
+
+
+@pytest.fixture
+def segmenter():
+    config = load_config(None, ["preprocess.spacing=null", "preprocess.intensity.window=[0, 200]",
+                                "preprocess.crop_foreground=false", "inference.roi_size=[64, 64, 32]",
+                                "inference.min_component_mm3=0"])
+    return Segmenter(Above100HU(), config, "cpu")
+
+
+def _client(orthanc, counter=None):
+    return make_client(parse_archive_url(orthanc.dicomweb), CREDENTIALS, counter=counter)
+
+
+def _run(orthanc, out, segmenter, **options):
+    options.setdefault("credentials", CREDENTIALS)
+    return segment_archive(orthanc.dicomweb, out, segmenter, archive=ArchiveOptions(**options), qc=False,
+                           isolate_reading=False)
+
+
+def _rows(out) -> dict:
+    return {r["case_id"]: r for r in json.loads((out / "manifest.json").read_text())["cases"]}
+
+
+def test_query_finds_the_ct_studies(orthanc, ct_studies, real_series):
+    found = find_series(_client(orthanc), "Modality=CT")
+    assert len(found.studies) == 3  # two synthetic studies and the real ct-3slice
+    assert sorted(s.modality for s in found.series) == ["CT", "CT", "CT"]
+    everything = find_series(_client(orthanc))
+    assert len(everything.studies) == 5 and len(everything.series) == 5
+    assert {"DOE^JANE0", "PID-SECRET-1"} <= everything.patient_values  # known, so redacted from logs
+    dated = find_series(_client(orthanc), "Modality=CT&StudyDate=20240101-20241231")
+    assert len(dated.studies) == 2  # only the synthetic ones are of 2024
+
+
+def test_push_stores_one_seg_per_series_equal_to_the_mask_and_resumes(orthanc, ct_studies, tmp_path, segmenter):
+    out = tmp_path / "out"
+    first = _run(orthanc, out, segmenter, query="Modality=CT&StudyDate=20240101-20241231", push=True)
+    assert exit_code(first.results) == 0
+    assert (first.retrieved, first.kept, first.stored, first.push_failed) == (2, 0, 2, 0)
+    assert first.peak_series_on_disk <= 3
+    assert not (out / ".cache" / "dicomweb").exists()  # the cache is gone once the cases are written
+    rows = _rows(out)
+    assert sorted(r["status"] for r in rows.values()) == ["done", "done"]
+    assert all(r["pushed"] is True and not r["push_error"] for r in rows.values())
+    assert orthanc.modality_count("SEG") == 2  # one SEG per series
+    uid_to_study = {pydicom.dcmread(files[0]).SeriesInstanceUID: (files, label)
+                    for files, label in ct_studies.values()}
+    client = _client(orthanc)
+    for case_id, row in rows.items():
+        files, label = uid_to_study[row["series_uid"]]
+        local = pydicom.dcmread(out / f"{case_id}_seg.dcm")
+        # the SEG as the archive gives it back (WADO-RS), decoded by highdicom
+        back = client.retrieve_instance(local.StudyInstanceUID, local.SeriesInstanceUID, local.SOPInstanceUID)
+        seg = hd.seg.Segmentation.from_dataset(back)
+        sop_uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+        pixels = seg.get_pixels_by_source_instance(sop_uids, assert_missing_frames_are_empty=True)
+        mask = nib.load(out / f"{case_id}_seg.nii.gz")
+        onto_grid = read_dicom_seg(_saved(back, tmp_path / f"{case_id}.dcm"), files, mask.affine, mask.shape)
+        np.testing.assert_array_equal(onto_grid, np.asarray(mask.dataobj))  # the archive's SEG is the mask
+        # ... and the mask is the label (known network), pixel k of file k = mask frame by frame
+        assert int(pixels.sum()) == int(label.sum()) > 0
+
+    second = _run(orthanc, out, segmenter, query="Modality=CT&StudyDate=20240101-20241231", push=True)
+    assert (second.retrieved, second.kept, second.stored) == (0, 2, 0)
+    assert second.requests == {"GET": 3}  # one study search + one series search per study; no WADO, no STOW
+    assert all(r.resumed and r.pushed for r in second.results)
+    assert orthanc.modality_count("SEG") == 2
+
+    # a partial push (one file lost by the archive's bookkeeping): the re-run stores exactly that one
+    state = json.loads((out / STATE_NAME).read_text())
+    lost_uid = sorted(state["series"])[0]
+    state["series"][lost_uid]["pushed"] = {}
+    (out / STATE_NAME).write_text(json.dumps(state))
+    third = _run(orthanc, out, segmenter, query="Modality=CT&StudyDate=20240101-20241231", push=True)
+    assert (third.retrieved, third.stored) == (0, 1)
+    assert third.requests.get("POST") == 1
+
+
+def test_a_series_deleted_after_the_search_fails_alone(orthanc, ct_studies, tmp_path, segmenter):
+    victim = pydicom.dcmread(ct_studies["synth1"][0][0]).SeriesInstanceUID
+
+    def delete_before_retrieve(series):
+        if series.series_uid == victim:
+            orthanc.delete_series(victim)
+
+    out = tmp_path / "out"
+    run = _run(orthanc, out, segmenter, push=True, before_retrieve=delete_before_retrieve)
+    by_uid = {r.series_uid: r for r in run.results}
+    assert by_uid[victim].status == "failed"
+    assert "404" in by_uid[victim].error and "no longer in the archive" in by_uid[victim].error
+    others = [r for uid, r in by_uid.items() if uid != victim]
+    assert len(others) == 1 and others[0].status == "done" and others[0].pushed
+    assert exit_code(run.results) == 1  # as for folders: some failed
+    assert _rows(out)[by_uid[victim].case_id]["error"] == by_uid[victim].error
+
+
+def _saved(dataset, path):
+    dataset.save_as(path, enforce_file_format=True)
+    return path
