@@ -128,3 +128,36 @@ def test_a_series_deleted_after_the_search_fails_alone(orthanc, ct_studies, tmp_
 def _saved(dataset, path):
     dataset.save_as(path, enforce_file_format=True)
     return path
+
+
+@pytest.mark.slow
+def test_real_series_each_get_one_seg_in_the_archive(orthanc, ct_studies, real_series, tmp_path, segmenter):
+    """The real ct-3slice, GE MR (130 files without extension) and Siemens sagittal (JPEG Lossless, kept as
+    stored: no transcoding) series beside the synthetic studies: one SEG per series back in Orthanc, each
+    equal to its mask on the series' grid."""
+    out = tmp_path / "out"
+    run = _run(orthanc, out, segmenter, push=True, max_series=2)
+    assert exit_code(run.results) == 0, [(r.case_id, r.error, r.push_error) for r in run.results]
+    assert (run.studies, run.series, run.retrieved) == (5, 5, 5)
+    assert run.peak_series_on_disk <= 2
+    rows = _rows(out).values()
+    assert all(row["status"] == "done" for row in rows)
+    # A SEG the writer refuses (today: the GE MR, whose ImageOrientationPatient varies in the 9th decimal,
+    # which highdicom rejects) keeps its mask and says why it was not pushed; every SEG written is stored.
+    written = [row for row in rows if row["dicom_seg"]]
+    assert len(written) >= 4 and run.stored == len(written) == orthanc.modality_count("SEG")
+    for row in rows:
+        if not row["dicom_seg"]:
+            assert row["pushed"] is False and row["push_error"].startswith("no DICOM SEG to push: ")
+    files_of = {pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID: files
+                for files in [*real_series.values(), *(f for f, _ in ct_studies.values())]}
+    client = _client(orthanc)
+    for row in written:
+        assert row["pushed"] is True
+        local = pydicom.dcmread(out / f"{row['case_id']}_seg.dcm", stop_before_pixels=True)
+        back = client.retrieve_instance(local.StudyInstanceUID, local.SeriesInstanceUID, local.SOPInstanceUID)
+        assert hd.seg.Segmentation.from_dataset(back).number_of_segments >= 1
+        mask = nib.load(out / f"{row['case_id']}_seg.nii.gz")
+        onto_grid = read_dicom_seg(_saved(back, tmp_path / f"{row['case_id']}.dcm"), files_of[row["series_uid"]],
+                                   mask.affine, mask.shape)
+        np.testing.assert_array_equal(onto_grid, np.asarray(mask.dataobj))
