@@ -11,6 +11,7 @@ retrieved.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ SERIES_KEYS = ("Modality", "SeriesDescription", "SeriesNumber", "SeriesInstanceU
                "ProtocolName", "SeriesDate", "PerformedProcedureStepStartDate")
 NOT_IMAGES = ("SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG", "DOC", "OT_REPORT")
 PATIENT_FIELDS = ("PatientName", "PatientID", "AccessionNumber")
+QIDO_PAGE = 500  # answers per search request
 _KEYWORD = re.compile(r"^[A-Za-z][A-Za-z0-9]*$|^[0-9A-Fa-f]{8}$")
 
 
@@ -87,7 +89,7 @@ def find_series(client, query: Optional[str] = None, studies: Sequence[str] = ()
     study_uids: list[str] = []
     values: set[str] = set()
     for filters in searches:
-        for item in client.search_for_studies(search_filters=filters, fields=list(PATIENT_FIELDS)):
+        for item in search_all(client.search_for_studies, search_filters=filters, fields=list(PATIENT_FIELDS)):
             ds = Dataset.from_json(item)
             uid = str(ds.get("StudyInstanceUID", ""))
             if uid and uid not in study_uids:
@@ -95,14 +97,35 @@ def find_series(client, query: Optional[str] = None, studies: Sequence[str] = ()
             values.update(str(ds.get(k)) for k in PATIENT_FIELDS if ds.get(k))
     found: list[RemoteSeries] = []
     for uid in study_uids:
-        for item in client.search_for_series(study_instance_uid=uid, search_filters=series_filters,
-                                             fields=["NumberOfSeriesRelatedInstances"]):
+        for item in search_all(client.search_for_series, study_instance_uid=uid, search_filters=series_filters,
+                               fields=["NumberOfSeriesRelatedInstances"]):
             ds = Dataset.from_json(item)
             found.append(RemoteSeries(
                 study_uid=uid, series_uid=str(ds.get("SeriesInstanceUID", "")), modality=str(ds.get("Modality", "")),
                 series_number=_int(ds.get("SeriesNumber")), instances=_int(ds.get("NumberOfSeriesRelatedInstances"))))
     log.info("the archive's search found %d study(ies), %d series", len(study_uids), len(found))
     return Found(sorted(found, key=lambda s: s.name), study_uids, values)
+
+
+def search_all(search, page: int = QIDO_PAGE, **kwargs) -> list[dict]:
+    """Every answer of a QIDO-RS search, ``page`` at a time (``limit``/``offset``). Stops at a short page,
+    or at a page with nothing new: an archive that ignores ``offset`` (Orthanc 1.10's plugin does) would
+    otherwise be asked for ever (dicomweb-client's own ``get_remaining`` loops there)."""
+    answers: list[dict] = []
+    seen: set[str] = set()
+    offset = 0
+    while True:
+        items = search(limit=page, offset=offset, **kwargs)
+        new = []
+        for item in items:
+            key = json.dumps(item, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                new.append(item)
+        answers += new
+        if len(items) < page or not new:
+            return answers
+        offset += len(items)
 
 
 def _int(value) -> Optional[int]:

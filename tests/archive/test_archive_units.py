@@ -258,3 +258,25 @@ def test_state_file_is_json(tmp_path):
     state.set_series("1", key="k", name="n", status="failed", cases=[])
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["format"] == "medseg-dicomweb-state" and data["series"]["1"]["status"] == "failed"
+
+
+class _Pages:
+    """A QIDO search over ``n`` answers that honours ``offset`` or, like Orthanc 1.10, ignores it."""
+
+    def __init__(self, n, honours_offset):
+        self.items = [{"0020000D": {"vr": "UI", "Value": [f"1.2.{k}"]}} for k in range(n)]
+        self.honours_offset, self.calls = honours_offset, 0
+
+    def __call__(self, limit, offset, **kwargs):
+        self.calls += 1
+        start = offset if self.honours_offset else 0
+        return self.items[start:start + limit]
+
+
+@pytest.mark.parametrize("n, honours, calls, found", [(7, True, 3, 7), (6, True, 3, 6), (2, True, 1, 2),
+                                                       (7, False, 2, 3)])
+def test_search_is_paged_and_never_loops(n, honours, calls, found):
+    from pipeline.archive.query import search_all
+
+    search = _Pages(n, honours)
+    assert len(search_all(search, page=3)) == found and search.calls == calls
