@@ -3,8 +3,9 @@
 Every ``<case>_seg.dcm`` and ``<case>_rtstruct.dcm`` (written by ``--rtstruct``, when present) of a
 done case is stored, unless the state file records the same bytes (sha256) as already stored: a
 re-run pushes nothing twice, and after a partial failure exactly what is missing. A refused store (HTTP
-error, or a STOW response listing the instance under FailedSOPSequence) is the case's ``push_error``;
-the other cases go on.
+error, a STOW response listing the instance under FailedSOPSequence, or an archive that answers success
+but does not hold the instance when asked with QIDO-RS right after) is the case's ``push_error``; the
+other cases go on.
 """
 
 from __future__ import annotations
@@ -79,4 +80,17 @@ def store_file(client, path: Path) -> Optional[str]:
     if failed:
         reasons = sorted({f"0x{int(item.get('FailureReason', 0)):04X}" for item in failed})
         return f"store refused by the archive (FailureReason {', '.join(reasons)})"
+    return _check_stored(client, dataset)
+
+
+def _check_stored(client, dataset) -> Optional[str]:
+    """Ask the archive (QIDO-RS) whether it really holds the instance: an archive may answer a STOW with
+    success and still drop the instance (Orthanc 1.10's plugin does when a filter refuses it)."""
+    try:
+        found = client.search_for_instances(study_instance_uid=str(dataset.StudyInstanceUID),
+                                            search_filters={"SOPInstanceUID": str(dataset.SOPInstanceUID)})
+    except Exception as exc:
+        return f"stored, but the check that the archive holds it failed: {describe_error(exc)}"
+    if not found:
+        return "store refused: the archive answered the STOW-RS request but does not hold the instance"
     return None

@@ -48,9 +48,11 @@ def free_ports(n: int) -> list[int]:
 
 
 class OrthancServer:
-    def __init__(self, root: Path, users: Optional[dict] = None):
+    def __init__(self, root: Path, users: Optional[dict] = None, lua: Optional[str] = None):
+        """``lua``: a Lua script for Orthanc (e.g. a ``ReceivedInstanceFilter`` that refuses instances)."""
         self.root = Path(root)
         self.users = dict(users or {})
+        self.lua = lua
         self.http_port, self.dicom_port = free_ports(2)
         self.process: Optional[subprocess.Popen] = None
         self.log_path = self.root / "orthanc.log"
@@ -74,6 +76,10 @@ class OrthancServer:
             "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "HttpThreadsCount": 8, "StableAge": 1, "SaveJobs": False,
         }
+        if self.lua:
+            script = self.root / "filter.lua"
+            script.write_text(self.lua)
+            config["LuaScripts"] = [str(script)]
         path = self.root / "orthanc.json"
         path.write_text(json.dumps(config, indent=1))
         binary = ORTHANC if Path(ORTHANC).is_file() else shutil.which("Orthanc")

@@ -163,3 +163,52 @@ def test_real_series_each_get_one_seg_in_the_archive(orthanc, ct_studies, real_s
         onto_grid = read_dicom_seg(_saved(back, tmp_path / f"{row['case_id']}.dcm"), files_of[row["series_uid"]],
                                    mask.affine, mask.shape)
         np.testing.assert_array_equal(onto_grid, np.asarray(mask.dataobj))
+
+
+def test_a_refused_store_fails_alone_and_the_re_run_pushes_exactly_it(tmp_path, segmenter):
+    """Orthanc refuses one study's SEG (a Lua ReceivedInstanceFilter, while a flag file exists); its
+    DICOMweb plugin still answers the STOW with success, so only asking it afterwards shows the refusal."""
+    from tests.archive.conftest import write_ct_studies
+    from tests.archive.orthanc_server import OrthancServer, skip_reason
+
+    if skip_reason():
+        pytest.skip(skip_reason())
+    flag = tmp_path / "refuse-seg"
+    flag.write_text("on")
+    lua = f'''
+function ReceivedInstanceFilter(dicom, origin, info)
+  if dicom.Modality == "SEG" and dicom.PatientID == "PID-SECRET-1" then
+    local f = io.open("{flag}", "r")
+    if f ~= nil then f:close() return false end
+  end
+  return true
+end
+'''
+    orthanc = OrthancServer(tmp_path / "orthanc", users={USER: PASSWORD}, lua=lua).start()
+    try:
+        studies = write_ct_studies(tmp_path / "ct")
+        for files, _ in studies.values():
+            orthanc.upload(files)
+        refused_uid = pydicom.dcmread(studies["synth1"][0][0]).SeriesInstanceUID
+        out = tmp_path / "out"
+        first = _run(orthanc, out, segmenter, push=True)
+        assert (first.stored, first.push_failed) == (1, 1)
+        by_uid = {r.series_uid: r for r in first.results}
+        assert by_uid[refused_uid].status == "done" and by_uid[refused_uid].pushed is False
+        assert by_uid[refused_uid].push_error == (f"{by_uid[refused_uid].case_id}_seg.dcm: store refused: the "
+                                                  "archive answered the STOW-RS request but does not hold the instance")
+        row = _rows(out)[by_uid[refused_uid].case_id]
+        assert row["pushed"] is False and "store refused" in row["push_error"]
+        assert orthanc.modality_count("SEG") == 1
+
+        flag.unlink()  # the archive accepts it now: the re-run stores exactly the missing SEG
+        second = _run(orthanc, out, segmenter, push=True)
+        assert (second.retrieved, second.stored, second.push_failed) == (0, 1, 0)
+        assert second.requests["POST"] == 1
+        done = [r for r in second.results if r.status == "done"]
+        assert len(done) == 2 and all(r.pushed and not r.push_error for r in done)
+        skipped = [r for r in second.results if r.status == "skipped"]  # the SEG stored by the first run
+        assert [r.error for r in skipped] == ["modality SEG: not an image series (not retrieved)"]
+        assert orthanc.modality_count("SEG") == 2
+    finally:
+        orthanc.stop()

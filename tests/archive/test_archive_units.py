@@ -173,6 +173,9 @@ class _StowClient:
         self.stored.append(name)
         return pydicom.Dataset()
 
+    def search_for_instances(self, study_instance_uid, search_filters):
+        return [{"00080018": {"vr": "UI", "Value": [search_filters["SOPInstanceUID"]]}}]
+
 
 def _dicom(path, description):
     ds = pydicom.Dataset()
