@@ -521,7 +521,8 @@ def _parser() -> argparse.ArgumentParser:
     archive.add_argument("--ca-bundle", default=None, metavar="FILE", help="PEM file of the CA to trust for https")
     archive.add_argument("--insecure", action="store_true", help="do not verify the archive's TLS certificate")
     archive.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
-                         help="seconds to wait for each answer of the archive (default 60)")
+                         help="seconds to wait for each answer of the archive (default 60; each request is "
+                              "tried 3 times, with back-off, before its series fails)")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("manifest", parents=[common],

@@ -21,15 +21,19 @@ from pipeline.errors import InputError
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_ATTEMPTS = 3
 
 
 @dataclass
 class ClientOptions:
-    """How to reach the archive: ``timeout_s`` per request (connect and read), TLS settings."""
+    """How to reach the archive: ``timeout_s`` per attempt (connect and read), ``attempts`` per request
+    (dicomweb-client retries timeouts, lost connections and HTTP 429/408/503/504 with exponential back-off),
+    TLS settings."""
 
     ca_bundle: Optional[Union[str, Path]] = None
     insecure: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S
+    attempts: int = DEFAULT_ATTEMPTS
 
 
 @dataclass
@@ -63,7 +67,10 @@ def make_client(url: ArchiveURL, credentials: Credentials, options: Optional[Cli
     session.verify = _verify(url, options)
     if counter is not None:
         session.hooks["response"].append(counter.hook)
-    return DICOMwebClient(url.base, session=session, timeout=options.timeout_s)
+    client = DICOMwebClient(url.base, session=session, timeout=options.timeout_s)
+    attempts = max(1, int(options.attempts))
+    client.set_http_retry_params(retry=attempts > 1, max_attempts=attempts, wait_exponential_multiplier=500)
+    return client
 
 
 def _verify(url: ArchiveURL, options: ClientOptions):

@@ -63,7 +63,7 @@ def retrieve_series(client, series: RemoteSeries, folder: Path) -> int:
     return count
 
 
-def describe_retrieve_error(exc: BaseException, timeout_s: Optional[float] = None) -> str:
+def describe_retrieve_error(exc: BaseException, timeout_s: Optional[float] = None, attempts: int = 1) -> str:
     """A one-line reason for the manifest: HTTP status (404 says the series is gone), timeout, connection."""
     import requests
 
@@ -73,8 +73,9 @@ def describe_retrieve_error(exc: BaseException, timeout_s: Optional[float] = Non
             return "retrieve failed: HTTP 404 Not Found (the series is no longer in the archive; deleted after the search?)"
         return f"retrieve failed: HTTP {status} {exc.response.reason or ''}".rstrip()
     if isinstance(exc, requests.Timeout):
-        after = f" after {timeout_s:g} s" if timeout_s else ""
-        return f"retrieve failed: the archive did not answer{after} (timeout)"
+        after = f" within {timeout_s:g} s" if timeout_s else ""
+        tries = f", {attempts} attempts" if attempts > 1 else ""
+        return f"retrieve failed: the archive did not answer{after} (timeout{tries})"
     if isinstance(exc, requests.ConnectionError):
         return "retrieve failed: cannot connect to the archive (connection refused or reset)"
     return f"retrieve failed: {describe_error(exc)}"
@@ -88,11 +89,11 @@ class SeriesFetcher:
     """
 
     def __init__(self, client, series: Sequence[RemoteSeries], cache: Path, *, max_series: int = DEFAULT_MAX_SERIES,
-                 timeout_s: Optional[float] = None,
+                 timeout_s: Optional[float] = None, attempts: int = 1,
                  before_retrieve: Optional[Callable[[RemoteSeries], None]] = None):
         self.client, self.series, self.cache = client, list(series), Path(cache)
         self.max_series = max(1, int(max_series))
-        self.timeout_s = timeout_s
+        self.timeout_s, self.attempts = timeout_s, attempts
         self.before_retrieve = before_retrieve
         self._slots = threading.Semaphore(self.max_series)
         self._out: queue.Queue = queue.Queue()
@@ -157,7 +158,7 @@ class SeriesFetcher:
                 self.before_retrieve(series)
             count = retrieve_series(self.client, series, folder)
         except Exception as exc:  # one series fails, the run goes on
-            reason = describe_retrieve_error(exc, self.timeout_s)
+            reason = describe_retrieve_error(exc, self.timeout_s, self.attempts)
             log.error("series %s: %s", series.name, reason)
             return Fetched(series, error=reason, seconds=time.perf_counter() - start)
         self.retrieved += 1

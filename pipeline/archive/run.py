@@ -199,7 +199,7 @@ class _ArchiveJob:
         to_fetch = [s for s in images if not self._kept(s)]
         kept = len(images) - len(to_fetch)
         self.fetcher = SeriesFetcher(self.client, to_fetch, self.cache, max_series=self.options.max_series,
-                                     timeout_s=self.options.client.timeout_s,
+                                     timeout_s=self.options.client.timeout_s, attempts=self.options.client.attempts,
                                      before_retrieve=self.options.before_retrieve)
         self.run.on_case = self._case_written
         run_log.info("archive run started: %d series, %d done by an earlier run (not retrieved), %d to retrieve",

@@ -212,3 +212,29 @@ end
         assert orthanc.modality_count("SEG") == 2
     finally:
         orthanc.stop()
+
+
+def test_a_retrieval_that_times_out_fails_alone(orthanc, ct_studies, tmp_path, segmenter):
+    """Orthanc is frozen (SIGSTOP) just before one series is retrieved and thawed after the client's
+    timeout: that series fails with the timeout as its reason, the next one is retrieved."""
+    import os
+    import signal
+    import threading
+
+    from pipeline.archive.client import ClientOptions
+
+    frozen = []
+
+    def freeze_once(series):
+        if not frozen:
+            frozen.append(series.series_uid)
+            os.kill(orthanc.process.pid, signal.SIGSTOP)
+            threading.Timer(2.5, os.kill, (orthanc.process.pid, signal.SIGCONT)).start()
+
+    out = tmp_path / "out"
+    run = _run(orthanc, out, segmenter, before_retrieve=freeze_once, client=ClientOptions(timeout_s=2.0, attempts=1))
+    by_uid = {r.series_uid: r for r in run.results}
+    assert by_uid[frozen[0]].status == "failed"
+    assert by_uid[frozen[0]].error == "retrieve failed: the archive did not answer within 2 s (timeout)"
+    assert [r.status for uid, r in by_uid.items() if uid != frozen[0]] == ["done"]
+    assert run.retrieved == 1 and exit_code(run.results) == 1

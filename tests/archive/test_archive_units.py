@@ -251,8 +251,9 @@ def test_retrieve_errors_are_one_line_reasons():
     response.status_code, response.reason = 503, "Service Unavailable"
     assert describe_retrieve_error(requests.HTTPError(response=response)) == \
         "retrieve failed: HTTP 503 Service Unavailable"
-    assert "timeout" in describe_retrieve_error(requests.Timeout(), 5.0)
-    assert "after 5 s" in describe_retrieve_error(requests.ReadTimeout(), 5.0)
+    assert describe_retrieve_error(requests.Timeout(), 5.0) == \
+        "retrieve failed: the archive did not answer within 5 s (timeout)"
+    assert "within 5 s (timeout, 3 attempts)" in describe_retrieve_error(requests.ReadTimeout(), 5.0, 3)
     assert "cannot connect" in describe_retrieve_error(requests.ConnectionError())
 
 
