@@ -190,6 +190,7 @@ class _ArchiveJob:
 
     def execute(self, background: bool, isolate_reading: bool) -> ArchiveRun:
         start = time.perf_counter()
+        shutil.rmtree(self.cache, ignore_errors=True)  # what a killed run left
         images = [s for s in self.found.series if s.is_image]
         for series in self.found.series:
             if not series.is_image:
@@ -249,7 +250,7 @@ class _ArchiveJob:
         if self.dicom_seg and not outputs.dicom_seg.is_file() and not data.get("dicom_seg_error"):
             return None
         case = Case(case_id, str(self.cache / series.name), "dicom", series_uid=series.series_uid)
-        result = result_from_sidecar(data, case, outputs, self._source(series, case_id))
+        result = result_from_sidecar(data, case, outputs, self._source(series))
         result.resumed = True
         return result
 
@@ -329,5 +330,6 @@ class _ArchiveJob:
         self.run.save_reports()
         return stored, failed
 
-    def _source(self, series: RemoteSeries, case_id: str = "") -> str:
+    def _source(self, series: RemoteSeries) -> str:
+        """The manifest's ``source`` of a series: as the cache folder's path is written (``dicomweb/<name>``)."""
         return f"{self.redact.root_name}/{series.name}"
