@@ -42,10 +42,10 @@ def _client(orthanc, counter=None):
     return make_client(parse_archive_url(orthanc.dicomweb), CREDENTIALS, counter=counter)
 
 
-def _run(orthanc, out, segmenter, **options):
+def _run(orthanc, out, segmenter, on_case=None, **options):
     options.setdefault("credentials", CREDENTIALS)
     return segment_archive(orthanc.dicomweb, out, segmenter, archive=ArchiveOptions(**options), qc=False,
-                           isolate_reading=False)
+                           isolate_reading=False, on_case=on_case)
 
 
 def _rows(out) -> dict:
@@ -65,8 +65,13 @@ def test_query_finds_the_ct_studies(orthanc, ct_studies, real_series):
 
 def test_push_stores_one_seg_per_series_equal_to_the_mask_and_resumes(orthanc, ct_studies, tmp_path, segmenter):
     out = tmp_path / "out"
-    first = _run(orthanc, out, segmenter, query="Modality=CT&StudyDate=20240101-20241231", push=True)
+    events = []
+    first = _run(orthanc, out, segmenter, query="Modality=CT&StudyDate=20240101-20241231", push=True,
+                 before_retrieve=lambda series: events.append(("retrieve", series.name)),
+                 on_case=lambda result: events.append(("written", result.case_id)))
     assert exit_code(first.results) == 0
+    # retrieval overlaps the batch run: the second series is asked for before the first case is written
+    assert [kind for kind, _ in events] == ["retrieve", "retrieve", "written", "written"]
     assert (first.retrieved, first.kept, first.stored, first.push_failed) == (2, 0, 2, 0)
     assert first.peak_series_on_disk <= 3
     assert not (out / ".cache" / "dicomweb").exists()  # the cache is gone once the cases are written
