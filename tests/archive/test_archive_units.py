@@ -284,3 +284,14 @@ def test_search_is_paged_and_never_loops(n, honours, calls, found):
 
     search = _Pages(n, honours)
     assert len(search_all(search, page=3)) == found and search.calls == calls
+
+
+def test_cli_refuses_archive_flags_for_a_folder_and_credentials_in_the_address(tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["segment", str(tmp_path), str(tmp_path / "out"), "--model", "m.pt", "--push"]) == 2
+    assert "need a dicomweb+http(s):// address" in capsys.readouterr().err
+    assert main(["segment", "dicomweb+http://me:hunter2@pacs/dicom-web", str(tmp_path / "out"),
+                 "--model", "m.pt"]) == 2
+    err = capsys.readouterr().err
+    assert "never go on the command line" in err and "hunter2" not in err
