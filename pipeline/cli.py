@@ -165,6 +165,13 @@ def cmd_segment(args) -> int:
 
         model = Segmenter.from_checkpoints(model, device=args.device, backend=args.backend, tta=args.tta)
         select = override_config(model.config, args.overrides, allowed_prefix="input.").input
+    from pipeline.archive.url import is_archive_url
+
+    if is_archive_url(args.input_dir):
+        return _segment_archive(args, model, select, start)
+    if args.push or args.query or args.study:
+        print("error: --push, --query and --study need a dicomweb+http(s):// address as the input", file=sys.stderr)
+        return 2
     results = segment_folder(args.input_dir, args.output_dir, model, device=args.device, backend=args.backend,
                              overwrite=args.overwrite, shard=args.shard, dicom_seg=args.dicom_seg,
                              qc=not args.no_qc, progress=not args.quiet, select=select,
@@ -189,6 +196,41 @@ def cmd_segment(args) -> int:
     else:
         print(f"manifest: {files.manifest_csv}  lesions: {files.lesions_csv}  report: {files.index_html}")
     return exit_code(results)
+
+
+def _segment_archive(args, model, select, start: float) -> int:
+    """``medseg segment dicomweb+http://HOST:PORT/dicom-web OUT ...``: :func:`pipeline.archive.run.segment_archive`."""
+    import time
+
+    from pipeline.archive.client import ClientOptions
+    from pipeline.archive.run import ArchiveOptions, segment_archive
+    from pipeline.batch import exit_code, summarise
+
+    if args.shard or args.save_probabilities or args.keep_paths:
+        print("error: --shard, --save-probabilities and --keep-paths are for folders, not DICOMweb archives",
+              file=sys.stderr)
+        return 2
+    options = ArchiveOptions(query=args.query, studies=list(args.study or []), push=args.push,
+                             credentials_file=args.credentials,
+                             client=ClientOptions(ca_bundle=args.ca_bundle, insecure=args.insecure,
+                                                  timeout_s=args.timeout))
+    run = segment_archive(args.input_dir, args.output_dir, model, archive=options, device=args.device,
+                          backend=args.backend, overwrite=args.overwrite, dicom_seg=args.dicom_seg,
+                          qc=not args.no_qc, progress=not args.quiet, select=select, tta=args.tta)
+    results = run.results
+    for r in results:
+        if r.status == "failed":
+            print(f"failed: {r.case_id}: {r.error}", file=sys.stderr)
+        elif r.push_error:
+            print(f"not pushed: {r.case_id}: {r.push_error}", file=sys.stderr)
+    s = summarise(results)
+    print(f"archive: {run.studies} study(ies), {run.series} series; retrieved {run.retrieved}, "
+          f"{run.kept} kept from an earlier run" + (f"; stored {run.stored} file(s)" if args.push else ""))
+    print(f"done {s['done']} ({s['resumed']} from an earlier run), skipped {s['skipped']}, failed {s['failed']}"
+          + (f", not pushed {run.push_failed}" if args.push else "")
+          + f"; {s['lesions']} lesion(s), {s['lesion_volume_ml']:.2f} mL; {time.perf_counter() - start:.1f} s")
+    code = exit_code(results)
+    return max(code, 1) if run.push_failed and s["done"] else code
 
 
 def cmd_manifest(args) -> int:
@@ -439,7 +481,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("segment", parents=[common], help="segment every scan under a folder")
-    p.add_argument("input_dir", help="folder of NIfTI files and/or DICOM series (searched recursively)")
+    p.add_argument("input_dir", help="folder of NIfTI files and/or DICOM series (searched recursively), or a "
+                                     "DICOMweb archive: dicomweb+http(s)://HOST:PORT/PATH")
     p.add_argument("output_dir", help="masks are written as <case>_seg.nii.gz")
     p.add_argument("overrides", nargs="*", help="input selection/repair rules on top of the model's, e.g. "
                                                 "input.modalities=[CT] input.on_gantry_tilt=resample")
@@ -466,6 +509,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom-seg", action="store_true", help="also write <case>_seg.dcm (DICOM SEG) for DICOM series")
     p.add_argument("--no-qc", action="store_true", help="no QC pictures (qc/<case>.png)")
     p.add_argument("--keep-paths", action="store_true", help=_KEEP_PATHS_HELP)
+    archive = p.add_argument_group("DICOMweb archive (INPUT_DIR = dicomweb+http(s)://HOST:PORT/PATH)")
+    archive.add_argument("--query", default=None, metavar="KEY=VALUE&...",
+                         help="QIDO-RS search, e.g. \"Modality=CT&StudyDate=20240101-20241231\"")
+    archive.add_argument("--study", nargs="+", default=None, metavar="UID", help="only these StudyInstanceUIDs")
+    archive.add_argument("--push", action="store_true",
+                         help="store each <case>_seg.dcm (and <case>_rtstruct.dcm) back with STOW-RS; implies --dicom-seg")
+    archive.add_argument("--credentials", default=None, metavar="FILE",
+                         help="mode-0600 file: user:password, bearer TOKEN or JSON (default: the environment, "
+                              "MEDSEG_DICOMWEB_USER/MEDSEG_DICOMWEB_PASSWORD or MEDSEG_DICOMWEB_TOKEN)")
+    archive.add_argument("--ca-bundle", default=None, metavar="FILE", help="PEM file of the CA to trust for https")
+    archive.add_argument("--insecure", action="store_true", help="do not verify the archive's TLS certificate")
+    archive.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
+                         help="seconds to wait for each answer of the archive (default 60; each request is "
+                              "tried 3 times, with back-off, before its series fails)")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("manifest", parents=[common],

@@ -16,7 +16,7 @@ from pipeline.batch.runlog import run_log
 from pipeline.io.discover import Case
 from pipeline.io.privacy import Redactor
 
-__all__ = ["Plan", "plan_run"]
+__all__ = ["Plan", "plan_run", "result_from_sidecar"]
 
 
 @dataclass
@@ -66,6 +66,11 @@ def _previous(case: Case, fingerprint: str, output_dir: Path, redact: Redactor, 
     result = _result_from_sidecar(data, case, outputs, redact.path(case.display_source))
     result.resumed = True
     return result
+
+
+def result_from_sidecar(data: dict, case: Case, outputs: CaseOutputs, source: str) -> CaseResult:
+    """The ``done`` result an earlier run recorded in a case's sidecar (``data``)."""
+    return _result_from_sidecar(data, case, outputs, source)
 
 
 def _result_from_sidecar(data: dict, case: Case, outputs: CaseOutputs, source: str) -> CaseResult:

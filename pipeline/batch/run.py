@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from dataclasses import asdict, replace
-from typing import Optional
+from typing import Iterable, Optional
 
 from pipeline.batch.plan import plan_run
 from pipeline.batch.report.fingerprint import state_dict_sha256
@@ -86,7 +86,15 @@ class BatchRun:
         run_log.info("run started: %d case(s) in this %s, %d already done, %d skipped by discovery; model %s",
                      len(cases), f"shard {self.files.shard}" if self.files.shard else "run",
                      len(cases) - len(todo), len(skipped), self.manifest.meta["model"] or self.model_id)
-        self._open_bar(len(cases), len(cases) - len(todo))
+        return self.run_todo(todo, len(cases), len(cases) - len(todo), start, background=background,
+                             isolate_reading=isolate_reading)
+
+    def run_todo(self, todo: Iterable[tuple[Case, str]], total: int, done_before: int, start: float, *,
+                 background: bool, isolate_reading: bool = True) -> list[CaseResult]:
+        """The stages over ``todo`` ((case, fingerprint) pairs: a list, or a generator that yields cases as
+        they arrive, e.g. from an archive, :mod:`pipeline.archive.run`), then the reports; every result
+        recorded so far (:meth:`record`), in manifest order."""
+        self._open_bar(total, done_before)
         if isolate_reading and todo:
             from pipeline.io.isolated import IsolatedReader
 
@@ -198,12 +206,20 @@ class BatchRun:
 
     # --- reports ----------------------------------------------------------------------------------
 
+    def record(self, result: CaseResult, save: bool = True) -> None:
+        """Add or replace ``result``'s manifest row (and save the reports)."""
+        self._record(result, save=save)
+
     def _record(self, result: CaseResult, save: bool = True) -> None:
         with self._lock:
             self.results[result.case_id or f"source:{result.source}"] = result
             self.manifest.record(result.to_row(), save=False)
             if save:
                 self._save_reports()
+
+    def save_reports(self) -> None:
+        """Rewrite the manifest (its ``meta`` included), ``lesions.csv`` and the index page now."""
+        self._save_reports()
 
     def _save_reports(self) -> None:
         with self._lock:

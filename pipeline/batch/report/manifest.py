@@ -37,6 +37,7 @@ EXTRA_COLUMNS = [
     "kind", "resumed", "seconds_post", "seconds", "output", "sidecar", "qc_png", "dicom_seg",
     "fingerprint", "started", "finished", "host", "dicom_seg_error", "channel_series_uids",
     "model_sha256s", "tta", "probabilities", "probabilities_error",
+    "pushed", "push_error",  # archive runs (pipeline.archive): stored back with STOW-RS, or why not
 ]
 ALL_COLUMNS = MANIFEST_COLUMNS + EXTRA_COLUMNS
 MANIFEST_FORMAT = "medseg-manifest"
