@@ -191,6 +191,15 @@ def cmd_segment(args) -> int:
     return exit_code(results)
 
 
+def cmd_export(args) -> int:
+    from pipeline.export import export_model
+
+    result = export_model(args.checkpoint, args.out, format=args.format, overwrite=args.overwrite)
+    print(f"exported {args.format}: {result.path} in {result.seconds:.1f} s (verified against the checkpoint: "
+          f"largest logit difference {result.max_abs_diff:.2g})")
+    return 0
+
+
 def cmd_manifest(args) -> int:
     from pathlib import Path
 
@@ -362,7 +371,13 @@ _KEEP_PATHS_HELP = ("write full source paths in the outputs and logs (default: r
 
 
 def _parser() -> argparse.ArgumentParser:
-    from pipeline.config.schema import BACKENDS, PROBABILITY_DTYPES, SYNTH_KINDS, TTA_MODES  # torch-free
+    from pipeline.config.schema import (  # torch-free
+        BACKENDS,
+        EXPORT_FORMATS,
+        PROBABILITY_DTYPES,
+        SYNTH_KINDS,
+        TTA_MODES,
+    )
 
     # The flags work before or after the command; SUPPRESS keeps a subcommand's copy from resetting
     # a flag given before the command.
@@ -467,6 +482,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-qc", action="store_true", help="no QC pictures (qc/<case>.png)")
     p.add_argument("--keep-paths", action="store_true", help=_KEEP_PATHS_HELP)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("export", parents=[common],
+                       help="export a checkpoint as ONNX, TorchScript or a MONAI bundle, with what segment needs")
+    p.add_argument("checkpoint", help="checkpoint written by `medseg train` (best.pt)")
+    p.add_argument("out", help="the file (onnx, torchscript) or folder (bundle) to write")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
+                   help="onnx (default): spec in metadata_props; torchscript: spec as medseg.json extra file; "
+                        "bundle: a MONAI bundle folder for `python -m monai.bundle run`")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("manifest", parents=[common],
                        help="merge shard manifests (or rebuild from sidecars): manifest, lesions.csv, index.html")
