@@ -39,9 +39,10 @@ def softmax(y, axis):
     return e / e.sum(axis, keepdims=True)
 
 
-def gaussian(roi, scale):
-    axes = [np.exp(-((np.arange(r) - r // 2) ** 2) / (2 * (r * scale) ** 2)) for r in roi]
-    return np.einsum("i,j,k->ijk", *axes)
+def gaussian(roi, scale, floor):  # MONAI's importance map: centred, peak 1, at least `floor`
+    axes = [np.exp(-((np.arange(r) - (r - 1) / 2) ** 2) / (2 * (r * scale) ** 2)) for r in roi]
+    w = np.einsum("i,j,k->ijk", *axes)
+    return np.maximum(w, max(w.min(), floor))
 
 
 def sliding_window(x, run, roi, overlap, weights, probabilities):  # x: (C, X, Y, Z) -> (K, X, Y, Z)
@@ -94,7 +95,7 @@ def segment(path, session, spec):
         ys = [np.flip(session.run(None, {name: np.ascontiguousarray(np.flip(w, f), np.float32)})[0], f)
               for f in flips]
         return np.mean([softmax(y, 1) for y in ys], axis=0)
-    weights = gaussian(inf["roi_size"], inf["sigma_scale"]) if inf["blend"] == "gaussian" else 1.0
+    weights = gaussian(inf["roi_size"], inf["sigma_scale"], inf["weight_floor"]) if inf["blend"] == "gaussian" else 1.0
     probs = sliding_window(x[(slice(None),) + box], run, inf["roi_size"], inf["overlap"], weights, inf["tta"] != "none")
     on_full = np.zeros((1,) + full, np.float32)  # back to the source grid: zero outside the crop, linear
     binary = probs.shape[0] == 2

@@ -21,6 +21,7 @@ EXTRA_FILE = "medseg.json"
 INPUT_NAME = "x"
 OUTPUT_NAME = "y"
 SIGMA_SCALE = 0.125  # Gaussian blending: sigma = roi / 8 (pipeline.infer.windows)
+WEIGHT_FLOOR = 1e-3  # MONAI's importance map: exp(-d^2 / 2 sigma^2) from the window centre, at least this
 CONNECTIVITY = 26  # connected components of the post-processing (pipeline.postprocess.components)
 
 
@@ -96,6 +97,7 @@ def inference_spec(ckpt: Checkpoint) -> dict:
             "overlap": float(inf.overlap),
             "blend": inf.blend,
             "sigma_scale": SIGMA_SCALE,
+            "weight_floor": WEIGHT_FLOOR,
             "sw_batch_size": int(inf.sw_batch_size),
             "tta": inf.tta,
             "tta_axes": None if inf.tta_axes is None else [int(a) for a in inf.tta_axes],

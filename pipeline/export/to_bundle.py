@@ -115,7 +115,9 @@ def inference_config(config: Config, spec: dict) -> dict:
                     "sw_batch_size": inf["sw_batch_size"], "overlap": inf["overlap"], "mode": inf["blend"],
                     "sigma_scale": inf["sigma_scale"], "padding_mode": "constant"},
         "postprocessing": {"_target_": "Compose", "transforms": post_steps},
-        "run": [f"${MODULE}.segment_all(@dataset, @network, @inferer, @postprocessing, @device)"],
+        "segment": {"_target_": f"{MODULE}.segment_all", "dataset": "@dataset", "network": "@network",
+                    "inferer": "@inferer", "postprocessing": "@postprocessing", "device": "@device"},
+        "run": ["@segment"],
     }
 
 
@@ -134,7 +136,7 @@ def metadata(ckpt: Checkpoint, spec: dict) -> dict:
         "monai_version": monai.__version__,
         "pytorch_version": str(torch.__version__).split("+")[0],
         "numpy_version": numpy.__version__,
-        "optional_packages_version": {"nibabel": _version("nibabel"), "scipy": _version("scipy")},
+        "required_packages_version": {"nibabel": _version("nibabel"), "scipy": _version("scipy")},
         "name": "medseg lesion segmentation",
         "task": "3D lesion segmentation",
         "description": "A medseg U-Net with its preprocessing and post-processing; masks in the source geometry.",
