@@ -124,6 +124,9 @@ def segment(path, session, spec):
 def main(model, in_dir, out_dir):
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     spec = json.loads(session.get_modelmeta().custom_metadata_map["medseg"])
+    net = spec["network"]
+    if (net["in_channels"], net["spatial_dims"], net["padding"]) != (1, 3, "same"):
+        sys.exit(f"this example handles 3D one-channel same-padding models, not {net}")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for path in sorted(Path(in_dir).glob("*.nii*")):
         case = path.name.split(".nii")[0].removesuffix("_0000")

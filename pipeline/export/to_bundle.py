@@ -84,7 +84,7 @@ def inference_config(config: Config, spec: dict) -> dict:
         crop = {"_target_": "CropForegroundd", "keys": "image", "source_key": "image", "margin": pre["crop_margin"],
                 "allow_smaller": True}
         if pre["foreground"] != "above_zero":
-            crop["select_fn"] = f"${MODULE}.above_minimum"
+            crop["select_fn"] = {"_target_": f"{MODULE}.above_minimum", "_mode_": "callable"}
         steps.append(crop)
     post_steps = [
         {"_target_": "Activationsd", "keys": "pred", "softmax": True},

@@ -146,3 +146,30 @@ def test_monai_bundle_run_reproduces_segment_in_source_geometry(trained_checkpoi
         np.testing.assert_allclose(mask.affine, reference.affine, atol=1e-5)
         assert mask.get_data_dtype() == np.uint8
         assert dice(np.asarray(mask.dataobj), reference.labels) >= 0.99
+
+
+@pytest.mark.parametrize("mode", ["zscore", "ct_window"])
+def test_bundle_config_resolves_with_monai(tmp_path, mode, monkeypatch):
+    """The bundle's preprocessing and post-processing instantiate with MONAI's ConfigParser, bundle code
+    included, and preprocess a NIfTI file onto the model's grid."""
+    from monai.bundle import ConfigParser
+
+    from tests.conftest import make_affine, save_nifti
+    from tests.export.conftest import OVERRIDES
+    from tests.helpers import ct_case, tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "model.pt", *OVERRIDES, f"preprocess.intensity.mode={mode}")
+    bundle = export_model(ckpt, tmp_path / "bundle", "bundle").path
+    image, _ = ct_case((40, 36, 14), seed=3)
+    scan = save_nifti(image, make_affine("LPS", spacing=(1.0, 1.0, 2.5)), tmp_path / "in" / "a.nii.gz")
+    monkeypatch.syspath_prepend(str(bundle))
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["dataset_dir"] = str(scan.parent)
+    assert [d["image"] for d in parser.get_parsed_content("datalist")] == [str(scan)]
+    out = parser.get_parsed_content("preprocessing")({"image": str(scan)})["image"]
+    assert out.shape[0] == 1 and np.allclose(np.abs(np.diag(np.asarray(out.affine))[:3]), [1.2, 1.2, 2.5])
+    steps = [type(t).__name__ for t in parser.get_parsed_content("postprocessing").transforms]
+    assert steps == ["Activationsd", "Invertd", "Decided", "RemoveSmallComponentsd", "SaveImaged"]
+    if mode == "zscore":
+        assert abs(float(out.mean())) < 0.5  # z-scored (then cropped to the body)
