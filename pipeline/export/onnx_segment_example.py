@@ -25,8 +25,28 @@ def normalise(x, n):  # one channel, as medseg's preprocessing (spec preprocess.
     return (x - v.mean()) / max(v.std(ddof=1) if n["scheme"] == "zscore_body" else v.std(), 1e-8)
 
 
+def spacing_grid(shape, affine, pixdim):  # MONAI Spacingd's output grid: (shape, affine)
+    pixdim = np.where(np.abs(np.sqrt((affine[:3, :3] ** 2).sum(0)) - pixdim) <= 1e-3,
+                      np.sqrt((affine[:3, :3] ** 2).sum(0)), pixdim)
+    zs = np.linalg.cholesky(affine[:3, :3].T @ affine[:3, :3]).T
+    grid = np.eye(4)
+    grid[:3, :3] = affine[:3, :3] @ np.linalg.inv(zs) @ np.diag(np.sign(np.diag(zs)) * pixdim)
+    corners = np.vstack([np.array(list(itertools.product(*[(0, s - 1) for s in shape]))).T, np.ones(8)])
+    dist = np.linalg.solve(grid, affine) @ corners
+    out_shape = np.round(np.ptp(dist[:3] / dist[3], axis=1) + 1).astype(int)
+    first = [i for i in range(8) if np.allclose(np.min(dist[:3] - dist[:3, i:i + 1], 1), 0, rtol=1e-3)]
+    grid[:3, 3] = (affine @ corners)[:3, first[0]] if first else (
+        affine[:3, :3] @ (np.asarray(shape) / 2) + affine[:3, 3] - grid[:3, :3] @ (out_shape / 2))
+    return tuple(int(v) for v in out_shape), grid
+
+
 def foreground(x, rule):
     return x > 0 if rule == "above_zero" else x > x.min()
+
+
+def among(components, chosen):  # the voxels of the components (not the background, 0) where `chosen` holds
+    index = np.flatnonzero(chosen)
+    return np.isin(components, index[index != 0])
 
 
 def largest(mask):
@@ -74,11 +94,13 @@ def segment(path, session, spec):
     oriented_shape = x.shape
     affine = scan.affine @ nib.orientations.inv_ornt_aff(ornt, source.shape)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    ratio = np.ones(3) if pre["spacing"] is None else np.asarray(pre["spacing"]) / spacing
+    target = spacing if pre["spacing"] is None else np.asarray(pre["spacing"], dtype=np.float64)
+    ratio = target / spacing
     if np.any(np.maximum(0, (ratio - 1) / 2) > 0.05):  # anti-aliasing before downsampling
         x = ndimage.gaussian_filter(x, np.maximum(0, (ratio - 1) / 2), mode="nearest")
-    full = tuple(int(v) for v in np.round((np.asarray(x.shape) - 1) / ratio + 1))
-    x = ndimage.affine_transform(x, ratio, output_shape=full, order=1, mode="nearest")
+    full, grid = (x.shape, affine) if pre["spacing"] is None else spacing_grid(x.shape, affine, target)
+    to_source = np.linalg.solve(affine, grid)  # grid voxel -> oriented source voxel
+    x = ndimage.affine_transform(x, to_source[:3, :3], to_source[:3, 3], output_shape=full, order=1, mode="nearest")
     x = normalise(x, pre["normalisation"][0])[None]
     box = tuple(slice(0, s) for s in full)
     if pre["crop_foreground"] and foreground(x, pre["foreground"]).any():
@@ -99,9 +121,10 @@ def segment(path, session, spec):
     probs = sliding_window(x[(slice(None),) + box], run, inf["roi_size"], inf["overlap"], weights, inf["tta"] != "none")
     on_full = np.zeros((1,) + full, np.float32)  # back to the source grid: zero outside the crop, linear
     binary = probs.shape[0] == 2
-    on_full[(0,) + box] = probs[1] if binary else probs.argmax(0)
-    back = ndimage.affine_transform(on_full[0], 1 / ratio, output_shape=oriented_shape, order=1 if binary else 0,
-                                    mode="nearest")
+    on_full[(0,) + box] = probs[1].astype(np.float16) if binary else probs.argmax(0)  # segment keeps P as float16
+    to_grid = np.linalg.inv(to_source)
+    back = ndimage.affine_transform(on_full[0], to_grid[:3, :3], to_grid[:3, 3], output_shape=oriented_shape,
+                                    order=1 if binary else 0, mode="nearest")
     t = inf["threshold"]
     labels = ((back >= t) if t is not None else (back > 0.5)) if binary else np.rint(back)
     labels = nib.orientations.apply_orientation(labels.astype(np.uint8), nib.orientations.ornt_transform(
@@ -111,11 +134,11 @@ def segment(path, session, spec):
         for value in post["restrict_to_body"]:
             lab, n = ndimage.label(labels == value, np.ones((3, 3, 3)))
             inside = np.bincount(lab.ravel(), weights=body.ravel(), minlength=n + 1)
-            labels[np.isin(lab, np.flatnonzero(inside * 2 < np.bincount(lab.ravel(), minlength=n + 1))[1:])] = 0
+            labels[among(lab, inside * 2 < np.bincount(lab.ravel(), minlength=n + 1))] = 0
     min_voxels = post["min_component_mm3"] / abs(np.linalg.det(scan.affine[:3, :3]))
     for value in [v for v in np.unique(labels) if v and min_voxels > 0]:
         lab, n = ndimage.label(labels == value, np.ones((3, 3, 3)))
-        labels[np.isin(lab, np.flatnonzero(np.bincount(lab.ravel()) < min_voxels)[1:])] = 0
+        labels[among(lab, np.bincount(lab.ravel()) < min_voxels)] = 0
     for value in post["keep_largest"]:
         labels[(labels == value) & ~largest(labels == value)] = 0
     return nib.Nifti1Image(labels, scan.affine)

@@ -104,7 +104,7 @@ def inference_spec(ckpt: Checkpoint) -> dict:
             "blended": "logits" if inf.tta == "none" else "softmax probabilities (mean over the flips)",
             "threshold": inf.threshold,
             "decision": ("binary: lesion where P(class 1) >= threshold (null: > 0.5), taken on the source grid "
-                         "after linear interpolation of P; more classes: argmax on the preprocessed grid, "
+                         "after linear interpolation of P (held as float16 on the preprocessed grid); more classes: argmax on the preprocessed grid, "
                          "nearest voxel on the source grid"),
         },
         "postprocess": {

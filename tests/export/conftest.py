@@ -57,10 +57,12 @@ def trained_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def held_out_cases(tmp_path_factory) -> Path:
-    """Three unseen cases as NIfTI: RAS, LPS and feet-first, with other spacings than the training's."""
+    """Four unseen cases as NIfTI: RAS, LPS, feet-first and oblique (rotated about two axes: MONAI's
+    Spacingd then centres its grid instead of anchoring it at a corner), with other spacings than the
+    training's."""
     folder = tmp_path_factory.mktemp("export-cases")
     for n, (orientation, spacing) in enumerate([("RAS", (1.0, 1.0, 2.5)), ("LPS", (0.9, 1.1, 2.5)),
-                                                 ("feet_first", (1.3, 1.0, 2.0))]):
+                                                 ("feet_first", (1.3, 1.0, 2.0)), ("oblique", (0.8, 0.8, 2.5))]):
         image, _ = ct_case(SHAPE, seed=10 + n)
         save_nifti(image.astype(np.int16), make_affine(orientation, spacing=spacing), folder / f"case_{n}_0000.nii.gz")
     return folder
