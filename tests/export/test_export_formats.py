@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from pipeline.export import export_model
 from pipeline.export.spec import SPEC_KEY, inference_spec
@@ -173,3 +174,30 @@ def test_bundle_config_resolves_with_monai(tmp_path, mode, monkeypatch):
     assert steps == ["Activationsd", "Invertd", "Decided", "RemoveSmallComponentsd", "SaveImaged"]
     if mode == "zscore":
         assert abs(float(out.mean())) < 0.5  # z-scored (then cropped to the body)
+
+
+@pytest.mark.slow
+def test_onnx_example_with_tta_and_every_postprocessing_rule(trained_checkpoint, held_out_cases, tmp_path):
+    """The same weights with inference.tta=mirror, restrict_to_body and keep_largest: the example script
+    follows the spec's TTA (mean softmax over the 8 flips) and rules as segment does."""
+    from dataclasses import replace
+
+    from pipeline.model.checkpoint import Checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(trained_checkpoint)
+    config = ckpt.config
+    config = replace(config, inference=replace(config.inference, tta="mirror"),
+                     postprocess=replace(config.postprocess, keep_largest=["lesion"], restrict_to_body=["lesion"]))
+    path = save_checkpoint(tmp_path / "tta.pt", Checkpoint(config=config, state_dict=ckpt.state_dict, epoch=1))
+    model = export_model(path, tmp_path / "model.onnx", "onnx").path
+    out = tmp_path / "masks"
+    run = subprocess.run([sys.executable, str(EXAMPLE), str(model), str(held_out_cases), str(out)],
+                         capture_output=True, text=True, env=_env(), timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    segmenter = Segmenter.from_checkpoint(path, device="cpu", backend="torch")
+    with torch_threads(1):
+        for source in sorted(held_out_cases.glob("*.nii.gz")):
+            reference = segmenter.segment(str(source)).labels
+            mask = np.asarray(nib.load(str(out / source.name.replace("_0000.nii.gz", "_seg.nii.gz"))).dataobj)
+            assert ndimage.label(reference, np.ones((3, 3, 3)))[1] == 1  # keep_largest acted
+            assert reference.sum() > 50 and dice(mask, reference) >= 0.99
