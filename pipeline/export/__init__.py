@@ -48,6 +48,7 @@ def export_model(checkpoint: Union[str, Path], out: Union[str, Path], format: st
                           "--overwrite")
     started = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
     spec = inference_spec(ckpt)
     target = exportable(ckpt)
     if format == "onnx":

@@ -222,8 +222,10 @@ def write_bundle(ckpt: Checkpoint, target: Exportable, spec: dict, out: Path, ov
         (partial / "docs" / "README.md").write_text(readme(spec))
         (partial / "LICENSE").write_text(LICENSE_TEXT)
         diff = write_torchscript(target, spec, partial / "models" / "model.ts")
-        if out.exists() and overwrite:
+        if out.is_dir() and overwrite:
             shutil.rmtree(out)
+        elif out.exists() and overwrite:
+            out.unlink()
         partial.rename(out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

@@ -25,7 +25,8 @@ OVERRIDES = (
 
 
 def train_tiny(path: Path, *extra: str) -> Path:
-    """A tiny U-Net fitted for TRAIN_STEPS Adam steps to windowed synthetic CT volumes (seeded), saved as a
+    """A tiny U-Net fitted for TRAIN_STEPS Adam steps to windowed (or z-scored, with
+    ``preprocess.intensity.mode=zscore``) synthetic CT volumes (seeded), saved as a
     medseg checkpoint: its masks are non-empty and follow the lesions, so Dice against it means something."""
     from pipeline.config import load_config
     from pipeline.model import build_model
@@ -36,7 +37,11 @@ def train_tiny(path: Path, *extra: str) -> Path:
     network = build_model(config.model, in_channels=1, out_channels=config.num_classes)
     low, high = config.preprocess.intensity.window
     pairs = [ct_case(SHAPE, seed=s) for s in range(3)]
-    x = torch.from_numpy(np.stack([np.clip((i - low) / (high - low), 0, 1) for i, _ in pairs])[:, None]).float()
+    if config.preprocess.intensity.mode == "zscore":
+        inputs = [(i - i.mean()) / i.std() for i, _ in pairs]
+    else:
+        inputs = [np.clip((i - low) / (high - low), 0, 1) for i, _ in pairs]
+    x = torch.from_numpy(np.stack(inputs)[:, None]).float()
     y = torch.from_numpy(np.stack([lab for _, lab in pairs])).long()
     x, y = x[..., :8], y[..., :8]  # the depth must divide by 2^(depth-1): 8 slices
     optimiser = torch.optim.Adam(network.parameters(), lr=0.03)

@@ -201,3 +201,23 @@ def test_onnx_example_with_tta_and_every_postprocessing_rule(trained_checkpoint,
             mask = np.asarray(nib.load(str(out / source.name.replace("_0000.nii.gz", "_seg.nii.gz"))).dataobj)
             assert ndimage.label(reference, np.ones((3, 3, 3)))[1] == 1  # keep_largest acted
             assert reference.sum() > 50 and dice(mask, reference) >= 0.99
+
+
+@pytest.mark.slow
+def test_onnx_example_with_zscore_normalisation(held_out_cases, tmp_path):
+    """A model trained under intensity.mode=zscore (crop to the voxels above the minimum): the script's
+    z-score and crop rule follow the spec as segment's MONAI transforms do."""
+    from tests.export.conftest import train_tiny
+
+    path = train_tiny(tmp_path / "z.pt", "preprocess.intensity.mode=zscore")
+    model = export_model(path, tmp_path / "model.onnx", "onnx").path
+    out = tmp_path / "masks"
+    run = subprocess.run([sys.executable, str(EXAMPLE), str(model), str(held_out_cases), str(out)],
+                         capture_output=True, text=True, env=_env(), timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    segmenter = Segmenter.from_checkpoint(path, device="cpu", backend="torch")
+    with torch_threads(1):
+        for source in sorted(held_out_cases.glob("*.nii.gz")):
+            reference = segmenter.segment(str(source)).labels
+            mask = np.asarray(nib.load(str(out / source.name.replace("_0000.nii.gz", "_seg.nii.gz"))).dataobj)
+            assert reference.sum() > 50 and dice(mask, reference) >= 0.99
