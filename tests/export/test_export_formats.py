@@ -164,6 +164,8 @@ def test_bundle_config_resolves_with_monai(tmp_path, mode, monkeypatch):
     image, _ = ct_case((40, 36, 14), seed=3)
     scan = save_nifti(image, make_affine("LPS", spacing=(1.0, 1.0, 2.5)), tmp_path / "in" / "a.nii.gz")
     monkeypatch.syspath_prepend(str(bundle))
+    for name in ("scripts", "scripts.medseg_bundle"):  # this bundle's code, not an earlier test's
+        monkeypatch.delitem(sys.modules, name, raising=False)
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
     parser["dataset_dir"] = str(scan.parent)
@@ -174,6 +176,8 @@ def test_bundle_config_resolves_with_monai(tmp_path, mode, monkeypatch):
     assert steps == ["Activationsd", "Invertd", "Decided", "RemoveSmallComponentsd", "SaveImaged"]
     if mode == "zscore":
         assert abs(float(out.mean())) < 0.5  # z-scored (then cropped to the body)
+    for name in ("scripts", "scripts.medseg_bundle"):
+        sys.modules.pop(name, None)
 
 
 @pytest.mark.slow
