@@ -5,6 +5,7 @@ The public Python API (the CLI is a thin layer over it)::
     from pipeline import load_config, synthesize, train, segment_folder, evaluate_folder
     from pipeline import synthesize_mr     # synthetic FLAIR + T1c MR (labels oedema, core)
     from pipeline import rebuild_reports   # merge shard manifests / rebuild reports from sidecars
+    from pipeline import export_model      # a checkpoint as ONNX, TorchScript or a MONAI bundle
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ _API = {
     "segment_folder": "pipeline.batch",
     "rebuild_reports": "pipeline.batch",
     "evaluate_folder": "pipeline.evaluate",
+    "export_model": "pipeline.export",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -233,6 +233,15 @@ def _segment_archive(args, model, select, start: float) -> int:
     return max(code, 1) if run.push_failed and s["done"] else code
 
 
+def cmd_export(args) -> int:
+    from pipeline.export import export_model
+
+    result = export_model(args.checkpoint, args.out, format=args.format, overwrite=args.overwrite)
+    print(f"exported {args.format}: {result.path} in {result.seconds:.1f} s (verified against the checkpoint: "
+          f"largest logit difference {result.max_abs_diff:.2g})")
+    return 0
+
+
 def cmd_manifest(args) -> int:
     from pathlib import Path
 
@@ -404,7 +413,13 @@ _KEEP_PATHS_HELP = ("write full source paths in the outputs and logs (default: r
 
 
 def _parser() -> argparse.ArgumentParser:
-    from pipeline.config.schema import BACKENDS, PROBABILITY_DTYPES, SYNTH_KINDS, TTA_MODES  # torch-free
+    from pipeline.config.schema import (  # torch-free
+        BACKENDS,
+        EXPORT_FORMATS,
+        PROBABILITY_DTYPES,
+        SYNTH_KINDS,
+        TTA_MODES,
+    )
 
     # The flags work before or after the command; SUPPRESS keeps a subcommand's copy from resetting
     # a flag given before the command.
@@ -524,6 +539,16 @@ def _parser() -> argparse.ArgumentParser:
                          help="seconds to wait for each answer of the archive (default 60; each request is "
                               "tried 3 times, with back-off, before its series fails)")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("export", parents=[common],
+                       help="export a checkpoint as ONNX, TorchScript or a MONAI bundle, with what segment needs")
+    p.add_argument("checkpoint", help="checkpoint written by `medseg train` (best.pt)")
+    p.add_argument("out", help="the file (onnx, torchscript) or folder (bundle) to write")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
+                   help="onnx (default): spec in metadata_props; torchscript: spec as medseg.json extra file; "
+                        "bundle: a MONAI bundle folder for `python -m monai.bundle run`")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("manifest", parents=[common],
                        help="merge shard manifests (or rebuild from sidecars): manifest, lesions.csv, index.html")

@@ -53,6 +53,7 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 BLENDS = ("gaussian", "constant")
 TTA_MODES = ("none", "mirror")
 PROBABILITY_DTYPES = ("uint8", "float16")  # segment --probabilities-dtype
+EXPORT_FORMATS = ("onnx", "torchscript", "bundle")  # export --format
 
 
 @dataclass

@@ -183,8 +183,11 @@ def _cpu_eval_copy(network: nn.Module) -> nn.Module:
     return clone.to("cpu", dtype=torch.float32).eval()
 
 
-def export_onnx(network: nn.Module, input_shape: Sequence[int], path: str | Path) -> Path:
+def export_onnx(network: nn.Module, input_shape: Sequence[int], path: str | Path,
+                dynamic_spatial: bool = False) -> Path:
     """Export ``network`` for windows of shape ``(batch, *input_shape)`` (dynamic batch) to ``path``.
+
+    ``dynamic_spatial``: the spatial axes are dynamic too (``medseg export``; the cache keeps them static).
 
     The file is written atomically and checked before it is moved into place. Exporter warnings are
     silenced (see the module docstring). Raises :class:`ConfigError` if the network cannot be exported.
@@ -205,7 +208,7 @@ def export_onnx(network: nn.Module, input_shape: Sequence[int], path: str | Path
                     dynamo=False,
                     input_names=[_INPUT_NAME],
                     output_names=[_OUTPUT_NAME],
-                    dynamic_axes={_INPUT_NAME: {0: "batch"}, _OUTPUT_NAME: {0: "batch"}},
+                    dynamic_axes=_dynamic_axes(len(shape) - 1, dynamic_spatial),
                     opset_version=OPSET,
                     do_constant_folding=True,
                 )
@@ -219,6 +222,13 @@ def export_onnx(network: nn.Module, input_shape: Sequence[int], path: str | Path
         _check_onnx_file(tmp)
     log.info("Exported the network to ONNX in %.1f s: %s", time.perf_counter() - started, path)
     return path
+
+
+def _dynamic_axes(spatial_dims: int, dynamic_spatial: bool) -> dict:
+    axes = {0: "batch"}
+    if dynamic_spatial:
+        axes.update({2 + a: f"spatial{a}" for a in range(spatial_dims)})
+    return {_INPUT_NAME: dict(axes), _OUTPUT_NAME: dict(axes)}
 
 
 def _check_onnx_file(path: Path) -> None:
