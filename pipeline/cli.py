@@ -169,7 +169,7 @@ def cmd_segment(args) -> int:
                              overwrite=args.overwrite, shard=args.shard, dicom_seg=args.dicom_seg,
                              qc=not args.no_qc, progress=not args.quiet, select=select,
                              keep_paths=args.keep_paths, tta=args.tta, save_probabilities=args.save_probabilities,
-                             probabilities_dtype=args.probabilities_dtype)
+                             probabilities_dtype=args.probabilities_dtype, rtstruct=args.rtstruct)
     s = summarise(results)
     for r in results:
         if r.status == "failed":
@@ -464,6 +464,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                    help="process shard I of N (1-based), e.g. 2/4: N processes can share one output folder")
     p.add_argument("--dicom-seg", action="store_true", help="also write <case>_seg.dcm (DICOM SEG) for DICOM series")
+    p.add_argument("--rtstruct", action="store_true",
+                   help="also write <case>_rtstruct.dcm (RT Structure Set, one ROI per label) for DICOM series")
     p.add_argument("--no-qc", action="store_true", help="no QC pictures (qc/<case>.png)")
     p.add_argument("--keep-paths", action="store_true", help=_KEEP_PATHS_HELP)
     p.set_defaults(func=cmd_segment)

@@ -59,9 +59,9 @@ def _manifest(out):
 
 
 def test_new_columns_follow_the_existing_ones():
-    assert ALL_COLUMNS[-6:] == ["dicom_seg_error", "channel_series_uids", "model_sha256s", "tta", "probabilities",
-                                "probabilities_error"]
-    assert ALL_COLUMNS[:-6] == MANIFEST_COLUMNS + [
+    assert ALL_COLUMNS[-8:] == ["dicom_seg_error", "channel_series_uids", "model_sha256s", "tta", "probabilities",
+                                "probabilities_error", "rtstruct", "rtstruct_error"]
+    assert ALL_COLUMNS[:-8] == MANIFEST_COLUMNS + [
         "kind", "resumed", "seconds_post", "seconds", "output", "sidecar", "qc_png", "dicom_seg",
         "fingerprint", "started", "finished", "host"]
 
