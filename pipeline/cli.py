@@ -164,7 +164,11 @@ def cmd_segment(args) -> int:
         from pipeline.infer import Segmenter
 
         model = Segmenter.from_checkpoints(model, device=args.device, backend=args.backend, tta=args.tta)
-        select = override_config(model.config, args.overrides, allowed_prefix="input.").input
+        output_rules = [o for o in args.overrides if o.startswith("output.")]  # e.g. output.anatomic_region
+        if output_rules:
+            model.config = override_config(model.config, output_rules, allowed_prefix="output.")
+        select = override_config(model.config, [o for o in args.overrides if o not in output_rules],
+                                 allowed_prefix="input.").input
     results = segment_folder(args.input_dir, args.output_dir, model, device=args.device, backend=args.backend,
                              overwrite=args.overwrite, shard=args.shard, dicom_seg=args.dicom_seg,
                              qc=not args.no_qc, progress=not args.quiet, select=select,
@@ -442,7 +446,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("input_dir", help="folder of NIfTI files and/or DICOM series (searched recursively)")
     p.add_argument("output_dir", help="masks are written as <case>_seg.nii.gz")
     p.add_argument("overrides", nargs="*", help="input selection/repair rules on top of the model's, e.g. "
-                                                "input.modalities=[CT] input.on_gantry_tilt=resample")
+                                                "input.modalities=[CT] input.on_gantry_tilt=resample; "
+                                                "output.anatomic_region=SCT:10200004:Liver for SEG/RTSTRUCT")
     p.add_argument("--model", required=True, nargs="+", metavar="MODEL",
                    help="checkpoint written by `medseg train` (best.pt); several, or a training folder (its "
                         "fold_*/best.pt), for an ensemble averaging their softmax probabilities")

@@ -120,9 +120,11 @@ def test_cli_rtstruct_flag(tmp_path, segmenter, monkeypatch):
     _series(tmp_path / "in" / "ct")
     monkeypatch.setattr(Segmenter, "from_checkpoints", classmethod(lambda cls, *a, **k: segmenter))
     code = main(["segment", str(tmp_path / "in"), str(tmp_path / "out"), "--model", "m.pt", "--rtstruct",
-                 "--no-qc", "-q"])
+                 "--no-qc", "-q", "output.anatomic_region=SCT:10200004:Liver", "input.min_slices=2"])
     assert code == 0
     assert (tmp_path / "out" / "ct_rtstruct.dcm").is_file() and not (tmp_path / "out" / "ct_seg.dcm").exists()
+    rt = pydicom.dcmread(tmp_path / "out" / "ct_rtstruct.dcm")
+    assert rt.RTROIObservationsSequence[0].AnatomicRegionSequence[0].CodeValue == "10200004"
     assert_valid(tmp_path / "out" / "ct_rtstruct.dcm")
 
 
@@ -133,3 +135,27 @@ def test_anatomic_region_config_key_is_checked():
     assert config.output.anatomic_region == "SCT:10200004:Liver"
     with pytest.raises(ConfigError, match="output.anatomic_region.*SCHEME:CODE:Meaning"):
         load_config(None, ["output.anatomic_region=Liver"])
+
+
+def test_multi_channel_study_outputs_reference_channel_zero(tmp_path):
+    """A two-series study (FLAIR channel 0, T1c on another grid): the SEG and the RTSTRUCT reference the
+    FLAIR series, on whose grid the mask is, and read back onto it equal to the mask."""
+    from pipeline.infer import Segmenter
+    from tests.infer.test_multichannel import SecondChannelEcho, two_channel_config, write_two_series_study
+
+    write_two_series_study(tmp_path / "in", np.array([12.0, -30.0, 45.0]))
+    config = two_channel_config("preprocess.intensity.window=[0, 1000]",
+                                "input.channels=[{name: FLAIR, series_description: '*FLAIR*'},"
+                                " {name: T1c, series_description: '*T1*POST*'}]")
+    (result,) = segment_folder(tmp_path / "in", tmp_path / "out", Segmenter(SecondChannelEcho(), config, "cpu"),
+                               dicom_seg=True, rtstruct=True, qc=False)
+    assert result.status == "done" and result.dicom_seg_error == "" and result.rtstruct_error == "", result
+    flair = sorted(str(p) for p in (tmp_path / "in" / "study" / "flair").iterdir())
+    flair_series = pydicom.dcmread(flair[0], stop_before_pixels=True).SeriesInstanceUID
+    assert result.channel_series_uids[0] == flair_series
+    seg = pydicom.dcmread(result.dicom_seg)
+    assert [s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence] == [flair_series]
+    rt = pydicom.dcmread(result.rtstruct)
+    rt_series = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence
+    assert [s.SeriesInstanceUID for s in rt_series] == [flair_series]
+    _check_outputs(result, flair)
