@@ -2,11 +2,12 @@
 
 :func:`dciodvfy` runs the validator and returns its "Error" and "Warning" lines; :func:`assert_valid`
 fails a test on any error (warnings are allowed and returned) and skips it with a one-line reason when
-the validator is not installed.
+the validator is not installed. With ``MEDSEG_DCIODVFY_LOG=FILE`` every finding is appended to FILE.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,5 +33,10 @@ def dciodvfy(path: str | Path) -> tuple[list[str], list[str]]:
 def assert_valid(path: str | Path) -> list[str]:
     """Fail unless dciodvfy reports 0 errors for ``path``; the warnings it reports are returned."""
     errors, warnings = dciodvfy(path)
+    record = os.environ.get("MEDSEG_DCIODVFY_LOG")  # a file to append "path<TAB>line" per finding to
+    if record:
+        with open(record, "a") as handle:
+            handle.write(f"{path}\tvalidated: {len(errors)} error(s), {len(warnings)} warning(s)\n")
+            handle.writelines(f"{path}\t{line}\n" for line in errors + warnings)
     assert errors == [], f"dciodvfy found {len(errors)} error(s) in {path}:\n" + "\n".join(errors)
     return warnings

@@ -20,6 +20,7 @@ from pipeline.io.dicom_seg import read_dicom_seg
 from pipeline.io.dicom_write import write_dicom_series
 from tests.batch.test_batch import SHAPE, _one_thread, segmenter  # noqa: F401  (fixtures)
 from tests.conftest import make_affine
+from tests.dicom_validate import assert_valid
 from tests.helpers import ct_case
 
 
@@ -80,6 +81,7 @@ def test_seg_written_for_an_enhanced_source_and_mask_kept_for_a_mosaic(shared_da
     mask = np.asarray(nib.load(enh.output).dataobj)
     source = [str(p) for p in (tmp_path / "in" / "enh").iterdir()]
     np.testing.assert_array_equal(read_dicom_seg(enh.dicom_seg, source, nib.load(enh.output).affine, mask.shape), mask)
+    assert_valid(enh.dicom_seg)
 
     mosaic = results["mosaic"]
     assert Path(mosaic.output).is_file() and mosaic.dicom_seg == "" and not (out / "mosaic_seg.dcm").exists()
