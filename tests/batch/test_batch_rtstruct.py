@@ -159,3 +159,18 @@ def test_multi_channel_study_outputs_reference_channel_zero(tmp_path):
     rt_series = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence
     assert [s.SeriesInstanceUID for s in rt_series] == [flair_series]
     _check_outputs(result, flair)
+
+
+def test_mosaic_keeps_its_mask_with_the_rtstruct_error(shared_data, tmp_path, segmenter):
+    import shutil
+
+    source = shared_data / "dicom/dcm_qa_12bit/In/12bitUnsigned.dcm"
+    if not source.is_file():
+        pytest.skip(f"sample not present: {source}")
+    (tmp_path / "in" / "mosaic").mkdir(parents=True)
+    shutil.copy(source, tmp_path / "in" / "mosaic" / source.name)
+    (result,) = segment_folder(tmp_path / "in", tmp_path / "out", segmenter, rtstruct=True, qc=False)
+    assert result.status == "done" and Path(result.output).is_file()
+    assert result.rtstruct == "" and "Siemens mosaic" in result.rtstruct_error
+    assert not (tmp_path / "out" / "mosaic_rtstruct.dcm").exists()
+    assert "Siemens mosaic" in _manifest(tmp_path / "out")["mosaic"]["rtstruct_error"]
