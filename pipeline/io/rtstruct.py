@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import datetime
 import logging
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian, generate_uid
 
 from pipeline.errors import InputError
 from pipeline.io.atomic import atomic_path
@@ -50,6 +52,8 @@ log = logging.getLogger(__name__)
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 # the SOP class a Structure Set's RT Referenced Study Sequence names (Detached Study Management, by convention)
 _STUDY_COMPONENT_CLASS = "1.2.840.10008.3.1.2.3.1"
+_CONTOUR_DATA = 0x30060050
+_ROI_CONTOUR_SEQUENCE = 0x30060039
 PLANE_TOLERANCE_MM = 0.01  # how far a contour point may sit off its image's plane (ours: rounding only)
 _COLOURS = [(255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 200, 0), (0, 200, 200), (200, 0, 200)]
 # patient and study attributes copied from the source (type 2 ones written empty when the source lacks them)
@@ -132,24 +136,25 @@ def fill_contours(loops: Sequence[np.ndarray], rows: int, columns: int) -> np.nd
     pixel centres of a ``rows`` x ``columns`` image: a pixel is set when a ray from its centre along
     decreasing columns crosses the polygons' edges an odd number of times."""
     toggles = np.zeros((rows, columns + 1), np.uint8)
-    for loop in loops:
-        loop = np.asarray(loop, np.float64)
-        if len(loop) < 3:
-            continue
-        start, end = loop, np.roll(loop, -1, axis=0)
-        for (r0, c0), (r1, c1) in zip(start.tolist(), end.tolist()):
-            if r0 == r1:
-                continue  # along a row: crosses no ray
-            low, high = min(r0, r1), max(r0, r1)
-            # pixel rows r with low <= r < high (half-open: a vertex on a ray counts once)
-            first, last = max(int(np.ceil(low)), 0), min(int(np.ceil(high)) - 1, rows - 1)
-            if first > last:
-                continue
-            r = np.arange(first, last + 1, dtype=np.float64)
-            crossing = c0 + (r - r0) * (c1 - c0) / (r1 - r0)
-            # every pixel centre at column > crossing sees the crossing on its ray towards lower columns
-            column = np.clip(np.floor(crossing).astype(np.int64) + 1, 0, columns)
-            np.bitwise_xor.at(toggles, (r.astype(np.int64), column), 1)
+    edges = [(loop, np.roll(loop, -1, axis=0)) for loop in (np.asarray(v, np.float64) for v in loops) if len(loop) >= 3]
+    if not edges:
+        return np.zeros((rows, columns), bool)
+    start = np.concatenate([e[0] for e in edges])
+    end = np.concatenate([e[1] for e in edges])
+    slanted = start[:, 0] != end[:, 0]  # an edge along a row crosses no ray
+    start, end = start[slanted], end[slanted]
+    low, high = np.minimum(start[:, 0], end[:, 0]), np.maximum(start[:, 0], end[:, 0])
+    # pixel rows r with low <= r < high (half-open: a vertex on a ray counts once), inside the image
+    first = np.maximum(np.ceil(low), 0).astype(np.int64)
+    last = np.minimum(np.ceil(high) - 1, rows - 1).astype(np.int64)
+    counts = np.maximum(last - first + 1, 0)
+    edge = np.repeat(np.arange(len(first)), counts)
+    row = first[edge] + (np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts))
+    r0, c0, r1, c1 = start[edge, 0], start[edge, 1], end[edge, 0], end[edge, 1]
+    crossing = c0 + (row - r0) * (c1 - c0) / (r1 - r0)
+    # every pixel centre at a column > crossing sees the crossing on its ray towards lower columns
+    column = np.clip(np.floor(crossing).astype(np.int64) + 1, 0, columns)
+    np.bitwise_xor.at(toggles, (row, column), 1)
     return (np.bitwise_xor.accumulate(toggles, axis=1)[:, :columns] > 0)
 
 
@@ -187,7 +192,7 @@ def write_rtstruct(
     images = _source_images(headers, source_files)
     version = algorithm_version or _pipeline_version()
 
-    contours: dict[int, list[Dataset]] = {n: [] for n in range(1, len(label_names))}
+    contours: dict[int, list[tuple[bytes, int, bytes]]] = {n: [] for n in range(1, len(label_names))}
     covered = np.zeros(labels.shape, bool)
     for plane, reference in images:
         where = plane.locate(affine, labels.shape)
@@ -210,7 +215,7 @@ def write_rtstruct(
                         anatomic_region, series_number, series_description)
     out_path = Path(out_path)
     with atomic_path(out_path, suffix=".dcm") as tmp:
-        ds.save_as(tmp, enforce_file_format=True)
+        Path(tmp).write_bytes(_encode_file(ds, contours))
     log.debug("wrote RTSTRUCT %s: %d ROI(s), %d contour(s)", out_path, len(contours),
               sum(len(v) for v in contours.values()))
     return out_path
@@ -232,22 +237,68 @@ def _source_images(headers, source_files) -> list[tuple[_Plane, Dataset]]:
     return images
 
 
-def _contour_item(loop: np.ndarray, plane: _Plane, reference: Dataset) -> Dataset:
+def _contour_item(loop: np.ndarray, plane: _Plane, reference: Dataset) -> tuple[bytes, int, bytes]:
+    """One contour, encoded (Implicit VR Little Endian): its Contour Image Sequence, number of points
+    and Contour Data; :func:`_encode_contours` adds the contour number. pydicom's own encoding of a
+    contour costs ~1 ms, too slow for thousands of contours."""
     rows, columns = loop[:, 0:1], loop[:, 1:2]
     points = (plane.position + columns * plane.column_spacing * plane.row_cosine
               + rows * plane.row_spacing * plane.column_cosine)
-    item = Dataset()
-    item.ContourImageSequence = DicomSequence([_copy(reference)])
-    item.ContourGeometricType = "CLOSED_PLANAR"
-    item.NumberOfContourPoints = len(points)
-    item.ContourData = [_ds_value(v) for v in points.reshape(-1)]
-    return item
+    image = (_element(0x0008, 0x1150, _ui(reference.ReferencedSOPClassUID))
+             + _element(0x0008, 0x1155, _ui(reference.ReferencedSOPInstanceUID)))
+    if "ReferencedFrameNumber" in reference:
+        image += _element(0x0008, 0x1160, _text(str(int(reference.ReferencedFrameNumber))))
+    data = _text("\\".join(_ds_value(v) for v in points.reshape(-1).tolist()))
+    return _element(0x3006, 0x0016, _item(image)), len(points), data
+
+
+def _encode_contours(contours: list[tuple[bytes, int, bytes]]) -> bytes:
+    """The Contour Sequence of an ROI from :func:`_contour_item`'s pieces, numbering the contours 1, 2, ..."""
+    items = []
+    for number, (image_sequence, count, data) in enumerate(contours, start=1):
+        items.append(_item(image_sequence
+                           + _element(0x3006, 0x0042, _text("CLOSED_PLANAR"))
+                           + _element(0x3006, 0x0046, _text(str(count)))
+                           + _element(0x3006, 0x0048, _text(str(number)))
+                           + _element(0x3006, 0x0050, data)))
+    return b"".join(items)
+
+
+def _element(group: int, element: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", group, element, len(value)) + value
+
+
+def _item(body: bytes) -> bytes:
+    return struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
+
+
+def _ui(uid) -> bytes:
+    value = str(uid).encode("ascii")
+    return value + b"\0" if len(value) % 2 else value
+
+
+def _text(text: str) -> bytes:
+    value = text.encode("ascii")
+    return value + b" " if len(value) % 2 else value
 
 
 def _ds_value(value: float) -> str:
     """A decimal string of at most 16 characters (the DS limit), to 0.0001 mm where it fits."""
     text = f"{value:.4f}".rstrip("0").rstrip(".")
     return "0" if text in ("-0", "") else text[:16]
+
+
+def _contour_points(contour: Dataset) -> np.ndarray:
+    """ContourData as an ``(n, 3)`` float array, parsed from the encoded value where it is still raw."""
+    element = contour.get_item(_CONTOUR_DATA)
+    if element is None:
+        return np.zeros((0, 3))
+    if isinstance(element, RawDataElement):
+        text = (element.value or b"").decode("ascii").strip(" \x00")
+        values = np.array(text.split("\\"), dtype=np.float64) if text else np.zeros(0)
+    else:
+        values = np.asarray([float(v) for v in element.value], np.float64)
+    return values.reshape(-1, 3)
 
 
 def _copy(item: Dataset) -> Dataset:
@@ -266,7 +317,8 @@ def _structure_set(source, images, label_names, contours, algorithm_name, versio
     ds.file_meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    # Implicit VR: 4-byte lengths, so a long contour's Contour Data (DS) may pass 64 KiB
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     if source.get("SpecificCharacterSet"):
         ds.SpecificCharacterSet = source.SpecificCharacterSet
@@ -310,7 +362,7 @@ def _structure_set(source, images, label_names, contours, algorithm_name, versio
 
     category, kind = lesion_codes()
     region = code_item(anatomic_region) if anatomic_region else None
-    rois, roi_contours, observations = [], [], []
+    rois, observations = [], []
     for number, name in enumerate(label_names[1:], start=1):
         roi = Dataset()
         roi.ROINumber = number
@@ -322,15 +374,6 @@ def _structure_set(source, images, label_names, contours, algorithm_name, versio
             [_algorithm_item(algorithm_name, version, model_sha256)])
         rois.append(roi)
 
-        roi_contour = Dataset()
-        roi_contour.ReferencedROINumber = number
-        roi_contour.ROIDisplayColor = list(_COLOURS[(number - 1) % len(_COLOURS)])
-        items = contours[number]
-        for n, item in enumerate(items, start=1):
-            item.ContourNumber = n
-        if items:
-            roi_contour.ContourSequence = DicomSequence(items)
-        roi_contours.append(roi_contour)
 
         observation = Dataset()
         observation.ObservationNumber = number
@@ -343,9 +386,37 @@ def _structure_set(source, images, label_names, contours, algorithm_name, versio
             observation.AnatomicRegionSequence = DicomSequence([region])
         observations.append(observation)
     ds.StructureSetROISequence = DicomSequence(rois)
-    ds.ROIContourSequence = DicomSequence(roi_contours)
     ds.RTROIObservationsSequence = DicomSequence(observations)
     return ds
+
+
+def _encode_file(ds: Dataset, contours: dict[int, list[tuple[bytes, int, bytes]]]) -> bytes:
+    """The file: pydicom encodes everything but the ROI Contour Sequence (3006,0039), which is encoded
+    here (pydicom re-parses raw sequences before writing them); it goes between the elements before it
+    and the RT ROI Observations Sequence (3006,0080), the only top-level element after it."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    observations = Dataset()
+    observations.RTROIObservationsSequence = ds.RTROIObservationsSequence
+    del ds.RTROIObservationsSequence
+    late = [tag for tag in ds.keys() if tag >= _ROI_CONTOUR_SEQUENCE]
+    if late:  # the ROI Contour Sequence would not be in tag order
+        raise RuntimeError(f"RTSTRUCT encoding: unexpected top-level elements {late} after (3006,0039)")
+    head = DicomBytesIO()
+    ds.save_as(head, enforce_file_format=True)
+    tail = DicomBytesIO()
+    tail.is_little_endian, tail.is_implicit_VR = True, True
+    write_dataset(tail, observations)
+    items = []
+    for number in sorted(contours):
+        colour = _COLOURS[(number - 1) % len(_COLOURS)]
+        body = _element(0x3006, 0x002A, _text("\\".join(str(v) for v in colour)))
+        if contours[number]:
+            body += _element(0x3006, 0x0040, _encode_contours(contours[number]))
+        body += _element(0x3006, 0x0084, _text(str(number)))
+        items.append(_item(body))
+    return head.getvalue() + _element(0x3006, 0x0039, b"".join(items)) + tail.getvalue()
 
 
 def _algorithm_item(name: str, version: str, model_sha256: str) -> Dataset:
@@ -414,7 +485,7 @@ def read_rtstruct(
         for contour in roi.get("ContourSequence", []):
             if contour.get("ContourGeometricType", "CLOSED_PLANAR") != "CLOSED_PLANAR":
                 continue  # points and open polylines enclose no area
-            points = np.asarray([float(v) for v in contour.ContourData], np.float64).reshape(-1, 3)
+            points = _contour_points(contour)
             key = _contour_image(contour, points, planes, path)
             plane = planes[key]
             offset = points - plane.position
