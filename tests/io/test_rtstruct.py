@@ -255,3 +255,26 @@ def test_real_series_rtstruct_and_seg_validate(shared_data, tmp_path, name):
     np.testing.assert_array_equal(read_dicom_seg(seg, copies, affine, image.shape), mask)
     assert_valid(rt)
     assert_valid(seg)
+
+
+def test_contour_longer_than_64_kib_is_written_whole(tmp_path):
+    """A comb-shaped outline of thousands of points: its Contour Data passes the 16-bit length an
+    explicit-VR DS could hold, so the file is Implicit VR Little Endian and reads back exactly."""
+    shape = (384, 384, 2)
+    volume = np.zeros(shape, np.int16)
+    files = write_dicom_series(volume, make_affine("oblique", spacing=(0.7123, 0.6871, 2.0)), tmp_path / "series")
+    reader = ScanReader()
+    array, meta = reader.get_data(reader.read(tmp_path / "series"))
+    affine = np.asarray(meta["affine"])
+    mask = np.zeros(array.shape, np.uint8)
+    mask[4:-4, 4:-4, 0] = 1
+    mask[2:4, 4:-4:2, 0] = mask[-4:-2, 4:-4:2, 0] = 1  # teeth on all four sides
+    mask[4:-4:2, 2:4, 0] = mask[4:-4:2, -4:-2, 0] = 1
+    out = write_rtstruct(mask, affine, files, tmp_path / "rt.dcm", NAMES[:2])
+    ds = pydicom.dcmread(out)
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+    (contour,) = ds.ROIContourSequence[0].ContourSequence
+    assert contour.get_item(0x30060050).length > 65535  # the encoded Contour Data
+    assert int(contour.NumberOfContourPoints) > 3000
+    np.testing.assert_array_equal(read_rtstruct(out, files, affine, array.shape), mask)
+    assert_valid(out)
