@@ -293,32 +293,32 @@ def _character_set(source: Dataset):
     return "ISO_IR 192"
 
 
-def _check_write_inputs(labels, affine, source_files, label_names):
+def _check_write_inputs(labels, affine, source_files, label_names, what: str = "write_dicom_seg"):
     labels = np.asarray(labels)
     affine = np.asarray(affine, dtype=np.float64)
     label_names = [str(name) for name in label_names]
     if labels.ndim != 3:
-        raise InputError(f"write_dicom_seg expected a 3D label map [i, j, k], found shape {labels.shape}")
+        raise InputError(f"{what} expected a 3D label map [i, j, k], found shape {labels.shape}")
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
         raise InputError(
-            f"write_dicom_seg expected integer labels, found dtype {labels.dtype}. Threshold or argmax "
+            f"{what} expected integer labels, found dtype {labels.dtype}. Threshold or argmax "
             "the prediction first"
         )
     if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InputError(f"write_dicom_seg expected an invertible 4x4 RAS affine, found {affine.tolist()}")
+        raise InputError(f"{what} expected an invertible 4x4 RAS affine, found {affine.tolist()}")
     if not 2 <= len(label_names) <= 256:
         raise InputError(
-            "write_dicom_seg expected names for background and 1 to 255 labels, "
+            f"{what} expected names for background and 1 to 255 labels, "
             f"found {len(label_names)} name(s): {label_names}"
         )
     if labels.size and (labels.min() < 0 or labels.max() >= len(label_names)):
         raise InputError(
-            f"write_dicom_seg found label values {int(labels.min())}..{int(labels.max())} but only "
+            f"{what} found label values {int(labels.min())}..{int(labels.max())} but only "
             f"{len(label_names)} label names {label_names} (values 0..{len(label_names) - 1}). Pass a name "
             "for every label value"
         )
     if len(source_files) == 0:
-        raise InputError("write_dicom_seg expected the DICOM files of the source series, found none")
+        raise InputError(f"{what} expected the DICOM files of the source series, found none")
     return labels.astype(np.uint8, copy=False), affine, label_names
 
 

@@ -186,7 +186,8 @@ def write_rtstruct(
     recorded with each ROI. The ROIs name the algorithm (``algorithm_name``, its version, by default
     the installed pipeline version, and ``model_sha256``). The file appears atomically at ``out_path``.
     """
-    labels, affine, label_names = _check_write_inputs(labels, affine, source_files, label_names)
+    labels, affine, label_names = _check_write_inputs(labels, affine, source_files, label_names,
+                                                      "write_rtstruct")
     headers = [_read_header(path) for path in source_files]
     _check_single_series(headers, source_files)
     images = _source_images(headers, source_files)

@@ -278,3 +278,11 @@ def test_contour_longer_than_64_kib_is_written_whole(tmp_path):
     assert int(contour.NumberOfContourPoints) > 3000
     np.testing.assert_array_equal(read_rtstruct(out, files, affine, array.shape), mask)
     assert_valid(out)
+
+
+def test_label_without_a_name_is_rejected(tmp_path):
+    files, shape, affine = _series(tmp_path, "LPS-axial")
+    mask = np.zeros(shape, np.uint8)
+    mask[2:5, 2:5, 2] = 2
+    with pytest.raises(InputError, match="write_rtstruct found label values 0..2 but only 2 label names"):
+        write_rtstruct(mask, affine, files, tmp_path / "rt.dcm", NAMES[:2])
