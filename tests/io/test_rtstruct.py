@@ -251,6 +251,13 @@ def test_real_series_rtstruct_and_seg_validate(shared_data, tmp_path, name):
 
     rt = write_rtstruct(mask, affine, copies, tmp_path / "out" / "rt.dcm", NAMES[:2], model_sha256=SHA)
     np.testing.assert_array_equal(read_rtstruct(rt, copies, affine, image.shape), mask)
+    contours = [c for roi in pydicom.dcmread(rt).ROIContourSequence for c in roi.ContourSequence]
+    frames = [c.ContourImageSequence[0].get("ReferencedFrameNumber") for c in contours]
+    if name.endswith("enhanced"):  # one multi-frame file: each contour names its frame
+        count = int(pydicom.dcmread(copies[0], stop_before_pixels=True).NumberOfFrames)
+        assert len(copies) == 1 and all(f is not None and 1 <= int(f) <= count for f in frames)
+    else:
+        assert all(f is None for f in frames)
     seg = write_dicom_seg(mask, affine, copies, tmp_path / "out" / "seg.dcm", NAMES[:2], model_sha256=SHA)
     np.testing.assert_array_equal(read_dicom_seg(seg, copies, affine, image.shape), mask)
     assert_valid(rt)
