@@ -94,6 +94,12 @@ def test_seg_and_rtstruct_for_classic_and_anonymised_series(tmp_path, segmenter)
                                                    qc=False)}
     assert not redone["ct"].resumed and redone["anon"].resumed and Path(redone["ct"].rtstruct).is_file()
 
+    from pipeline.batch.report import rebuild_reports
+
+    (out / "manifest.csv").unlink()
+    rebuilt = {row["case_id"]: row for row in rebuild_reports(out)}  # `medseg manifest`, from the sidecars
+    assert rebuilt["ct"]["rtstruct"] == str(out / "ct_rtstruct.dcm") and rebuilt["ct"]["rtstruct_error"] == ""
+
 
 def test_source_without_any_instance_uid_keeps_its_mask(tmp_path, segmenter):
     files = _series(tmp_path / "in" / "ct")
