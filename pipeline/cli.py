@@ -195,6 +195,19 @@ def cmd_segment(args) -> int:
     return exit_code(results)
 
 
+def cmd_validate(args) -> int:
+    from pipeline.io.validate import validate_dicom
+
+    failed = 0
+    for path in args.files:
+        result = validate_dicom(path)
+        print(f"{path}: {result.iod or '?'}: {len(result.errors)} error(s), {len(result.warnings)} warning(s)")
+        for line in result.errors + (result.warnings if not args.quiet else []):
+            print(f"  {line}")
+        failed += bool(result.errors)
+    return 1 if failed else 0
+
+
 def cmd_manifest(args) -> int:
     from pathlib import Path
 
@@ -479,6 +492,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="merge shard manifests (or rebuild from sidecars): manifest, lesions.csv, index.html")
     p.add_argument("output_dir", help="the OUTPUT_DIR of `medseg segment`")
     p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("validate", parents=[common],
+                       help="check DICOM files (e.g. the SEG/RTSTRUCT of segment) with dciodvfy (dicom3tools)")
+    p.add_argument("files", nargs="+", help="DICOM files; prints each one's errors and warnings, exit 1 on errors")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("evaluate", parents=[common],
                        help="Dice, HD95, ASSD, NSD and lesion detection of masks vs ground truth")

@@ -8,26 +8,21 @@ the validator is not installed. With ``MEDSEG_DCIODVFY_LOG=FILE`` every finding 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-DCIODVFY = "dciodvfy"
+from pipeline.io.validate import dciodvfy_available, validate_dicom
+
 SKIP_REASON = "dciodvfy not found: install the Debian package dicom3tools (make system-deps)"
 
 
 def dciodvfy(path: str | Path) -> tuple[list[str], list[str]]:
     """``(errors, warnings)``: the lines dciodvfy prints for ``path`` starting with Error / Warning."""
-    binary = shutil.which(DCIODVFY)
-    if binary is None:
+    if not dciodvfy_available():
         pytest.skip(SKIP_REASON)
-    done = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=120)
-    lines = (done.stdout + done.stderr).splitlines()
-    errors = [line for line in lines if line.startswith("Error")]
-    warnings = [line for line in lines if line.startswith("Warning")]
-    return errors, warnings
+    result = validate_dicom(path)
+    return result.errors, result.warnings
 
 
 def assert_valid(path: str | Path) -> list[str]:
