@@ -114,7 +114,8 @@ class CaseWriter:
             from pipeline.io.rtstruct import write_rtstruct
 
             write_rtstruct(seg.labels, seg.affine, case.reference_files, outputs.rtstruct,
-                           self.segmenter.config.label_names, **self._dicom_identity())
+                           self.segmenter.config.label_names, **self._dicom_identity(),
+                           rois=getattr(getattr(self.segmenter.config, "output", None), "rtstruct_rois", "label"))
         except Exception as exc:  # unsupported source, disk: secondary to the mask
             outputs.rtstruct.unlink(missing_ok=True)
             reason = describe_error(exc)

@@ -407,8 +407,10 @@ class OutputConfig:
 
     # the segments' anatomic region, SCHEME:CODE:Meaning (e.g. SCT:10200004:Liver); empty: none recorded
     anatomic_region: str = ""
+    rtstruct_rois: str = "label"  # label: one RTSTRUCT ROI per label | lesion: one per lesion (component)
 
     def _check(self) -> None:
+        _choice("output.rtstruct_rois", self.rtstruct_rois, ("label", "lesion"))
         parts = [p.strip() for p in self.anatomic_region.split(":", 2)]
         if self.anatomic_region and (len(parts) != 3 or not all(parts)):
             _fail("output.anatomic_region", self.anatomic_region, "SCHEME:CODE:Meaning such as SCT:10200004:Liver")

@@ -54,6 +54,7 @@ RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 _STUDY_COMPONENT_CLASS = "1.2.840.10008.3.1.2.3.1"
 _CONTOUR_DATA = 0x30060050
 _ROI_CONTOUR_SEQUENCE = 0x30060039
+ROI_MODES = ("label", "lesion")  # one ROI per label, or per lesion (connected component)
 PLANE_TOLERANCE_MM = 0.01  # how far a contour point may sit off its image's plane (ours: rounding only)
 _COLOURS = [(255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 200, 0), (0, 200, 200), (200, 0, 200)]
 # patient and study attributes copied from the source (type 2 ones written empty when the source lacks them)
@@ -173,6 +174,7 @@ def write_rtstruct(
     algorithm_version: str | None = None,
     model_sha256: str = "",
     anatomic_region: str = "",
+    rois: str = "label",
     series_number: int | None = None,
     series_description: str | None = None,
 ) -> Path:
@@ -182,7 +184,9 @@ def write_rtstruct(
     ``labels``/``affine`` are the mask on the grid :class:`~pipeline.io.reader.ScanReader` gives the
     series (any file order). Label ``n >= 1`` becomes ROI ``n`` named ``label_names[n]``, with closed
     planar contours on every image it appears on (a label absent from the mask is an ROI without
-    contours). ``anatomic_region``: an optional ``SCHEME:CODE:Meaning`` (e.g. ``SCT:10200004:Liver``)
+    contours). ``rois="lesion"`` instead makes each lesion (26-connected component of a label) its own
+    ROI, named ``<label name> <n>`` (n = 1 for the label's largest, as in ``lesions.csv``), numbered
+    1, 2, ... label by label. ``anatomic_region``: an optional ``SCHEME:CODE:Meaning`` (e.g. ``SCT:10200004:Liver``)
     recorded with each ROI. The ROIs name the algorithm (``algorithm_name``, its version, by default
     the installed pipeline version, and ``model_sha256``). The file appears atomically at ``out_path``.
     """
@@ -193,11 +197,16 @@ def write_rtstruct(
     images = _source_images(headers, source_files)
     version = algorithm_version or _pipeline_version()
 
-    contours: dict[int, list[tuple[bytes, int, bytes]]] = {n: [] for n in range(1, len(label_names))}
+    if rois not in ROI_MODES:
+        raise InputError(f"write_rtstruct rois={rois!r}: expected one of {', '.join(ROI_MODES)}")
+    roi_map, roi_names = (labels, label_names[1:]) if rois == "label" else _lesion_rois(labels, label_names)
+    if not roi_names:  # no lesion at all: the labels' ROIs, without contours (a structure set needs an ROI)
+        roi_map, roi_names = labels, label_names[1:]
+    contours: dict[int, list[tuple[bytes, int, bytes]]] = {n: [] for n in range(1, len(roi_names) + 1)}
     covered = np.zeros(labels.shape, bool)
     for plane, reference in images:
         where = plane.locate(affine, labels.shape)
-        frame = where.read(labels)
+        frame = where.read(roi_map)
         where.write(covered, np.ones(frame.shape, bool))
         for number in np.unique(frame):
             if number == 0:
@@ -212,7 +221,7 @@ def write_rtstruct(
             "grid ScanReader gives exactly these files (same spacing, no resampling, every slice passed once)"
         )
 
-    ds = _structure_set(headers[0], images, label_names, contours, algorithm_name, version, model_sha256,
+    ds = _structure_set(headers[0], images, ["background", *roi_names], contours, algorithm_name, version, model_sha256,
                         anatomic_region, series_number, series_description)
     out_path = Path(out_path)
     with atomic_path(out_path, suffix=".dcm") as tmp:
@@ -220,6 +229,27 @@ def write_rtstruct(
     log.debug("wrote RTSTRUCT %s: %d ROI(s), %d contour(s)", out_path, len(contours),
               sum(len(v) for v in contours.values()))
     return out_path
+
+
+def _lesion_rois(labels: np.ndarray, label_names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """One ROI per lesion: a map of ROI numbers (label by label, each label's lesions largest first, ties
+    by position) and the ROI names."""
+    from scipy import ndimage
+
+    roi_map = np.zeros(labels.shape, np.int32)
+    names: list[str] = []
+    for value in range(1, len(label_names)):
+        components, count = ndimage.label(labels == value, structure=np.ones((3, 3, 3), bool))
+        if not count:
+            continue
+        sizes = np.bincount(components.ravel())[1:]
+        order = sorted(range(count), key=lambda n: -sizes[n])  # stable: ties keep scan order
+        numbers = np.zeros(count + 1, np.int32)
+        for rank, n in enumerate(order, start=1):
+            numbers[n + 1] = len(names) + rank
+        roi_map = np.where(components > 0, numbers[components], roi_map)
+        names += [f"{label_names[value]} {rank}" for rank in range(1, count + 1)]
+    return roi_map, names
 
 
 def _source_images(headers, source_files) -> list[tuple[_Plane, Dataset]]:

@@ -126,11 +126,15 @@ def test_cli_rtstruct_flag(tmp_path, segmenter, monkeypatch):
     _series(tmp_path / "in" / "ct")
     monkeypatch.setattr(Segmenter, "from_checkpoints", classmethod(lambda cls, *a, **k: segmenter))
     code = main(["segment", str(tmp_path / "in"), str(tmp_path / "out"), "--model", "m.pt", "--rtstruct",
-                 "--no-qc", "-q", "output.anatomic_region=SCT:10200004:Liver", "input.min_slices=2"])
+                 "--no-qc", "-q", "output.anatomic_region=SCT:10200004:Liver", "input.min_slices=2",
+                 "output.rtstruct_rois=lesion"])
     assert code == 0
     assert (tmp_path / "out" / "ct_rtstruct.dcm").is_file() and not (tmp_path / "out" / "ct_seg.dcm").exists()
     rt = pydicom.dcmread(tmp_path / "out" / "ct_rtstruct.dcm")
     assert rt.RTROIObservationsSequence[0].AnatomicRegionSequence[0].CodeValue == "10200004"
+    lesions = int(_manifest(tmp_path / "out")["ct"]["lesion_count"])  # one ROI per lesion, as in lesions.csv
+    assert lesions >= 2 and [r.ROIName for r in rt.StructureSetROISequence] == \
+        [f"lesion {n}" for n in range(1, lesions + 1)]
     assert_valid(tmp_path / "out" / "ct_rtstruct.dcm")
 
 
@@ -141,6 +145,9 @@ def test_anatomic_region_config_key_is_checked():
     assert config.output.anatomic_region == "SCT:10200004:Liver"
     with pytest.raises(ConfigError, match="output.anatomic_region.*SCHEME:CODE:Meaning"):
         load_config(None, ["output.anatomic_region=Liver"])
+    assert load_config(None, ["output.rtstruct_rois=lesion"]).output.rtstruct_rois == "lesion"
+    with pytest.raises(ConfigError, match="output.rtstruct_rois"):
+        load_config(None, ["output.rtstruct_rois=organ"])
 
 
 def test_multi_channel_study_outputs_reference_channel_zero(tmp_path):

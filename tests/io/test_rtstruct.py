@@ -292,3 +292,26 @@ def test_label_without_a_name_is_rejected(tmp_path):
     mask[2:5, 2:5, 2] = 2
     with pytest.raises(InputError, match="write_rtstruct found label values 0..2 but only 2 label names"):
         write_rtstruct(mask, affine, files, tmp_path / "rt.dcm", NAMES[:2])
+
+
+def test_one_roi_per_lesion(tmp_path):
+    files, shape, affine = _series(tmp_path, "oblique")
+    mask = _on_grid(_lesions(SHAPE), make_affine("oblique"), affine, shape)
+    out = write_rtstruct(mask, affine, files, tmp_path / "rt.dcm", NAMES, rois="lesion")
+    ds = pydicom.dcmread(out)
+    names = [r.ROIName for r in ds.StructureSetROISequence]
+    assert names == ["lesion 1", "lesion 2", "lesion 3", "cyst 1"]
+    back = read_rtstruct(out, files, affine, shape)
+    label_of_roi = np.array([0, 1, 1, 1, 2], np.uint8)
+    np.testing.assert_array_equal(label_of_roi[back], mask)  # together, the ROIs are the mask
+    sizes = [int(np.count_nonzero(back == n)) for n in (1, 2, 3)]
+    assert sizes == sorted(sizes, reverse=True)  # lesion 1 is the largest
+    for n in range(1, 5):  # each ROI is one lesion (26-connected)
+        assert ndimage.label(back == n, structure=np.ones((3, 3, 3)))[1] == 1
+    assert_valid(out)
+
+    empty = write_rtstruct(np.zeros(shape, np.uint8), affine, files, tmp_path / "empty.dcm", NAMES, rois="lesion")
+    assert [r.ROIName for r in pydicom.dcmread(empty).StructureSetROISequence] == NAMES[1:]
+    assert_valid(empty)
+    with pytest.raises(InputError, match="rois='organ': expected one of label, lesion"):
+        write_rtstruct(mask, affine, files, tmp_path / "x.dcm", NAMES, rois="organ")
