@@ -1,7 +1,8 @@
 """RTSTRUCT output (and read-back) for masks on the grid :class:`~pipeline.io.reader.ScanReader` gives a series.
 
 Radiotherapy planning systems read RT Structure Sets, not SEG. :func:`write_rtstruct` writes one ROI per
-label (ROI number = label value, so a mask with labels ``lesion`` and ``cyst`` gives two ROIs): on every
+label (ROI number = label value, so a mask with labels ``lesion`` and ``cyst`` gives two ROIs; or, with
+``rois="lesion"``, one per connected lesion): on every
 source image (slice, or frame of an enhanced multi-frame source) each connected piece of the label's
 cross-section becomes closed planar contours in patient coordinates (LPS, mm), referencing that image's
 SOP instance (and frame number), the series, the study and the frame of reference.
