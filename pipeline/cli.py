@@ -164,7 +164,11 @@ def cmd_segment(args) -> int:
         from pipeline.infer import Segmenter
 
         model = Segmenter.from_checkpoints(model, device=args.device, backend=args.backend, tta=args.tta)
-        select = override_config(model.config, args.overrides, allowed_prefix="input.").input
+        output_rules = [o for o in args.overrides if o.startswith("output.")]  # e.g. output.anatomic_region
+        if output_rules:
+            model.config = override_config(model.config, output_rules, allowed_prefix="output.")
+        select = override_config(model.config, [o for o in args.overrides if o not in output_rules],
+                                 allowed_prefix="input.").input
     from pipeline.archive.url import is_archive_url
 
     if is_archive_url(args.input_dir):
@@ -176,7 +180,7 @@ def cmd_segment(args) -> int:
                              overwrite=args.overwrite, shard=args.shard, dicom_seg=args.dicom_seg,
                              qc=not args.no_qc, progress=not args.quiet, select=select,
                              keep_paths=args.keep_paths, tta=args.tta, save_probabilities=args.save_probabilities,
-                             probabilities_dtype=args.probabilities_dtype)
+                             probabilities_dtype=args.probabilities_dtype, rtstruct=args.rtstruct)
     s = summarise(results)
     for r in results:
         if r.status == "failed":
@@ -216,7 +220,8 @@ def _segment_archive(args, model, select, start: float) -> int:
                                                   timeout_s=args.timeout))
     run = segment_archive(args.input_dir, args.output_dir, model, archive=options, device=args.device,
                           backend=args.backend, overwrite=args.overwrite, dicom_seg=args.dicom_seg,
-                          qc=not args.no_qc, progress=not args.quiet, select=select, tta=args.tta)
+                          qc=not args.no_qc, progress=not args.quiet, select=select, tta=args.tta,
+                          rtstruct=args.rtstruct)
     results = run.results
     for r in results:
         if r.status == "failed":
@@ -240,6 +245,19 @@ def cmd_export(args) -> int:
     print(f"exported {args.format}: {result.path} in {result.seconds:.1f} s (verified against the checkpoint: "
           f"largest logit difference {result.max_abs_diff:.2g})")
     return 0
+
+
+def cmd_validate(args) -> int:
+    from pipeline.io.validate import validate_dicom
+
+    failed = 0
+    for path in args.files:
+        result = validate_dicom(path)
+        print(f"{path}: {result.iod or '?'}: {len(result.errors)} error(s), {len(result.warnings)} warning(s)")
+        for line in result.errors + (result.warnings if not args.quiet else []):
+            print(f"  {line}")
+        failed += bool(result.errors)
+    return 1 if failed else 0
 
 
 def cmd_manifest(args) -> int:
@@ -500,7 +518,8 @@ def _parser() -> argparse.ArgumentParser:
                                      "DICOMweb archive: dicomweb+http(s)://HOST:PORT/PATH")
     p.add_argument("output_dir", help="masks are written as <case>_seg.nii.gz")
     p.add_argument("overrides", nargs="*", help="input selection/repair rules on top of the model's, e.g. "
-                                                "input.modalities=[CT] input.on_gantry_tilt=resample")
+                                                "input.modalities=[CT] input.on_gantry_tilt=resample; "
+                                                "output.anatomic_region=SCT:10200004:Liver for SEG/RTSTRUCT")
     p.add_argument("--model", required=True, nargs="+", metavar="MODEL",
                    help="checkpoint written by `medseg train` (best.pt); several, or a training folder (its "
                         "fold_*/best.pt), for an ensemble averaging their softmax probabilities")
@@ -522,6 +541,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                    help="process shard I of N (1-based), e.g. 2/4: N processes can share one output folder")
     p.add_argument("--dicom-seg", action="store_true", help="also write <case>_seg.dcm (DICOM SEG) for DICOM series")
+    p.add_argument("--rtstruct", action="store_true",
+                   help="also write <case>_rtstruct.dcm (RT Structure Set, one ROI per label) for DICOM series")
     p.add_argument("--no-qc", action="store_true", help="no QC pictures (qc/<case>.png)")
     p.add_argument("--keep-paths", action="store_true", help=_KEEP_PATHS_HELP)
     archive = p.add_argument_group("DICOMweb archive (INPUT_DIR = dicomweb+http(s)://HOST:PORT/PATH)")
@@ -554,6 +575,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="merge shard manifests (or rebuild from sidecars): manifest, lesions.csv, index.html")
     p.add_argument("output_dir", help="the OUTPUT_DIR of `medseg segment`")
     p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("validate", parents=[common],
+                       help="check DICOM files (e.g. the SEG/RTSTRUCT of segment) with dciodvfy (dicom3tools)")
+    p.add_argument("files", nargs="+", help="DICOM files; prints each one's errors and warnings, exit 1 on errors")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("evaluate", parents=[common],
                        help="Dice, HD95, ASSD, NSD and lesion detection of masks vs ground truth")

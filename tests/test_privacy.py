@@ -170,6 +170,9 @@ def test_dicom_seg_carries_the_patient_module(tmp_path, monkeypatch):
     ds = pydicom.dcmread(str(seg))
     assert (str(ds.PatientName), ds.PatientID, ds.AccessionNumber) == (NAME, PID, ACCESSION)
     assert patient_token(NAME) in seg.name  # its file name, like every other, does not name the patient
+    from tests.dicom_validate import assert_valid
+
+    assert_valid(seg)
     for path in (tmp_path / "out").rglob("*"):
         if path.is_file() and path.suffix != ".dcm":
             assert not [raw for raw in RAW if raw.encode() in path.read_bytes()], path

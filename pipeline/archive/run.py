@@ -108,6 +108,7 @@ def segment_archive(
     on_case: Optional[Callable[[CaseResult], None]] = None,
     isolate_reading: bool = True,
     tta: Optional[str] = None,
+    rtstruct: bool = False,
 ) -> ArchiveRun:
     """Segment the series of the DICOMweb archive at ``url`` (``dicomweb+http(s)://HOST:PORT/PATH``)
     into ``output_dir``, as :func:`pipeline.batch.segment_folder` does a folder (same outputs, manifest,
@@ -140,7 +141,8 @@ def segment_archive(
         with OutputLock(files.lock, conflicts=files.conflicting_locks()), \
                 log_to(files.log, redact, echo=progress and not bars):
             run = BatchRun(segmenter, files, model=model, input_dir=cache, overwrite=overwrite, select=select,
-                           dicom_seg=dicom_seg, qc=qc, progress=bars, on_case=None, redact=redact)
+                           dicom_seg=dicom_seg, qc=qc, progress=bars, on_case=None, redact=redact,
+                           rtstruct=rtstruct)
             run.manifest.meta["input_dir"] = address.public
             job = _ArchiveJob(run, found, ArchiveState(out / STATE_NAME, address.public), client, cache, options,
                               redact, select, dicom_seg, qc, on_case)
@@ -249,6 +251,8 @@ class _ArchiveJob:
             return None
         if self.dicom_seg and not outputs.dicom_seg.is_file() and not data.get("dicom_seg_error"):
             return None
+        if self.run.rtstruct and not outputs.rtstruct.is_file() and not data.get("rtstruct_error"):
+            return None
         case = Case(case_id, str(self.cache / series.name), "dicom", series_uid=series.series_uid)
         result = result_from_sidecar(data, case, outputs, self._source(series))
         result.resumed = True
@@ -270,7 +274,7 @@ class _ArchiveJob:
             discovery = discover(fetched.folder, self.select)
             plan = plan_run(discovery.cases, discovery.skipped, output_dir=self.run.out, model_id=self.run.model_id,
                             config=self.run.config, redact=self.redact, overwrite=True, qc=self.qc,
-                            dicom_seg=self.dicom_seg)
+                            dicom_seg=self.dicom_seg, rtstruct=self.run.rtstruct)
             skipped = []
             for result in plan.kept:  # set aside by the input.* rules: same reasons as for a folder
                 result.series_uid = result.series_uid or series.series_uid

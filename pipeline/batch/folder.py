@@ -64,6 +64,7 @@ def segment_folder(
     tta: Optional[str] = None,
     save_probabilities: bool = False,
     probabilities_dtype: str = "uint8",
+    rtstruct: bool = False,
 ) -> list[CaseResult]:
     """Segment every scan under ``input_dir`` into ``output_dir/<case>_seg.nii.gz`` (+ reports).
 
@@ -73,7 +74,8 @@ def segment_folder(
     ``save_probabilities``: also write ``<case>_prob.nii.gz`` (``probabilities_dtype``: ``uint8`` 0-255 or
     ``float16``). ``backend``: ``auto | torch | onnxruntime`` for a checkpoint path (default: the model's ``inference.backend``). ``overwrite``: redo cases already done.
     ``shard``: ``"I/N"`` or ``(I, N)``, 1-based: this process takes every N-th case from the I-th.
-    ``dicom_seg``: also write ``<case>_seg.dcm`` for DICOM sources. ``qc``: QC pictures.
+    ``dicom_seg``: also write ``<case>_seg.dcm`` for DICOM sources; ``rtstruct``: ``<case>_rtstruct.dcm``
+    (RT Structure Set, one ROI per label). ``qc``: QC pictures.
     ``background=False`` runs the stages one after another (a baseline for the throughput benchmark).
     ``select``: which scans to use and how to treat inconsistent DICOM series (``input.*``); default:
     the model's config. ``on_case`` is called (from the writer thread) as each case finishes.
@@ -110,7 +112,8 @@ def segment_folder(
                 log_to(files.log, redact, echo=progress and not bars):
             run = BatchRun(segmenter, files, model=model, input_dir=input_dir, overwrite=overwrite,
                            select=select, dicom_seg=dicom_seg, qc=qc, progress=bars, on_case=on_case,
-                           redact=redact, probabilities=probabilities_dtype if save_probabilities else None)
+                           redact=redact, probabilities=probabilities_dtype if save_probabilities else None,
+                           rtstruct=rtstruct)
             return run.run(discovery, background=background, isolate_reading=isolate_reading)
 
 

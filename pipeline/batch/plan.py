@@ -29,7 +29,8 @@ class Plan:
 
 
 def plan_run(cases: list[Case], skipped, *, output_dir: Path, model_id: str, config, redact: Redactor,
-             overwrite: bool, qc: bool, dicom_seg: bool, probabilities: Optional[str] = None) -> Plan:
+             overwrite: bool, qc: bool, dicom_seg: bool, probabilities: Optional[str] = None,
+             rtstruct: bool = False) -> Plan:
     """``probabilities``: the dtype of ``--save-probabilities`` (None: not asked), part of the fingerprint."""
     plan = Plan()
     for item in skipped:
@@ -40,7 +41,7 @@ def plan_run(cases: list[Case], skipped, *, output_dir: Path, model_id: str, con
         fingerprint = case_fingerprint(model_id, config, case.files,
                                        {"probabilities": probabilities} if probabilities else None)
         previous = None if overwrite else _previous(case, fingerprint, output_dir, redact, qc, dicom_seg,
-                                                    bool(probabilities))
+                                                    bool(probabilities), rtstruct)
         if previous is not None:
             plan.kept.append(previous)
             run_log.info("case %s: already done (same fingerprint), kept", case.case_id)
@@ -50,7 +51,7 @@ def plan_run(cases: list[Case], skipped, *, output_dir: Path, model_id: str, con
 
 
 def _previous(case: Case, fingerprint: str, output_dir: Path, redact: Redactor, qc: bool,
-              dicom_seg: bool, probabilities: bool = False) -> Optional[CaseResult]:
+              dicom_seg: bool, probabilities: bool = False, rtstruct: bool = False) -> Optional[CaseResult]:
     """The result of an earlier run for ``case``, if its outputs are complete and match."""
     outputs = CaseOutputs(output_dir, case.case_id)
     data = read_sidecar(outputs.sidecar)
@@ -62,6 +63,9 @@ def _previous(case: Case, fingerprint: str, output_dir: Path, redact: Redactor, 
             and not data.get("dicom_seg_error"):  # a SEG that cannot be written is not retried
         return None
     if probabilities and not outputs.probabilities.is_file() and not data.get("probabilities_error"):
+        return None
+    if rtstruct and case.kind == "dicom" and not outputs.rtstruct.is_file() \
+            and not data.get("rtstruct_error"):  # like the SEG: one that cannot be written is not retried
         return None
     result = _result_from_sidecar(data, case, outputs, redact.path(case.display_source))
     result.resumed = True
@@ -91,5 +95,7 @@ def _result_from_sidecar(data: dict, case: Case, outputs: CaseOutputs, source: s
         model_sha256s=list(data.get("model_sha256s") or []), tta=str(data.get("tta") or ""),
         probabilities=str(outputs.probabilities) if outputs.probabilities.is_file() else "",
         probabilities_error="" if outputs.probabilities.is_file() else str(data.get("probabilities_error") or ""),
+        rtstruct=str(outputs.rtstruct) if outputs.rtstruct.is_file() else "",
+        rtstruct_error="" if outputs.rtstruct.is_file() else str(data.get("rtstruct_error") or ""),
         **timing,
     )

@@ -50,6 +50,8 @@ class CaseResult:
     tta: str = ""  # none | mirror | mirror:AXES
     probabilities: str = ""  # <case>_prob.nii.gz, when asked for and written
     probabilities_error: str = ""  # why the probabilities asked for were not written (the mask is kept)
+    rtstruct: str = ""  # <case>_rtstruct.dcm, when asked for (--rtstruct) and written
+    rtstruct_error: str = ""  # why the RTSTRUCT asked for was not written (the mask is kept)
     pushed: Optional[bool] = None  # archive runs with --push: every SEG/RTSTRUCT of the case stored back
     push_error: str = ""  # archive runs: why a file of the case could not be stored back
     lesions: list = field(default_factory=list, repr=False)  # list[Lesion]

@@ -39,12 +39,13 @@ __all__ = ["BatchRun"]
 
 class BatchRun:
     def __init__(self, segmenter: Segmenter, files: RunFiles, *, model, input_dir, overwrite, select, dicom_seg, qc,
-                 progress, on_case, redact: Redactor, probabilities: Optional[str] = None):
+                 progress, on_case, redact: Redactor, probabilities: Optional[str] = None, rtstruct: bool = False):
         from pipeline.model.checkpoint import versions
 
         self.segmenter, self.files = segmenter, files
         self.out = files.output_dir
         self.overwrite, self.dicom_seg, self.qc = overwrite, dicom_seg, qc
+        self.rtstruct = rtstruct
         self.probabilities = probabilities  # uint8 | float16: --save-probabilities; None: not asked
         self.progress, self.on_case = progress, on_case  # progress: draw bars (the terminal decided)
         self.redact = redact
@@ -69,7 +70,7 @@ class BatchRun:
         })
         self.writer = CaseWriter(segmenter, redact=redact, dicom_seg=dicom_seg, qc=qc, host=self.host,
                                  model=model_path, config_dict=asdict(self.config), versions=self.versions,
-                                 probabilities=probabilities)
+                                 probabilities=probabilities, rtstruct=rtstruct)
 
     def run(self, discovery: Discovery, background: bool, isolate_reading: bool = True) -> list[CaseResult]:
         start = time.perf_counter()
@@ -133,7 +134,7 @@ class BatchRun:
     def _plan(self, cases: list[Case], skipped) -> list[tuple[Case, str]]:
         plan = plan_run(cases, skipped, output_dir=self.out, model_id=self.model_id, config=self.config,
                         redact=self.redact, overwrite=self.overwrite, qc=self.qc, dicom_seg=self.dicom_seg,
-                        probabilities=self.probabilities)
+                        probabilities=self.probabilities, rtstruct=self.rtstruct)
         for result in plan.kept:
             self._record(result, save=False)
         self._save_reports()

@@ -37,10 +37,12 @@ class CaseWriter:
     """
 
     def __init__(self, segmenter: Segmenter, *, redact: Redactor, dicom_seg: bool, qc: bool, host: str,
-                 model: str, config_dict: dict, versions: dict, probabilities: Optional[str] = None):
+                 model: str, config_dict: dict, versions: dict, probabilities: Optional[str] = None,
+                 rtstruct: bool = False):
         self.segmenter, self.redact = segmenter, redact
         self.probabilities = probabilities
         self.dicom_seg, self.qc = dicom_seg, qc
+        self.rtstruct = rtstruct
         self.host, self.model, self.config_dict, self.versions = host, model, config_dict, versions
 
     def write(self, item: InFlight, outputs: CaseOutputs) -> CaseResult:
@@ -58,6 +60,8 @@ class CaseWriter:
         write_mask(seg.labels, seg.affine, outputs.mask, source=case.source if case.kind == "nifti" else None)
         wants_seg = self.dicom_seg and case.kind == "dicom"
         seg_error = self._write_dicom_seg(case, seg, outputs) if wants_seg else ""
+        wants_rtstruct = self.rtstruct and case.kind == "dicom"
+        rtstruct_error = self._write_rtstruct(case, seg, outputs) if wants_rtstruct else ""
         prob_error = self._write_probabilities(case, seg, outputs) if self.probabilities else ""
         if self.qc:
             from pipeline.batch.report.qc import display_window, write_qc_png
@@ -81,6 +85,8 @@ class CaseWriter:
             model_sha256s=[s for s in self.segmenter.model_sha256s if s], tta=self.segmenter.tta,
             probabilities=str(outputs.probabilities) if self.probabilities and not prob_error else "",
             probabilities_error=prob_error,
+            rtstruct=str(outputs.rtstruct) if wants_rtstruct and not rtstruct_error else "",
+            rtstruct_error=rtstruct_error,
         )
         result.seconds_write = time.perf_counter() - start
         result.seconds = result.seconds_load + result.seconds_infer + result.seconds_post + result.seconds_write
@@ -93,13 +99,35 @@ class CaseWriter:
         reason is returned (for ``dicom_seg_error``) and logged, and the case stays done."""
         try:
             dicom_seg_writer()(seg.labels, seg.affine, case.reference_files, outputs.dicom_seg,
-                               self.segmenter.config.label_names)
+                               self.segmenter.config.label_names, **self._dicom_identity())
         except Exception as exc:  # any SEG failure (unsupported source, highdicom, disk) is secondary
             outputs.dicom_seg.unlink(missing_ok=True)
             reason = describe_error(exc)
             log.warning("%s: DICOM SEG not written (the mask is): %s", case.case_id, reason)
             return reason
         return ""
+
+    def _write_rtstruct(self, case: Case, seg, outputs: CaseOutputs) -> str:
+        """Write ``<case>_rtstruct.dcm`` (one ROI per label) on channel 0's series. Secondary, as the SEG: a
+        failure is returned (for ``rtstruct_error``) and logged, and the case keeps its mask."""
+        try:
+            from pipeline.io.rtstruct import write_rtstruct
+
+            write_rtstruct(seg.labels, seg.affine, case.reference_files, outputs.rtstruct,
+                           self.segmenter.config.label_names, **self._dicom_identity(),
+                           rois=getattr(getattr(self.segmenter.config, "output", None), "rtstruct_rois", "label"))
+        except Exception as exc:  # unsupported source, disk: secondary to the mask
+            outputs.rtstruct.unlink(missing_ok=True)
+            reason = describe_error(exc)
+            log.warning("%s: RTSTRUCT not written (the mask is): %s", case.case_id, reason)
+            return reason
+        return ""
+
+    def _dicom_identity(self) -> dict:
+        """What a SEG/RTSTRUCT records of the model: its sha256 and the configured anatomic region."""
+        output = getattr(self.segmenter.config, "output", None)
+        return {"model_sha256": self.segmenter.model_sha256 or "",
+                "anatomic_region": getattr(output, "anatomic_region", "") or ""}
 
     def _write_probabilities(self, case: Case, seg, outputs: CaseOutputs) -> str:
         """Write ``<case>_prob.nii.gz`` (binary models: P(lesion), 3D; more classes: one channel per

@@ -408,6 +408,21 @@ class InputConfig:
 
 
 @dataclass
+class OutputConfig:
+    """What the DICOM outputs (SEG, RTSTRUCT) record beyond the mask."""
+
+    # the segments' anatomic region, SCHEME:CODE:Meaning (e.g. SCT:10200004:Liver); empty: none recorded
+    anatomic_region: str = ""
+    rtstruct_rois: str = "label"  # label: one RTSTRUCT ROI per label | lesion: one per lesion (component)
+
+    def _check(self) -> None:
+        _choice("output.rtstruct_rois", self.rtstruct_rois, ("label", "lesion"))
+        parts = [p.strip() for p in self.anatomic_region.split(":", 2)]
+        if self.anatomic_region and (len(parts) != 3 or not all(parts)):
+            _fail("output.anatomic_region", self.anatomic_region, "SCHEME:CODE:Meaning such as SCT:10200004:Liver")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     input: InputConfig = field(default_factory=InputConfig)
@@ -420,6 +435,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
 
     @property
     def num_classes(self) -> int:

@@ -17,6 +17,7 @@ must lie under exactly one source pixel, else the grids do not match and :class:
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Sequence
@@ -152,6 +153,8 @@ def write_dicom_seg(
     *,
     algorithm_name: str = "medseg",
     algorithm_version: str | None = None,
+    model_sha256: str = "",
+    anatomic_region: str = "",
     series_number: int | None = None,
     series_description: str | None = None,
 ) -> Path:
@@ -164,7 +167,10 @@ def write_dicom_seg(
     mask on the grid :class:`~pipeline.io.reader.ScanReader` gives the series; any file order works.
     Label ``n >= 1`` becomes segment ``n``, labelled ``label_names[n]`` (category "Morphologically
     abnormal structure", type "Lesion", automatic, AI algorithm ``algorithm_name``/``algorithm_version``,
-    by default the installed pipeline version). Empty frames are omitted; a mask without any foreground
+    by default the installed pipeline version, parameters ``model_sha256=...`` when given; anatomic region
+    ``anatomic_region``, ``SCHEME:CODE:Meaning`` such as ``SCT:10200004:Liver``, when given). A source whose
+    dataset lacks SOPInstanceUID/SOPClassUID (anonymised exports) is referenced by its file meta's
+    MediaStorageSOPInstanceUID/ClassUID. Empty frames are omitted; a mask without any foreground
     keeps every (empty) frame, so the SEG still references the whole series. The file appears
     atomically at ``out_path``, which is returned.
     """
@@ -179,8 +185,12 @@ def write_dicom_seg(
 
     version = algorithm_version or _pipeline_version()
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=algorithm_name, version=version, family=codes.cid7162.ArtificialIntelligence
+        name=algorithm_name, version=version, family=codes.cid7162.ArtificialIntelligence,
+        parameters={"model_sha256": model_sha256} if model_sha256 else None,
     )
+    region = code_item(anatomic_region) if anatomic_region else None
+    region_code = hd.sr.CodedConcept(region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning) \
+        if region is not None else None
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
@@ -189,6 +199,7 @@ def write_dicom_seg(
             segmented_property_type=codes.SCT.Lesion,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
+            anatomic_regions=[region_code] if region_code is not None else None,
         )
         for number, name in enumerate(label_names[1:], start=1)
     ]
@@ -229,7 +240,7 @@ def _gather_frames(labels, affine, headers, source_files) -> np.ndarray:
 
 def _segmentation(hd, headers, frames, descriptions, algorithm_name, version, series_number):
     return hd.seg.Segmentation(
-        source_images=[_with_shared_plane(h) for h in headers],
+        source_images=_shared_orientation([_with_shared_plane(h) for h in headers]),
         pixel_array=frames,  # label-map style: pixel value n is segment n
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -248,6 +259,24 @@ def _segmentation(hd, headers, frames, descriptions, algorithm_name, version, se
     )
 
 
+def _shared_orientation(headers: list[Dataset]) -> list[Dataset]:
+    """Single-frame sources whose ImageOrientationPatient differ only by rounding (GE writes each slice's
+    to 13 digits, differing around the 8th) get the first one's, which highdicom requires to be shared;
+    a real difference (over 1e-4) is left for highdicom to refuse."""
+    first = headers[0].get("ImageOrientationPatient")
+    if first is None or len(headers) < 2:
+        return headers
+    reference = np.asarray([float(v) for v in first])
+    out = []
+    for header in headers:
+        value = header.get("ImageOrientationPatient")
+        if value is not None and value != first and np.abs(np.asarray([float(v) for v in value]) - reference).max() < 1e-4:
+            header = copy.copy(header)  # a shallow copy: only this element changes
+            header.ImageOrientationPatient = first
+        out.append(header)
+    return out
+
+
 def _character_set(source: Dataset):
     """The source's SpecificCharacterSet where highdicom knows it; none (ASCII) when empty; else UTF-8."""
     from highdicom.enum import SpecificCharacterSetValues
@@ -264,32 +293,32 @@ def _character_set(source: Dataset):
     return "ISO_IR 192"
 
 
-def _check_write_inputs(labels, affine, source_files, label_names):
+def _check_write_inputs(labels, affine, source_files, label_names, what: str = "write_dicom_seg"):
     labels = np.asarray(labels)
     affine = np.asarray(affine, dtype=np.float64)
     label_names = [str(name) for name in label_names]
     if labels.ndim != 3:
-        raise InputError(f"write_dicom_seg expected a 3D label map [i, j, k], found shape {labels.shape}")
+        raise InputError(f"{what} expected a 3D label map [i, j, k], found shape {labels.shape}")
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
         raise InputError(
-            f"write_dicom_seg expected integer labels, found dtype {labels.dtype}. Threshold or argmax "
+            f"{what} expected integer labels, found dtype {labels.dtype}. Threshold or argmax "
             "the prediction first"
         )
     if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InputError(f"write_dicom_seg expected an invertible 4x4 RAS affine, found {affine.tolist()}")
+        raise InputError(f"{what} expected an invertible 4x4 RAS affine, found {affine.tolist()}")
     if not 2 <= len(label_names) <= 256:
         raise InputError(
-            "write_dicom_seg expected names for background and 1 to 255 labels, "
+            f"{what} expected names for background and 1 to 255 labels, "
             f"found {len(label_names)} name(s): {label_names}"
         )
     if labels.size and (labels.min() < 0 or labels.max() >= len(label_names)):
         raise InputError(
-            f"write_dicom_seg found label values {int(labels.min())}..{int(labels.max())} but only "
+            f"{what} found label values {int(labels.min())}..{int(labels.max())} but only "
             f"{len(label_names)} label names {label_names} (values 0..{len(label_names) - 1}). Pass a name "
             "for every label value"
         )
     if len(source_files) == 0:
-        raise InputError("write_dicom_seg expected the DICOM files of the source series, found none")
+        raise InputError(f"{what} expected the DICOM files of the source series, found none")
     return labels.astype(np.uint8, copy=False), affine, label_names
 
 
@@ -317,11 +346,53 @@ def _read_header(path: PathLike) -> Dataset:
             "functional groups): its frames have no plane of their own for a DICOM SEG to reference. The "
             "NIfTI mask holds the segmentation"
         )
+    _uids_from_file_meta(header, path)
     required = ("SOPInstanceUID", "SOPClassUID", "Rows", "Columns", "FrameOfReferenceUID")
     missing = [keyword for keyword in required if keyword not in header]
     if missing:
         raise InputError(f"source image '{path}' lacks {', '.join(missing)}: expected a CT/MR slice")
     return header
+
+
+def _uids_from_file_meta(header: Dataset, path: PathLike) -> None:
+    """Fill an empty dataset-level SOPInstanceUID/SOPClassUID from the file meta (anonymisers that blank
+    the dataset's UIDs keep MediaStorageSOPInstanceUID/ClassUID, which name the same instance); refuse a
+    file where neither holds one: a reference to it would not name an instance."""
+    meta = getattr(header, "file_meta", None) or Dataset()
+    for keyword, meta_keyword in (("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
+                                  ("SOPClassUID", "MediaStorageSOPClassUID")):
+        if str(header.get(keyword, "") or "").strip():
+            continue
+        value = str(meta.get(meta_keyword, "") or "").strip()
+        if not value:
+            raise InputError(
+                f"source image '{path}' has no {keyword}, neither in the dataset nor as {meta_keyword} in its "
+                "file meta: a DICOM SEG or RTSTRUCT cannot reference it. Re-export the series keeping the "
+                "instance UIDs (the NIfTI mask holds the segmentation)"
+            )
+        log.info("source image '%s': empty %s, using the file meta's %s", path, keyword, meta_keyword)
+        setattr(header, keyword, value)
+
+
+def lesion_codes() -> tuple[Dataset, Dataset]:
+    """The coded concepts of a lesion segment or ROI: category SCT 49755003 "Morphologically abnormal
+    structure", type SCT 52988006 "Lesion" (as Code Sequence items)."""
+    return code_item("SCT:49755003:Morphologically abnormal structure"), code_item("SCT:52988006:Lesion")
+
+
+def algorithm_family_item() -> Dataset:
+    """DCM 113037 "Artificial Intelligence" (CID 7162), the algorithm family of medseg's outputs."""
+    return code_item("DCM:113037:Artificial Intelligence")
+
+
+def code_item(text: str) -> Dataset:
+    """A Code Sequence item from ``SCHEME:CODE:Meaning`` (e.g. ``SCT:10200004:Liver``), else InputError."""
+    parts = [part.strip() for part in str(text).split(":", 2)]
+    if len(parts) != 3 or not all(parts):
+        raise InputError(f"coded concept {text!r} is not SCHEME:CODE:Meaning: expected e.g. SCT:10200004:Liver")
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = parts[1], parts[0], parts[2][:64]
+    return item
 
 
 def _check_single_series(headers: list[Dataset], paths: Sequence[PathLike]) -> None:
@@ -335,9 +406,13 @@ def _check_single_series(headers: list[Dataset], paths: Sequence[PathLike]) -> N
                 f"source image '{path}' has (series, frame of reference, rows, columns) {key(header)}, "
                 f"expected {first} like '{paths[0]}'. Pass the files of one series only"
             )
-    uids = [header.SOPInstanceUID for header in headers]
+    uids = [str(header.SOPInstanceUID) for header in headers]
     if len(set(uids)) != len(uids):
-        raise InputError("source files list the same SOP instance more than once: pass each slice once")
+        repeated = next(uid for uid in uids if uids.count(uid) > 1)
+        where = [str(path) for path, uid in zip(paths, uids) if uid == repeated]
+        raise InputError(
+            f"source files list the same SOP instance more than once ({len(uids) - len(set(uids))} repeat(s), "
+            f"e.g. {where[:2]}): pass each slice once")
     if len(headers) > 1 and any(int(h.get("NumberOfFrames", 1) or 1) > 1 for h in headers):
         raise InputError(
             f"the volume's frames come from {len(headers)} multi-frame files: a DICOM SEG references one "
@@ -356,8 +431,6 @@ def _with_shared_plane(header: Dataset) -> Dataset:
     missing = [g for g in ("PlaneOrientationSequence", "PixelMeasuresSequence") if not shared or g not in shared[0]]
     if not missing:
         return header
-    import copy
-
     from pydicom.sequence import Sequence as DicomSequence
 
     header = copy.deepcopy(header)

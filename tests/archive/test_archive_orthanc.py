@@ -42,10 +42,10 @@ def _client(orthanc, counter=None):
     return make_client(parse_archive_url(orthanc.dicomweb), CREDENTIALS, counter=counter)
 
 
-def _run(orthanc, out, segmenter, on_case=None, **options):
+def _run(orthanc, out, segmenter, on_case=None, rtstruct=False, **options):
     options.setdefault("credentials", CREDENTIALS)
     return segment_archive(orthanc.dicomweb, out, segmenter, archive=ArchiveOptions(**options), qc=False,
-                           isolate_reading=False, on_case=on_case)
+                           isolate_reading=False, on_case=on_case, rtstruct=rtstruct)
 
 
 def _rows(out) -> dict:
@@ -112,6 +112,26 @@ def test_push_stores_one_seg_per_series_equal_to_the_mask_and_resumes(orthanc, c
     third = _run(orthanc, out, segmenter, query="Modality=CT&StudyDate=20240101-20241231", push=True)
     assert (third.retrieved, third.stored) == (0, 1)
     assert third.requests.get("POST") == 1
+
+
+def test_push_with_rtstruct_stores_a_seg_and_an_rtstruct_per_series(orthanc, ct_studies, tmp_path, segmenter):
+    from pipeline.io.rtstruct import read_rtstruct
+
+    out = tmp_path / "out"
+    run = _run(orthanc, out, segmenter, query="Modality=CT&StudyDate=20240101-20241231", push=True, rtstruct=True)
+    assert exit_code(run.results) == 0 and (run.stored, run.push_failed) == (4, 0)
+    assert orthanc.modality_count("SEG") == 2 and orthanc.modality_count("RTSTRUCT") == 2
+    uid_to_study = {pydicom.dcmread(files[0]).SeriesInstanceUID: files for files, _ in ct_studies.values()}
+    client = _client(orthanc)
+    for result in run.results:
+        local = pydicom.dcmread(out / f"{result.case_id}_rtstruct.dcm")
+        back = client.retrieve_instance(local.StudyInstanceUID, local.SeriesInstanceUID, local.SOPInstanceUID)
+        mask = nib.load(out / f"{result.case_id}_seg.nii.gz")
+        onto_grid = read_rtstruct(_saved(back, tmp_path / f"{result.case_id}_rt.dcm"),
+                                  uid_to_study[result.series_uid], mask.affine, mask.shape)
+        np.testing.assert_array_equal(onto_grid, np.asarray(mask.dataobj))  # the archive's RTSTRUCT is the mask
+    again = _run(orthanc, out, segmenter, query="Modality=CT&StudyDate=20240101-20241231", push=True, rtstruct=True)
+    assert (again.retrieved, again.stored) == (0, 0)
 
 
 def test_a_series_deleted_after_the_search_fails_alone(orthanc, ct_studies, tmp_path, segmenter):

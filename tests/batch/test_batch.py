@@ -291,7 +291,8 @@ def test_dicom_seg_for_dicom_sources(tmp_path, segmenter, monkeypatch):
 
     calls = []
 
-    def fake_write(labels, affine, source_files, out_path, label_names):
+    def fake_write(labels, affine, source_files, out_path, label_names, **identity):
+        assert sorted(identity) == ["anatomic_region", "model_sha256"]  # what the SEG records of the model
         calls.append((labels.shape, len(source_files), list(label_names)))
         out_path.write_bytes(b"DICM")
         return out_path

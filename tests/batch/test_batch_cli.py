@@ -211,6 +211,9 @@ def test_segment_dicom_seg_reads_back_onto_its_series(tmp_path):
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
     back = read_dicom_seg(seg_path, [str(p) for p in paths], mask_image.affine, mask.shape)
     np.testing.assert_array_equal(back, mask)
+    from tests.dicom_validate import assert_valid
+
+    assert_valid(seg_path)
 
 
 def test_segment_input_overrides_select_and_repair(tmp_path, checkpoint):

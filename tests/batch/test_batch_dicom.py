@@ -20,6 +20,7 @@ from pipeline.io.dicom_seg import read_dicom_seg
 from pipeline.io.dicom_write import write_dicom_series
 from tests.batch.test_batch import SHAPE, _one_thread, segmenter  # noqa: F401  (fixtures)
 from tests.conftest import make_affine
+from tests.dicom_validate import assert_valid
 from tests.helpers import ct_case
 
 
@@ -60,8 +61,8 @@ def _manifest(out):
 
 def test_new_columns_follow_the_existing_ones():
     assert ALL_COLUMNS[-2:] == ["pushed", "push_error"]  # archive runs (pipeline.archive)
-    assert ALL_COLUMNS[-8:-2] == ["dicom_seg_error", "channel_series_uids", "model_sha256s", "tta", "probabilities",
-                                  "probabilities_error"]
+    assert ALL_COLUMNS[-10:-2] == ["dicom_seg_error", "channel_series_uids", "model_sha256s", "tta", "probabilities",
+                                   "probabilities_error", "rtstruct", "rtstruct_error"]
     assert ALL_COLUMNS[:-8] == MANIFEST_COLUMNS + [
         "kind", "resumed", "seconds_post", "seconds", "output", "sidecar", "qc_png", "dicom_seg",
         "fingerprint", "started", "finished", "host"]
@@ -81,6 +82,7 @@ def test_seg_written_for_an_enhanced_source_and_mask_kept_for_a_mosaic(shared_da
     mask = np.asarray(nib.load(enh.output).dataobj)
     source = [str(p) for p in (tmp_path / "in" / "enh").iterdir()]
     np.testing.assert_array_equal(read_dicom_seg(enh.dicom_seg, source, nib.load(enh.output).affine, mask.shape), mask)
+    assert_valid(enh.dicom_seg)
 
     mosaic = results["mosaic"]
     assert Path(mosaic.output).is_file() and mosaic.dicom_seg == "" and not (out / "mosaic_seg.dcm").exists()

@@ -18,6 +18,7 @@ from pipeline.io.dicom_write import write_dicom_series
 from pipeline.io.geometry import affine_from_sitk, closest_canonical
 from pipeline.io.reader import ScanReader
 from tests.conftest import make_affine
+from tests.dicom_validate import assert_valid
 
 WRITER_SHAPE = (18, 14, 7)  # rows * columns = 252, not a multiple of 8: 1-bit frames share bytes
 LABEL_NAMES = ["background", "lesion", "cyst"]
@@ -136,6 +137,13 @@ def test_write_then_read_round_trip(tmp_path, orientation):
     back = read_dicom_seg(out, _shuffled(files, seed=4), affine, shape)
     assert back.dtype == np.uint8
     np.testing.assert_array_equal(back, mask)
+    # highdicom reads it back: per source instance (file k), segment n's frame is label n in slice k
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    pixels = hd.seg.segread(out).get_pixels_by_source_instance(uids, assert_missing_frames_are_empty=True)
+    for k in range(WRITER_SHAPE[2]):
+        for n in (1, 2):
+            np.testing.assert_array_equal(pixels[k, :, :, n - 1], writer_mask[:, :, k].T == n)
+    assert_valid(out)
 
 
 def test_read_without_grid_uses_the_scan_reader_grid(tmp_path):
@@ -153,6 +161,7 @@ def test_empty_mask_keeps_every_frame(tmp_path):
     assert int(seg.NumberOfFrames) == len(files) * 2  # every frame of every segment
     assert not seg.pixel_array.any()
     assert not read_dicom_seg(out, files, affine, shape).any()
+    assert_valid(out)
 
 
 def test_algorithm_identification(tmp_path):
@@ -246,6 +255,7 @@ def test_enhanced_multi_frame_source_round_trips(shared_data, tmp_path):
     assert seg.SOPClassUID == SEGMENTATION_STORAGE and int(seg.NumberOfFrames) <= 2 * image.shape[2]
     np.testing.assert_array_equal(read_dicom_seg(tmp_path / "seg.dcm", [path], meta["affine"], image.shape), mask)
     np.testing.assert_array_equal(read_dicom_seg(tmp_path / "seg.dcm", [path]), mask)
+    assert_valid(tmp_path / "seg.dcm")
 
 
 def test_mosaic_source_is_rejected_with_its_reason(shared_data, tmp_path):
@@ -295,6 +305,7 @@ def test_dcmqi_reference_seg(tmp_path, shared_data):
         uids, assert_missing_frames_are_empty=True, ignore_spatial_locations=True  # dcmqi omits the flag
     )
     np.testing.assert_array_equal(ours, theirs)
+    assert_valid(out)
 
 
 @pytest.mark.filterwarnings("ignore:.*unlikely to represent the intended person name")
@@ -363,3 +374,67 @@ def test_frame_index_gathers_and_scatters_like_per_pixel_indexing(seed):
             written[tuple(start + r * down + c * along)] = frame[r, c]
     where.write(volume, frame)
     np.testing.assert_array_equal(volume, written)
+
+
+# --- sources the SEG must still reference: anonymised exports, rounding-level orientation noise ----------
+
+
+def _blank_dataset_uids(files, meta_too=False):
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID, ds.SOPClassUID = "", ""
+        if meta_too:
+            ds.file_meta.MediaStorageSOPInstanceUID = ""
+        ds.save_as(path, enforce_file_format=False)
+
+
+def test_anonymised_source_is_referenced_by_its_file_meta_uids(tmp_path):
+    """Dataset-level SOPInstanceUID/SOPClassUID empty, only the file meta holding them: the SEG references
+    the file meta's UIDs (it used to fail with 'the same SOP instance more than once')."""
+    files, shape, affine = _series(tmp_path, "feet-first")
+    meta = [pydicom.dcmread(f, stop_before_pixels=True).file_meta for f in files]
+    _blank_dataset_uids(files)
+    mask = _two_label_mask(shape)
+    out = write_dicom_seg(mask, affine, files, tmp_path / "seg.dcm", LABEL_NAMES, model_sha256="ab" * 32,
+                          anatomic_region="SCT:10200004:Liver")
+    seg = pydicom.dcmread(out)
+    (series_ref,) = seg.ReferencedSeriesSequence
+    assert {i.ReferencedSOPInstanceUID for i in series_ref.ReferencedInstanceSequence} == \
+        {m.MediaStorageSOPInstanceUID for m in meta}
+    assert {i.ReferencedSOPClassUID for i in series_ref.ReferencedInstanceSequence} == \
+        {m.MediaStorageSOPClassUID for m in meta}
+    (algorithm,) = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence
+    assert algorithm.AlgorithmParameters == "model_sha256=" + "ab" * 32
+    assert seg.SegmentSequence[0].AnatomicRegionSequence[0].CodeMeaning == "Liver"
+    assert seg.SegmentSequence[0].SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
+    np.testing.assert_array_equal(read_dicom_seg(out, files, affine, shape), mask)
+    assert_valid(out)
+
+
+def test_source_without_instance_uid_anywhere_is_refused(tmp_path):
+    files, shape, affine = _series(tmp_path, "LPS-axial")
+    _blank_dataset_uids(files, meta_too=True)
+    with pytest.raises(InputError, match="has no SOPInstanceUID, neither in the dataset nor as "
+                                         "MediaStorageSOPInstanceUID in its file meta"):
+        write_dicom_seg(_two_label_mask(shape), affine, files, tmp_path / "seg.dcm", LABEL_NAMES)
+    assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_orientation_rounding_noise_between_slices_is_accepted(tmp_path):
+    """GE writes each slice's ImageOrientationPatient with its own rounding (~1e-8 apart)."""
+    files, shape, affine = _series(tmp_path, "oblique")
+    for n, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [f"{float(v) + 1e-9 * n:.13f}" for v in ds.ImageOrientationPatient]
+        ds.save_as(path)
+    mask = _two_label_mask(shape)
+    out = write_dicom_seg(mask, affine, files, tmp_path / "seg.dcm", LABEL_NAMES)
+    np.testing.assert_array_equal(read_dicom_seg(out, files, affine, shape), mask)
+    assert_valid(out)
+
+
+def test_bad_anatomic_region_is_refused(tmp_path):
+    files, shape, affine = _series(tmp_path, "LPS-axial")
+    with pytest.raises(InputError, match="not SCHEME:CODE:Meaning"):
+        write_dicom_seg(_two_label_mask(shape), affine, files, tmp_path / "seg.dcm", LABEL_NAMES,
+                        anatomic_region="liver")

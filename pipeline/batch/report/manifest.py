@@ -36,7 +36,7 @@ MANIFEST_COLUMNS = [
 EXTRA_COLUMNS = [
     "kind", "resumed", "seconds_post", "seconds", "output", "sidecar", "qc_png", "dicom_seg",
     "fingerprint", "started", "finished", "host", "dicom_seg_error", "channel_series_uids",
-    "model_sha256s", "tta", "probabilities", "probabilities_error",
+    "model_sha256s", "tta", "probabilities", "probabilities_error", "rtstruct", "rtstruct_error",
     "pushed", "push_error",  # archive runs (pipeline.archive): stored back with STOW-RS, or why not
 ]
 ALL_COLUMNS = MANIFEST_COLUMNS + EXTRA_COLUMNS

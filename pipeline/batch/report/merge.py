@@ -30,7 +30,8 @@ def row_from_sidecar(data: dict, output_dir: Path) -> dict:
     outputs = CaseOutputs(output_dir, str(data.get("case_id", "")))
     row.update(status="done", error="", output=str(outputs.mask), sidecar=str(outputs.sidecar),
                qc_png=str(outputs.qc_png) if outputs.qc_png.is_file() else "",
-               dicom_seg=str(outputs.dicom_seg) if outputs.dicom_seg.is_file() else "")
+               dicom_seg=str(outputs.dicom_seg) if outputs.dicom_seg.is_file() else "",
+               rtstruct=str(outputs.rtstruct) if outputs.rtstruct.is_file() else "")
     return row
 
 

@@ -28,6 +28,7 @@ from pipeline.errors import InputError
 MASK_SUFFIX = "_seg.nii.gz"
 SIDECAR_SUFFIX = "_seg.json"
 DICOM_SEG_SUFFIX = "_seg.dcm"
+RTSTRUCT_SUFFIX = "_rtstruct.dcm"
 PROBABILITY_SUFFIX = "_prob.nii.gz"  # written by pipeline.io.probabilities
 QC_FOLDER = "qc"
 _PROBE = ".medseg-write-test."
@@ -135,6 +136,10 @@ class CaseOutputs:
         return self.output_dir / f"{self.case_id}{DICOM_SEG_SUFFIX}"
 
     @property
+    def rtstruct(self) -> Path:
+        return self.output_dir / f"{self.case_id}{RTSTRUCT_SUFFIX}"
+
+    @property
     def qc_png(self) -> Path:
         return self.output_dir / QC_FOLDER / f"{self.case_id}.png"
 
@@ -143,11 +148,11 @@ class CaseOutputs:
         return self.output_dir / f"{self.case_id}{PROBABILITY_SUFFIX}"
 
     def all(self) -> list[Path]:
-        return [self.mask, self.dicom_seg, self.qc_png, self.probabilities, self.sidecar]
+        return [self.mask, self.dicom_seg, self.rtstruct, self.qc_png, self.probabilities, self.sidecar]
 
     def remove(self) -> None:
         """Delete this case's outputs, sidecar first (so a mask never looks finished on its own)."""
-        for path in [self.sidecar, self.mask, self.dicom_seg, self.qc_png, self.probabilities]:
+        for path in [self.sidecar, self.mask, self.dicom_seg, self.rtstruct, self.qc_png, self.probabilities]:
             path.unlink(missing_ok=True)
 
 
