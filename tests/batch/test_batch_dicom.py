@@ -63,7 +63,7 @@ def test_new_columns_follow_the_existing_ones():
     assert ALL_COLUMNS[-2:] == ["pushed", "push_error"]  # archive runs (pipeline.archive)
     assert ALL_COLUMNS[-10:-2] == ["dicom_seg_error", "channel_series_uids", "model_sha256s", "tta", "probabilities",
                                    "probabilities_error", "rtstruct", "rtstruct_error"]
-    assert ALL_COLUMNS[:-8] == MANIFEST_COLUMNS + [
+    assert ALL_COLUMNS[:-10] == MANIFEST_COLUMNS + [
         "kind", "resumed", "seconds_post", "seconds", "output", "sidecar", "qc_png", "dicom_seg",
         "fingerprint", "started", "finished", "host"]
 
