@@ -6,12 +6,18 @@ retrieved again) → retrieve the rest into a cache folder in a background threa
 on disk (:mod:`~pipeline.archive.fetch`) → each retrieved series folder goes through the same
 discovery, selection (``input.*``), geometry and batch run as any folder (:func:`pipeline.io.discover.discover`,
 :class:`pipeline.batch.run.BatchRun`, fed case by case as series arrive, so retrieval overlaps
-inference) → its cache folder is deleted once its cases are written → with ``push``, every SEG
-(and RTSTRUCT) not yet stored goes back with STOW-RS (:mod:`~pipeline.archive.push`).
+inference) → its cache folder is deleted once its cases are written → with ``push``, its SEG
+(and RTSTRUCT) not yet stored goes back with STOW-RS at once, in a background worker
+(:class:`~pipeline.archive.push.Pusher`), so an interrupted run has stored what it wrote.
 
-Case ids are ``<modality>-<12 hex of sha256(SeriesInstanceUID)>`` (stable, no UID, no patient
-identity). Failures are per series (retrieval: 404, timeout, connection; store: refused), in the
-manifest with their reason; the run goes on.
+A multi-channel model (``input.channels`` rules) works on whole studies instead of series: all the
+image series of a study in one cache folder, grouped by discovery as a local study folder is; the state
+is kept per StudyInstanceUID.
+
+Case ids are ``<modality>-<12 hex of sha256(SeriesInstanceUID)>`` (``study-<12 hex of
+sha256(StudyInstanceUID)>`` for studies; stable, no UID, no patient identity). Failures are per series
+or study (retrieval: 404, timeout, connection; a missing channel; store: refused), in the manifest with
+their reason; the run goes on.
 """
 
 from __future__ import annotations
