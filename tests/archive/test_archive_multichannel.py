@@ -63,7 +63,7 @@ def two_channel():
 def _multi_run(orthanc, out, segmenter, **options):
     options.setdefault("credentials", CREDENTIALS)
     return segment_archive(orthanc.dicomweb, out, segmenter, archive=ArchiveOptions(**options), qc=False,
-                           isolate_reading=False)
+                           isolate_reading=False, rtstruct=True)
 
 
 def test_two_channel_studies_from_the_archive_equal_the_folder_run(orthanc, tmp_path, two_channel):
@@ -80,7 +80,7 @@ def test_two_channel_studies_from_the_archive_equal_the_folder_run(orthanc, tmp_
     good = [studies[0]["study"], studies[1]["study"]]
     first = _multi_run(orthanc, out, two_channel, studies=good, push=True)
     assert exit_code(first.results) == 0, [(r.case_id, r.error) for r in first.results]
-    assert (first.studies, first.series, first.retrieved, first.stored, first.push_failed) == (2, 4, 2, 2, 0)
+    assert (first.studies, first.series, first.retrieved, first.stored, first.push_failed) == (2, 4, 2, 4, 0)
     done = {r.channel_series_uids[0]: r for r in first.results if r.status == "done"}
     assert sorted(done) == sorted(s["flair"] for s in studies[:2])
     client = _client(orthanc)
@@ -97,10 +97,15 @@ def test_two_channel_studies_from_the_archive_equal_the_folder_run(orthanc, tmp_
                                         local_seg.SOPInstanceUID)
         assert back.StudyInstanceUID == study["study"]
         assert [s.SeriesInstanceUID for s in back.ReferencedSeriesSequence] == [study["flair"]]
-    assert orthanc.modality_count("SEG") == 2
+        local_rt = pydicom.dcmread(result.rtstruct, stop_before_pixels=True)
+        rt = client.retrieve_instance(local_rt.StudyInstanceUID, local_rt.SeriesInstanceUID, local_rt.SOPInstanceUID)
+        rt_series = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence
+        assert rt.StudyInstanceUID == study["study"]
+        assert [s.SeriesInstanceUID for s in rt_series] == [study["flair"]]
+    assert orthanc.modality_count("SEG") == 2 and orthanc.modality_count("RTSTRUCT") == 2
     state = json.loads((out / STATE_NAME).read_text())["series"]
     assert sorted(state) == sorted(good)  # one entry per study, with its channels' series
-    assert all(entry["status"] == "done" and len(entry["pushed"]) == 1 for entry in state.values())
+    assert all(entry["status"] == "done" and len(entry["pushed"]) == 2 for entry in state.values())
 
     again = _multi_run(orthanc, out, two_channel, studies=good, push=True)
     assert (again.retrieved, again.kept, again.stored) == (0, 2, 0)
@@ -114,7 +119,7 @@ def test_two_channel_studies_from_the_archive_equal_the_folder_run(orthanc, tmp_
     failed = [r for r in third.results if r.status == "failed"]
     assert len(failed) == 1 and failed[0].series_uid == studies[2]["flair"]
     assert "channel 1 (T1c): no series" in failed[0].error
-    assert sorted(r.status for r in third.results) == ["done", "done", "failed", "skipped", "skipped"]
+    assert sorted(r.status for r in third.results) == ["done", "done", "failed", *["skipped"] * 4]  # SEG, RTSTRUCT
     assert exit_code(third.results) == 1
     local_failed = [r for r in segment_folder(tmp_path / "local", tmp_path / "out_local", two_channel, qc=False)
                     if r.status == "failed"]
@@ -154,3 +159,80 @@ def test_an_interrupted_run_has_pushed_its_written_case_and_the_re_run_pushes_th
     assert rerun.requests.get("POST") == 1  # exactly the rest
     assert orthanc.modality_count("SEG") == 2
     assert all(r.pushed for r in rerun.results if r.status == "done")
+
+
+class _SlowArchive:
+    """A stand-in STOW-RS client (unit test): stores after ``delay`` s, holds what it stored."""
+
+    def __init__(self, delay=0.0, refuse=()):
+        self.delay, self.refuse, self.held, self.calls = delay, set(refuse), set(), 0
+
+    def store_instances(self, datasets, study_instance_uid=None):
+        import time
+
+        import requests
+
+        self.calls += 1
+        time.sleep(self.delay)
+        for ds in datasets:
+            if str(ds.SOPInstanceUID) in self.refuse:
+                response = requests.Response()
+                response.status_code, response.reason = 409, "Conflict"
+                raise requests.HTTPError(response=response)
+            self.held.add(str(ds.SOPInstanceUID))
+
+    def search_for_instances(self, study_instance_uid=None, search_filters=None):
+        return [{}] if search_filters["SOPInstanceUID"] in self.held else []
+
+
+def _fake_seg(path, uid):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = uid
+    ds.StudyInstanceUID = "1.2.3"
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_pusher_stores_in_the_background_bounded_and_resumable(tmp_path):
+    """The worker stores while the caller goes on (submit returns before the STOW ends), the queue is
+    bounded, a refused store is the case's push_error alone, and a second pusher over the same state
+    stores exactly what is missing."""
+    import time
+
+    from pipeline.archive.push import Pusher
+    from pipeline.archive.state import ArchiveState
+    from pipeline.batch.result import CaseResult
+
+    results = []
+    for k in range(4):
+        _fake_seg(tmp_path / f"c{k}_seg.dcm", f"1.2.3.{k}")
+        results.append(CaseResult(f"c{k}", "src", "done", dicom_seg=str(tmp_path / f"c{k}_seg.dcm")))
+    state = ArchiveState(tmp_path / STATE_NAME, "http://archive")
+    archive = _SlowArchive(delay=0.2, refuse={"1.2.3.2"})
+    recorded = []
+    pusher = Pusher(archive, state, tmp_path, record=recorded.append, redact_text=str, max_queued=1)
+    start = time.perf_counter()
+    pusher.submit(results[0], "s0")
+    assert time.perf_counter() - start < 0.15  # not waiting for the STOW
+    for k in (1, 2, 3):
+        pusher.submit(results[k], f"s{k}")
+    pusher.close()
+    assert archive.held == {"1.2.3.0", "1.2.3.1", "1.2.3.3"} and (pusher.stored, pusher.failed) == (3, 1)
+    assert [r.case_id for r in recorded] == ["c0", "c1", "c2", "c3"]
+    assert [r.pushed for r in results] == [True, True, False, True]
+    assert results[2].push_error == "c2_seg.dcm: store refused: HTTP 409 Conflict"
+    on_disk = json.loads((tmp_path / STATE_NAME).read_text())["series"]
+    assert sorted(on_disk) == ["s0", "s1", "s3"]  # recorded only once held
+
+    archive.refuse.clear()
+    again = Pusher(archive, ArchiveState(tmp_path / STATE_NAME, "http://archive"), tmp_path, record=lambda r: None,
+                   redact_text=str)
+    for k, result in enumerate(results):
+        again.submit(result, f"s{k}")
+    again.close()
+    assert (again.stored, again.failed, archive.calls) == (1, 0, 5)  # exactly the missing one
