@@ -298,6 +298,11 @@ class _ArchiveJob:
                 self.fetcher.release(fetched)
                 continue
             discovery = discover(fetched.folder, self.select)
+            studies = [case for case in discovery.cases if case.channels is not None]
+            if isinstance(series, RemoteStudy) and len(studies) == 1:  # one id for the study, whatever it holds
+                studies[0].case_id = series.name
+                if studies[0].volume is not None:
+                    studies[0].volume.case_id = series.name
             plan = plan_run(discovery.cases, discovery.skipped, output_dir=self.run.out, model_id=self.run.model_id,
                             config=self.run.config, redact=self.redact, overwrite=True, qc=self.qc,
                             dicom_seg=self.dicom_seg, rtstruct=self.run.rtstruct)

@@ -118,6 +118,7 @@ def test_two_channel_studies_from_the_archive_equal_the_folder_run(orthanc, tmp_
     assert (third.studies, third.retrieved, third.kept, third.stored) == (3, 1, 2, 0)
     failed = [r for r in third.results if r.status == "failed"]
     assert len(failed) == 1 and failed[0].series_uid == studies[2]["flair"]
+    assert failed[0].case_id.startswith("study-")  # a one-series study too
     assert "channel 1 (T1c): no series" in failed[0].error
     assert sorted(r.status for r in third.results) == ["done", "done", "failed", *["skipped"] * 4]  # SEG, RTSTRUCT
     assert exit_code(third.results) == 1
