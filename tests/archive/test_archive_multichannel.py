@@ -237,3 +237,63 @@ def test_pusher_stores_in_the_background_bounded_and_resumable(tmp_path):
         again.submit(result, f"s{k}")
     again.close()
     assert (again.stored, again.failed, archive.calls) == (1, 0, 5)  # exactly the missing one
+
+
+_KILLED_RUN = '''
+import json, os, signal, sys, time
+from pathlib import Path
+from pipeline.archive.run import ArchiveOptions, segment_archive
+from pipeline.config import load_config
+from pipeline.infer import Segmenter
+from tests.batch.test_batch import Above100HU
+
+url, out = sys.argv[1], Path(sys.argv[2])
+config = load_config(None, ["preprocess.spacing=null", "preprocess.intensity.window=[0, 200]",
+                            "preprocess.crop_foreground=false", "inference.roi_size=[64, 64, 32]",
+                            "inference.min_component_mm3=0"])
+
+def killed_once_stored(result):
+    deadline = time.time() + 30
+    while time.time() < deadline:  # the first case's SEG stored (by the pusher thread), then a hard kill
+        try:
+            series = json.loads((out / "dicomweb-state.json").read_text())["series"]
+            if any(entry.get("pushed") for entry in series.values()):
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+segment_archive(url, out, Segmenter(Above100HU(), config, "cpu"), archive=ArchiveOptions(push=True), qc=False,
+                isolate_reading=False, on_case=killed_once_stored)
+'''
+
+
+def test_a_killed_run_has_stored_its_first_case_and_the_re_run_stores_exactly_the_rest(
+        orthanc, ct_studies, tmp_path, segmenter):  # noqa: F811
+    """A child process running ``segment_archive --push`` is killed (SIGKILL, no clean-up) after its first
+    case: that case's SEG is in the archive, the state file is whole, and the re-run stores the other."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.archive.conftest import PASSWORD, USER
+
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", MEDSEG_DICOMWEB_USER=USER,
+               MEDSEG_DICOMWEB_PASSWORD=PASSWORD)
+    child = subprocess.run([sys.executable, "-c", _KILLED_RUN, orthanc.dicomweb, str(out)], env=env, cwd=root,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    assert orthanc.modality_count("SEG") == 1
+    state = json.loads((out / STATE_NAME).read_text())["series"]  # whole: written atomically
+    assert sum(len(entry.get("pushed", {})) for entry in state.values()) == 1
+
+    rerun = _run(orthanc, out, segmenter, push=True)
+    assert exit_code(rerun.results) == 0
+    assert (rerun.retrieved, rerun.kept, rerun.stored) == (1, 1, 1)
+    assert rerun.requests.get("POST") == 1
+    assert orthanc.modality_count("SEG") == 2
