@@ -85,8 +85,8 @@ class ArchiveRun:
     results: list[CaseResult]
     studies: int = 0
     series: int = 0
-    retrieved: int = 0  # series retrieved by this run
-    kept: int = 0  # series done by an earlier run: not retrieved
+    retrieved: int = 0  # series (studies, for a multi-channel model) retrieved by this run
+    kept: int = 0  # series (studies) done by an earlier run: not retrieved
     stored: int = 0  # files stored by this run (STOW-RS)
     push_failed: int = 0  # cases with a push_error
     requests: dict = field(default_factory=dict)  # by HTTP method
