@@ -6,6 +6,8 @@ segments the ones already there. At most ``max_series`` series are on disk at on
 for a slot, and :meth:`SeriesFetcher.release` (called when a series' cases are written) deletes the
 folder and frees its slot. A series that cannot be retrieved (404: deleted after the search; a timeout;
 a refused connection) comes out as a :class:`Fetched` with its ``error``; the others go on.
+For a multi-channel model the units are studies (:class:`~pipeline.archive.query.RemoteStudy`): all the
+study's image series into ``cache/<study name>/<series name>/``, ``max_series`` then counts studies.
 Instances are asked for in the transfer syntax they are stored in (no transcoding by the archive).
 """
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
-from pipeline.archive.query import RemoteSeries
+from pipeline.archive.query import RemoteSeries, RemoteStudy
 from pipeline.errors import describe_error
 
 log = logging.getLogger(__name__)
@@ -153,6 +155,8 @@ class SeriesFetcher:
     def _fetch(self, series: RemoteSeries) -> Fetched:
         start = time.perf_counter()
         folder = self.cache / series.name
+        if isinstance(series, RemoteStudy):
+            return self._fetch_study(series, folder, start)
         try:
             if self.before_retrieve is not None:
                 self.before_retrieve(series)
@@ -165,6 +169,34 @@ class SeriesFetcher:
         seconds = time.perf_counter() - start
         log.info("series %s: retrieved %d instance(s) in %.2f s", series.name, count, seconds)
         return Fetched(series, folder=folder, instances=count, seconds=seconds)
+
+
+    def _fetch_study(self, study: RemoteStudy, folder: Path, start: float) -> Fetched:
+        """Every image series of ``study`` into ``folder/<series name>/``; ``folder`` appears once all are
+        there. One series failing fails the study (its reason names the series)."""
+        tmp = folder.parent / f".{folder.name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        count = 0
+        try:
+            for series in study.series:
+                try:
+                    if self.before_retrieve is not None:
+                        self.before_retrieve(series)
+                    count += retrieve_series(self.client, series, tmp / series.name)
+                except Exception as exc:
+                    reason = f"series {series.name}: {describe_retrieve_error(exc, self.timeout_s, self.attempts)}"
+                    log.error("study %s: %s", study.name, reason)
+                    return Fetched(study, error=reason, seconds=time.perf_counter() - start)
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.retrieved += 1
+        seconds = time.perf_counter() - start
+        log.info("study %s: retrieved %d series, %d instance(s) in %.2f s", study.name, len(study.series), count,
+                 seconds)
+        return Fetched(study, folder=folder, instances=count, seconds=seconds)
 
 
 def _ensure_file_meta(dataset) -> None:

@@ -6,14 +6,21 @@ re-run pushes nothing twice, and after a partial failure exactly what is missing
 error, a STOW response listing the instance under FailedSOPSequence, or an archive that answers success
 but does not hold the instance when asked with QIDO-RS right after) is the case's ``push_error``; the
 other cases go on.
+
+:class:`Pusher` does it case by case as the run writes them, in a background thread (STOW-RS overlaps
+inference) fed through a bounded queue; closing it stores what is queued (an interrupted run has
+stored every case written before the interrupt). The state file records a file as stored only after
+the archive holds it, written atomically: a run killed mid-push re-stores at most that one file.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from pipeline.archive.state import ArchiveState, file_sha256
 from pipeline.errors import describe_error
@@ -94,3 +101,56 @@ def _check_stored(client, dataset) -> Optional[str]:
     if not found:
         return "store refused: the archive answered the STOW-RS request but does not hold the instance"
     return None
+
+
+DEFAULT_PUSH_QUEUE = 4  # cases written and waiting for their STOW-RS at most (the writer waits beyond)
+_STOP = object()
+
+
+class Pusher:
+    """Stores each submitted case's SEG/RTSTRUCT in a background thread, one case after another.
+
+    ``submit(result, state_uid)``: a finished case (``status == "done"``) and the UID its state entry is
+    kept under; its ``pushed``/``push_error`` are set and ``record(result)`` is called once stored (or
+    refused). ``close()`` waits for what is queued. ``stored``: files stored; ``failed``: cases not pushed.
+    """
+
+    def __init__(self, client, state: ArchiveState, output_dir: Path, *, record: Callable, redact_text: Callable,
+                 max_queued: int = DEFAULT_PUSH_QUEUE):
+        self.client, self.state, self.out = client, state, Path(output_dir)
+        self.record, self.redact_text = record, redact_text
+        self.stored = self.failed = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(max_queued)))
+        self._thread = threading.Thread(target=self._work, name="medseg-pusher", daemon=True)
+        self._thread.start()
+
+    def submit(self, result, state_uid: str) -> None:
+        if result.status == "done" and state_uid:
+            self._queue.put((result, state_uid))  # blocks while the queue is full: bounded
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            result, state_uid = item
+            try:
+                self._push(result, state_uid)
+            except Exception as exc:  # never lose the worker: the case says why
+                result.pushed, result.push_error = False, f"store failed: {describe_error(exc)}"
+                log.error("case %s: push failed: %s", result.case_id, result.push_error)
+            self.failed += not result.pushed
+            self.record(result)
+
+    def _push(self, result, state_uid: str) -> None:
+        if not result.dicom_seg:
+            result.pushed, result.push_error = False, f"no DICOM SEG to push: {result.dicom_seg_error or 'not written'}"
+            return
+        outcome = push_case(self.client, self.state, state_uid, self.out, result.case_id)
+        result.pushed, result.push_error = outcome.pushed, self.redact_text(outcome.error)
+        self.stored += len(outcome.stored)

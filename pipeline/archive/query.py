@@ -51,6 +51,43 @@ class RemoteSeries:
     def is_image(self) -> bool:
         return self.modality.upper() not in NOT_IMAGES
 
+    @property
+    def uid(self) -> str:
+        """The UID its state entry is kept under (:mod:`~pipeline.archive.state`)."""
+        return self.series_uid
+
+
+@dataclass(frozen=True)
+class RemoteStudy:
+    """The image series of one study, retrieved together for a multi-channel model (``input.channels``
+    picks each channel's series in it, as in a local study folder)."""
+
+    study_uid: str
+    series: tuple[RemoteSeries, ...]
+
+    @property
+    def name(self) -> str:
+        """The study's folder in the cache (and its case id): ``study-`` + a hash of the StudyInstanceUID."""
+        return f"study-{hashlib.sha256(self.study_uid.encode()).hexdigest()[:12]}"
+
+    @property
+    def uid(self) -> str:
+        return self.study_uid
+
+    @property
+    def identity(self) -> str:
+        """What the resume key is made of: the study and every image series of it the search found."""
+        return "study:" + self.study_uid + ":" + ",".join(sorted(s.series_uid for s in self.series))
+
+
+def group_studies(series: Sequence[RemoteSeries]) -> list[RemoteStudy]:
+    """Image series grouped by study (sorted by the study's name; series in each by name)."""
+    by_study: dict[str, list[RemoteSeries]] = {}
+    for item in series:
+        by_study.setdefault(item.study_uid, []).append(item)
+    studies = [RemoteStudy(uid, tuple(sorted(members, key=lambda s: s.name))) for uid, members in by_study.items()]
+    return sorted(studies, key=lambda s: s.name)
+
 
 @dataclass
 class Found:

@@ -6,12 +6,18 @@ retrieved again) → retrieve the rest into a cache folder in a background threa
 on disk (:mod:`~pipeline.archive.fetch`) → each retrieved series folder goes through the same
 discovery, selection (``input.*``), geometry and batch run as any folder (:func:`pipeline.io.discover.discover`,
 :class:`pipeline.batch.run.BatchRun`, fed case by case as series arrive, so retrieval overlaps
-inference) → its cache folder is deleted once its cases are written → with ``push``, every SEG
-(and RTSTRUCT) not yet stored goes back with STOW-RS (:mod:`~pipeline.archive.push`).
+inference) → its cache folder is deleted once its cases are written → with ``push``, its SEG
+(and RTSTRUCT) not yet stored goes back with STOW-RS at once, in a background worker
+(:class:`~pipeline.archive.push.Pusher`), so an interrupted run has stored what it wrote.
 
-Case ids are ``<modality>-<12 hex of sha256(SeriesInstanceUID)>`` (stable, no UID, no patient
-identity). Failures are per series (retrieval: 404, timeout, connection; store: refused), in the
-manifest with their reason; the run goes on.
+A multi-channel model (``input.channels`` rules) works on whole studies instead of series: all the
+image series of a study in one cache folder, grouped by discovery as a local study folder is; the state
+is kept per StudyInstanceUID.
+
+Case ids are ``<modality>-<12 hex of sha256(SeriesInstanceUID)>`` (``study-<12 hex of
+sha256(StudyInstanceUID)>`` for studies; stable, no UID, no patient identity). Failures are per series
+or study (retrieval: 404, timeout, connection; a missing channel; store: refused), in the manifest with
+their reason; the run goes on.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from typing import Callable, Optional, Sequence, Union
 from pipeline.archive.client import ClientOptions, RequestCounter, make_client
 from pipeline.archive.credentials import Credentials, load_credentials
 from pipeline.archive.fetch import DEFAULT_MAX_SERIES, Fetched, SeriesFetcher
-from pipeline.archive.push import push_case
-from pipeline.archive.query import Found, RemoteSeries, find_series
+from pipeline.archive.push import Pusher
+from pipeline.archive.query import Found, RemoteSeries, RemoteStudy, find_series, group_studies
 from pipeline.archive.state import STATE_NAME, ArchiveState, series_key
 from pipeline.archive.url import parse_archive_url
 from pipeline.batch.plan import plan_run, result_from_sidecar
@@ -79,8 +85,8 @@ class ArchiveRun:
     results: list[CaseResult]
     studies: int = 0
     series: int = 0
-    retrieved: int = 0  # series retrieved by this run
-    kept: int = 0  # series done by an earlier run: not retrieved
+    retrieved: int = 0  # series (studies, for a multi-channel model) retrieved by this run
+    kept: int = 0  # series (studies) done by an earlier run: not retrieved
     stored: int = 0  # files stored by this run (STOW-RS)
     push_failed: int = 0  # cases with a push_error
     requests: dict = field(default_factory=dict)  # by HTTP method
@@ -121,9 +127,10 @@ def segment_archive(
     segmenter = model if isinstance(model, Segmenter) else Segmenter.from_checkpoints(model, device=device,
                                                                                       backend=backend, tta=tta)
     select = select or segmenter.config.input
-    if segmenter.config.in_channels > 1 or select.channels:
-        raise InputError("multi-channel models cannot read from an archive yet: each series is segmented on its "
-                         "own. Retrieve the studies into a folder and run `medseg segment FOLDER`")
+    if segmenter.config.in_channels > 1 and not select.channels:
+        raise InputError(f"the model reads {segmenter.config.in_channels} channels, but the config has no "
+                         "input.channels rules saying which series of a study is which channel: add them "
+                         "(e.g. input.channels=[{name: FLAIR, series_description: '*FLAIR*'}, ...])")
     if dicom_seg:
         dicom_seg_writer()  # fail now, not on every case
     counter = RequestCounter()
@@ -184,67 +191,84 @@ class _ArchiveJob:
         self.run, self.found, self.state, self.client, self.cache = run, found, state, client, cache
         self.options, self.redact, self.select, self.dicom_seg, self.qc = options, redact, select, dicom_seg, qc
         self.user_on_case = on_case
-        self.keys = {s.series_uid: series_key(s.series_uid, run.model_id, run.config) for s in found.series}
+        self.images = [s for s in found.series if s.is_image]
+        # the units retrieved and resumed: series, or whole studies for a multi-channel model
+        self.units: list = group_studies(self.images) if select.channels else list(self.images)
+        self.keys = {u.uid: series_key(u.identity if isinstance(u, RemoteStudy) else u.series_uid, run.model_id,
+                                       run.config) for u in self.units}
         self._lock = threading.Lock()
-        self._pending: dict[str, tuple[Fetched, set, list]] = {}  # case id -> (series, its open cases, skipped)
+        self._pending: dict[str, tuple[Fetched, set, list]] = {}  # case id -> (unit, its open cases, skipped)
         self._series_cases: dict[str, list[CaseResult]] = {}
         self.fetcher: Optional[SeriesFetcher] = None
+        self.pusher: Optional[Pusher] = None
 
     def execute(self, background: bool, isolate_reading: bool) -> ArchiveRun:
         start = time.perf_counter()
         shutil.rmtree(self.cache, ignore_errors=True)  # what a killed run left
-        images = [s for s in self.found.series if s.is_image]
         for series in self.found.series:
             if not series.is_image:
                 self.run.record(CaseResult(series.name, self._source(series), "skipped", series_uid=series.series_uid,
                                            error=f"modality {series.modality}: not an image series (not retrieved)",
                                            finished=now()), save=False)
-        to_fetch = [s for s in images if not self._kept(s)]
-        kept = len(images) - len(to_fetch)
-        self.fetcher = SeriesFetcher(self.client, to_fetch, self.cache, max_series=self.options.max_series,
-                                     timeout_s=self.options.client.timeout_s, attempts=self.options.client.attempts,
-                                     before_retrieve=self.options.before_retrieve)
-        self.run.on_case = self._case_written
-        run_log.info("archive run started: %d series, %d done by an earlier run (not retrieved), %d to retrieve",
-                     len(images), kept, len(to_fetch))
+        if self.options.push:  # each case is stored as soon as it is written (or found done)
+            self.pusher = Pusher(self.client, self.state, self.run.out, record=self.run.record,
+                                 redact_text=self.redact.text)
+        unit = "studies" if self.select.channels else "series"
         try:
-            results = self.run.run_todo(self._todo(), len(images), kept, start, background=background,
-                                        isolate_reading=isolate_reading)
+            to_fetch = [u for u in self.units if not self._kept(u)]
+            kept = len(self.units) - len(to_fetch)
+            self.fetcher = SeriesFetcher(self.client, to_fetch, self.cache, max_series=self.options.max_series,
+                                         timeout_s=self.options.client.timeout_s,
+                                         attempts=self.options.client.attempts,
+                                         before_retrieve=self.options.before_retrieve)
+            self.run.on_case = self._case_written
+            run_log.info("archive run started: %d %s, %d done by an earlier run (not retrieved), %d to retrieve",
+                         len(self.units), unit, kept, len(to_fetch))
+            try:
+                results = self.run.run_todo(self._todo(), len(self.units), kept, start, background=background,
+                                            isolate_reading=isolate_reading)
+            finally:
+                self.fetcher.close()
+                shutil.rmtree(self.cache, ignore_errors=True)
         finally:
-            self.fetcher.close()
-            shutil.rmtree(self.cache, ignore_errors=True)
-        stored = push_failed = 0
-        if self.options.push:
-            stored, push_failed = self._push(results)
+            if self.pusher is not None:
+                self.pusher.close()  # what is queued is stored, an interrupted run's cases included
+                self.run.save_reports()
+        stored = self.pusher.stored if self.pusher else 0
+        push_failed = self.pusher.failed if self.pusher else 0
         return ArchiveRun(results, studies=len(self.found.studies), series=len(self.found.series),
                           retrieved=self.fetcher.retrieved, kept=kept, stored=stored, push_failed=push_failed,
                           peak_series_on_disk=self.fetcher.peak_on_disk)
 
     # --- resume -----------------------------------------------------------------------------------
 
-    def _kept(self, series: RemoteSeries) -> bool:
-        """Record the results of a series an earlier run finished (same key, outputs complete); True if so."""
+    def _kept(self, unit) -> bool:
+        """Record the results of a series (or study) an earlier run finished (same key, outputs complete),
+        and queue what of them is not yet stored; True if so."""
         if self.run.overwrite:
             return False
-        entry = self.state.done(series.series_uid, self.keys[series.series_uid])
+        entry = self.state.done(unit.uid, self.keys[unit.uid])
         if entry is None:
             return False
         results = []
         for case_id in entry.get("cases", []):
-            result = self._previous(case_id, series)
+            result = self._previous(case_id, unit, entry)
             if result is None:
                 return False
             results.append(result)
         for item in entry.get("skipped", []):
             results.append(CaseResult(item.get("case_id", ""), item.get("source", ""), "skipped",
-                                      error=item.get("reason", ""), series_uid=series.series_uid, finished=now()))
+                                      error=item.get("reason", ""), finished=now(),
+                                      series_uid=item.get("series_uid") or _reference_uid(unit)))
         for result in results:
             self.run.record(result, save=False)
-        run_log.info("series %s: already done by an earlier run (same model and settings), not retrieved",
-                     series.name)
+            if self.pusher is not None:
+                self.pusher.submit(result, unit.uid)
+        run_log.info("%s %s: already done by an earlier run (same model and settings), not retrieved",
+                     "study" if isinstance(unit, RemoteStudy) else "series", unit.name)
         return True
 
-    def _previous(self, case_id: str, series: RemoteSeries) -> Optional[CaseResult]:
+    def _previous(self, case_id: str, series, entry: dict) -> Optional[CaseResult]:
         outputs = CaseOutputs(self.run.out, case_id)
         data = read_sidecar(outputs.sidecar)
         if data is None or not outputs.mask.is_file() or (self.qc and not outputs.qc_png.is_file()):
@@ -253,7 +277,9 @@ class _ArchiveJob:
             return None
         if self.run.rtstruct and not outputs.rtstruct.is_file() and not data.get("rtstruct_error"):
             return None
-        case = Case(case_id, str(self.cache / series.name), "dicom", series_uid=series.series_uid)
+        channels = list((entry.get("channels") or {}).get(case_id) or [])
+        case = Case(case_id, str(self.cache / series.name), "dicom", channel_series_uids=channels,
+                    series_uid=channels[0] if channels else _reference_uid(series))
         result = result_from_sidecar(data, case, outputs, self._source(series))
         result.resumed = True
         return result
@@ -263,32 +289,38 @@ class _ArchiveJob:
     def _todo(self):
         """(case, fingerprint) of each retrieved series as it arrives (runs in the batch's loader thread)."""
         for fetched in self.fetcher:
-            series = fetched.series
-            key = self.keys[series.series_uid]
+            series = fetched.series  # a series, or a study (multi-channel model)
+            key = self.keys[series.uid]
             if fetched.error:
                 self.run.record(CaseResult(series.name, self._source(series), "failed", error=fetched.error,
-                                           series_uid=series.series_uid, kind="dicom", finished=now()))
-                self.state.set_series(series.series_uid, key=key, name=series.name, status="failed", cases=[])
+                                           series_uid=_reference_uid(series), kind="dicom", finished=now()))
+                self.state.set_series(series.uid, key=key, name=series.name, status="failed", cases=[])
                 self.fetcher.release(fetched)
                 continue
             discovery = discover(fetched.folder, self.select)
+            studies = [case for case in discovery.cases if case.channels is not None]
+            if isinstance(series, RemoteStudy) and len(studies) == 1:  # one id for the study, whatever it holds
+                studies[0].case_id = series.name
+                if studies[0].volume is not None:
+                    studies[0].volume.case_id = series.name
             plan = plan_run(discovery.cases, discovery.skipped, output_dir=self.run.out, model_id=self.run.model_id,
                             config=self.run.config, redact=self.redact, overwrite=True, qc=self.qc,
                             dicom_seg=self.dicom_seg, rtstruct=self.run.rtstruct)
             skipped = []
             for result in plan.kept:  # set aside by the input.* rules: same reasons as for a folder
-                result.series_uid = result.series_uid or series.series_uid
+                result.series_uid = result.series_uid or _reference_uid(series)
                 result.case_id = result.case_id or series.name
                 self.run.record(result)
-                skipped.append({"case_id": result.case_id, "source": result.source, "reason": result.error})
+                skipped.append({"case_id": result.case_id, "source": result.source, "reason": result.error,
+                                "series_uid": result.series_uid})
             if not plan.todo:
-                self.state.set_series(series.series_uid, key=key, name=series.name, status="skipped", cases=[])
-                self.state.set_skipped(series.series_uid, skipped)
+                self.state.set_series(series.uid, key=key, name=series.name, status="skipped", cases=[])
+                self.state.set_skipped(series.uid, skipped)
                 self.fetcher.release(fetched)
                 continue
             open_cases = {case.case_id for case, _ in plan.todo}
             with self._lock:
-                self._series_cases[series.series_uid] = []
+                self._series_cases[series.uid] = []
                 for case_id in open_cases:
                     self._pending[case_id] = (fetched, open_cases, skipped)
             yield from plan.todo
@@ -302,38 +334,30 @@ class _ArchiveJob:
             if entry is not None:
                 fetched, open_cases, skipped = entry
                 open_cases.discard(result.case_id)
-                self._series_cases[fetched.series.series_uid].append(result)
+                self._series_cases[fetched.series.uid].append(result)
                 if not open_cases:
-                    finished = fetched, self._series_cases.pop(fetched.series.series_uid), skipped
+                    finished = fetched, self._series_cases.pop(fetched.series.uid), skipped
         if finished is not None:
             fetched, results, skipped = finished
             series = fetched.series
             done = all(r.status == "done" for r in results)
-            self.state.set_series(series.series_uid, key=self.keys[series.series_uid], name=series.name,
-                                  status="done" if done else "failed", cases=[r.case_id for r in results])
-            self.state.set_skipped(series.series_uid, skipped)
+            self.state.set_series(series.uid, key=self.keys[series.uid], name=series.name,
+                                  status="done" if done else "failed", cases=[r.case_id for r in results],
+                                  channels={r.case_id: list(r.channel_series_uids) for r in results
+                                            if r.channel_series_uids})
+            self.state.set_skipped(series.uid, skipped)
             self.fetcher.release(fetched)
+            if self.pusher is not None:  # stored now, in the pusher's thread, while the next cases run
+                for r in results:
+                    self.pusher.submit(r, series.uid)
         if self.user_on_case is not None:
             self.user_on_case(result)
-
-    # --- STOW-RS ------------------------------------------------------------------------------------
-
-    def _push(self, results: list[CaseResult]) -> tuple[int, int]:
-        stored = failed = 0
-        for result in results:
-            if result.status != "done" or not result.series_uid:
-                continue
-            if not result.dicom_seg:
-                result.pushed, result.push_error = False, f"no DICOM SEG to push: {result.dicom_seg_error or 'not written'}"
-            else:
-                outcome = push_case(self.client, self.state, result.series_uid, self.run.out, result.case_id)
-                result.pushed, result.push_error = outcome.pushed, self.redact.text(outcome.error)
-                stored += len(outcome.stored)
-            failed += not result.pushed
-            self.run.record(result, save=False)
-        self.run.save_reports()
-        return stored, failed
 
     def _source(self, series: RemoteSeries) -> str:
         """The manifest's ``source`` of a series: as the cache folder's path is written (``dicomweb/<name>``)."""
         return f"{self.redact.root_name}/{series.name}"
+
+
+def _reference_uid(unit) -> str:
+    """The series UID a unit's rows carry: the series' own; none for a study (its cases carry channel 0's)."""
+    return unit.series_uid if isinstance(unit, RemoteSeries) else ""

@@ -1,7 +1,9 @@
 """``dicomweb-state.json`` in the output folder: what a run against an archive has already done.
 
-One entry per SeriesInstanceUID: the resume key (the series UID + the model fingerprint: model, settings,
-package version and outputs asked for, :func:`series_key`), the case ids its volumes became, and, per file
+One entry per SeriesInstanceUID (per StudyInstanceUID for a multi-channel model, whose unit is the study;
+its entry also records each case's channel series UIDs): the resume key (the series UID + the model fingerprint: model, settings,
+package version and outputs asked for, :func:`series_key`; a study's key is made of the study UID and all
+its image series UIDs), the case ids its volumes became, and, per file
 pushed (``<case>_seg.dcm``, ``<case>_rtstruct.dcm``), the sha256 of the bytes stored. A re-run with the same
 key retrieves nothing for a done series and pushes only what is missing or changed. Written atomically after
 every change.
@@ -62,12 +64,16 @@ class ArchiveState:
         entry = self.entry(series_uid)
         return entry if entry.get("key") == key and entry.get("status") in ("done", "skipped") else None
 
-    def set_series(self, series_uid: str, *, key: str, name: str, status: str, cases: list[str]) -> None:
+    def set_series(self, series_uid: str, *, key: str, name: str, status: str, cases: list[str],
+                   channels: Optional[dict] = None) -> None:
+        """``channels`` (studies of a multi-channel model): case id -> the series UID of each channel."""
         with self._lock:
             old = self.entry(series_uid)
             pushed = old.get("pushed", {}) if old.get("key") == key else {}
             self.data["series"][series_uid] = {"key": key, "name": name, "status": status, "cases": sorted(cases),
                                                "pushed": pushed}
+            if channels:
+                self.data["series"][series_uid]["channels"] = dict(channels)
             self.save()
 
     def set_skipped(self, series_uid: str, skipped: list[dict]) -> None:
