@@ -173,7 +173,11 @@ class _SlowArchive:
     """A stand-in STOW-RS client (unit test): stores after ``delay`` s, holds what it stored."""
 
     def __init__(self, delay=0.0, refuse=()):
+        import threading
+
         self.delay, self.refuse, self.held, self.calls = delay, set(refuse), set(), 0
+        self.gate = threading.Event()  # stores wait until it is set
+        self.gate.set()
 
     def store_instances(self, datasets, study_instance_uid=None):
         import time
@@ -181,6 +185,7 @@ class _SlowArchive:
         import requests
 
         self.calls += 1
+        assert self.gate.wait(30), "the test never released the store"
         time.sleep(self.delay)
         for ds in datasets:
             if str(ds.SOPInstanceUID) in self.refuse:
@@ -210,7 +215,6 @@ def test_pusher_stores_in_the_background_bounded_and_resumable(tmp_path):
     """The worker stores while the caller goes on (submit returns before the STOW ends), the queue is
     bounded, a refused store is the case's push_error alone, and a second pusher over the same state
     stores exactly what is missing."""
-    import time
 
     from pipeline.archive.push import Pusher
     from pipeline.archive.state import ArchiveState
@@ -224,9 +228,10 @@ def test_pusher_stores_in_the_background_bounded_and_resumable(tmp_path):
     archive = _SlowArchive(delay=0.2, refuse={"1.2.3.2"})
     recorded = []
     pusher = Pusher(archive, state, tmp_path, record=recorded.append, redact_text=str, max_queued=1)
-    start = time.perf_counter()
+    archive.gate.clear()  # the first STOW cannot finish before the test lets it
     pusher.submit(results[0], "s0")
-    assert time.perf_counter() - start < 0.15  # not waiting for the STOW
+    assert archive.held == set()  # submit returned without waiting for the STOW
+    archive.gate.set()
     for k in (1, 2, 3):
         pusher.submit(results[k], f"s{k}")
     pusher.close()
