@@ -137,14 +137,27 @@ def collective(what: str) -> Iterator[None]:
     """Turn a failed or timed-out collective into a :class:`DistributedError` saying which rank saw it."""
     try:
         yield
-    except MedsegError:
-        raise
-    except Exception as exc:  # gloo/NCCL raise RuntimeError (DistBackendError) on a dead peer or a timeout
+    except Exception as exc:  # gloo/NCCL raise DistError (RuntimeError) on a dead peer or a timeout
+        if not is_collective_failure(exc):
+            raise
         current = world()
         raise DistributedError(
             f"rank {current.rank} of {current.size}: {what} failed: {_first_line(exc)}. Another rank has "
             "probably died or hangs: see its log (torchrun names the failed rank); a slow step longer than "
             f"the collective timeout can be allowed with {TIMEOUT_ENV}=SECONDS") from exc
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a process group's failure (a dead or silent peer, a timeout), not the step's own."""
+    import torch.distributed as dist
+
+    if isinstance(exc, MedsegError):
+        return False
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        mark in text for mark in ("gloo", "nccl", "timed out", "connection closed", "connection reset", "peer"))
 
 
 def barrier(what: str = "waiting for the other ranks") -> None:
