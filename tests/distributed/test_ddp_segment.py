@@ -47,25 +47,32 @@ def test_two_rank_segment_writes_every_case_once_and_merges_the_manifest(tmp_pat
     # Resume: a second job keeps the 5 cases; a corrupt scan fails in its rank, and the job's exit code is 1.
     (tmp_path / "in" / "scan_9_0000.nii.gz").write_bytes(b"not a nifti file")
     done, _ = segment_job(tmp_path / "in", out, checkpoint)
-    assert done.returncode == 1, tail(done)
+    assert done.returncode == 1 and "(exit code 1)" in done.stdout, tail(done)
     rows = {r["case_id"]: r for r in manifest_rows(out / "manifest.csv")}
     assert sorted(rows) == sorted(cases + ["scan_9"])
-    assert {c: (rows[c]["status"], rows[c]["resumed"]) for c in cases} == {c: ("done", "true") for c in cases}
+    assert {c: rows[c]["status"] for c in cases} == {c: "done" for c in cases}
     assert rows["scan_9"]["status"] == "failed"
+    parts = {r["case_id"]: r for i in (1, 2) for r in manifest_rows(out / f"manifest.shard-{i}-of-2.csv")}
+    assert {c: parts[c]["resumed"] for c in cases} == {c: "true" for c in cases}  # kept, not redone
 
 
 @pytest.mark.slow
 def test_two_rank_segment_exits_with_the_worst_rank_s_code(tmp_path, checkpoint):
     """Shard 2/2's lock is held by another live process: rank 1 cannot start (2), rank 0 segments its cases
-    (0): the job exits 2, and rank 0 still merges what was done."""
+    (0), and every rank exits 2, the worst. torchrun itself exits 1 for any failed rank, naming each
+    rank's exit code. The lock keeps its meaning: rank 0 does not merge while that other run holds it."""
     cases = write_scans(tmp_path / "in", 4)
     out = tmp_path / "out"
     out.mkdir()
     with OutputLock(RunFiles(out, Shard(2, 2)).lock):
         done, _ = segment_job(tmp_path / "in", out, checkpoint)
-    assert done.returncode == 2, tail(done)
-    assert "error: rank 1 of 2:" in done.stderr and "lock" in done.stderr.lower(), tail(done)
-    assert [r["case_id"] for r in manifest_rows(out / "manifest.csv")] == cases[0::2]
+    assert done.returncode == 1, tail(done)
+    assert "merged manifest of 2 ranks" in done.stdout and "(exit code 2)" in done.stdout, tail(done)
+    assert "error: rank 1 of 2: output folder" in done.stderr and "is in use by another medseg run" in done.stderr
+    assert "error: merging the shard manifests: output folder" in done.stderr
+    assert done.stderr.count("exitcode: 2") >= 1 and "exitcode: 0" not in done.stderr  # both ranks exit 2
+    assert [r["case_id"] for r in manifest_rows(out / "manifest.shard-1-of-2.csv")] == cases[0::2]
+    assert not (out / "manifest.csv").exists() and not (out / "manifest.shard-2-of-2.csv").exists()
 
 
 def test_shard_option_under_torchrun_is_a_usage_error(tmp_path, checkpoint, capsys, monkeypatch):
