@@ -227,7 +227,7 @@ class Trainer:
         for step in bar:
             batch, waited = self.next_batch()
             data_seconds += waited
-            with distributed.collective(f"step {step + 1} of epoch {epoch + 1} (averaging the gradients)"):
+            with self._guard(f"step {step + 1} of epoch {epoch + 1} (averaging the gradients)"):
                 losses.append(self.train_step(batch))
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{np.mean(losses):.3f}")
@@ -308,6 +308,10 @@ class Trainer:
     def global_batch(self) -> int:
         """Volumes per optimiser step over every rank: ``world_size x sampling.batch_size``."""
         return self.world.size * self.cfg.sampling.batch_size
+
+    def _guard(self, what: str):
+        """Under torchrun, a failed or timed-out gradient all_reduce as a DistributedError; else nothing."""
+        return distributed.collective(what) if self.world.distributed else contextlib.nullcontext()
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` in ``DistributedDataParallel`` under torchrun (it broadcasts rank 0's initial weights),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -18,9 +19,20 @@ def child_env(**extra: str) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
 
 
-def torchrun(*args: str, nproc: int = 2, timeout: float = 400, **env: str) -> tuple[subprocess.CompletedProcess, float]:
-    """``torchrun --standalone --nproc_per_node nproc ARGS``: the finished process and its wall seconds."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 400, rendezvous: bool = False,
+             **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    """``torchrun --standalone --nproc_per_node nproc ARGS``: the finished process and its wall seconds.
+    ``rendezvous``: the multi-node form instead (``--nnodes 1 --rdzv_backend c10d --rdzv_endpoint
+    127.0.0.1:PORT``), as each node of a cluster job runs it."""
+    launch = (["--nnodes=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=medseg-test"]
+              if rendezvous else ["--standalone"])
+    command = [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={nproc}", *args]
     start = time.monotonic()
     done = subprocess.run(command, cwd=ROOT, env=child_env(**env), capture_output=True, text=True, timeout=timeout)
     return done, time.monotonic() - start

@@ -23,16 +23,16 @@ def checkpoint(tmp_path_factory) -> Path:
     return tiny_checkpoint(tmp_path_factory.mktemp("model") / "best.pt")
 
 
-def segment_job(scans: Path, out: Path, checkpoint: Path):
+def segment_job(scans: Path, out: Path, checkpoint: Path, rendezvous: bool = False):
     return torchrun("-m", "pipeline", "segment", "-q", str(scans), str(out), "--model", str(checkpoint),
-                    "--device", "cpu", "--no-qc")
+                    "--device", "cpu", "--no-qc", rendezvous=rendezvous)
 
 
 @pytest.mark.slow
 def test_two_rank_segment_writes_every_case_once_and_merges_the_manifest(tmp_path, checkpoint):
     cases = write_scans(tmp_path / "in", 5)
     out = tmp_path / "out"
-    done, _ = segment_job(tmp_path / "in", out, checkpoint)
+    done, _ = segment_job(tmp_path / "in", out, checkpoint, rendezvous=True)  # the multi-node launch form
     assert done.returncode == 0, tail(done)
     assert done.stdout.count(f"merged manifest of 2 ranks: {out}/manifest.csv (exit code 0)") == 1
 
