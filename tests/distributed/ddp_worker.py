@@ -2,10 +2,9 @@
 under ``torchrun --nproc_per_node 2`` (one per rank): the trainer of ``medseg train`` with a tiny network.
 
 Modes:
-  ``same_samples DATA OUT BATCH STEPS``: every step trains on a fixed, seeded global batch of
-  ``2 x BATCH`` patches (for a world of one: BATCH is the whole batch); rank r takes samples
-  ``[r*b:(r+1)*b]`` of it (b = BATCH / world size... see ``FixedBatches``). Rank 0 saves the weights to
-  OUT/weights.pt.
+  ``same_samples DATA OUT STEPS [OVERRIDES]``: every step trains on a fixed, seeded global batch of
+  ``GLOBAL_BATCH`` patches; rank r of W takes samples ``[r*n:(r+1)*n]`` of it, n = GLOBAL_BATCH / W
+  (``FixedBatches``). Rank 0 saves the initial and final weights to OUT/initial.pt and OUT/weights.pt.
   ``die DATA OUT``: rank 1 exits (os._exit(17)) at its 2nd step, rank 0 goes on training.
   ``hang DATA OUT``: rank 1 sleeps for 10 minutes at its 2nd step (alive, silent), rank 0 goes on.
   ``stop_after_epoch CONFIG [OVERRIDES]``: ``medseg train``, every rank exiting (code 3) once epoch 1's
@@ -102,7 +101,7 @@ def main(argv: list[str]) -> int:
         # Focal loss only: a voxel mean, so the mean of the ranks' losses is the global batch's loss. The
         # default Dice term is computed over the whole batch (batch=True) and would not split this way.
         cfg = config(data, out, "data.val_fraction=0", "loss.dice_weight=0", "train.epochs=1",
-                     f"train.steps_per_epoch={steps}", "train.warmup_epochs=0", "train.lr=0.01")
+                     f"train.steps_per_epoch={steps}", "train.warmup_epochs=0", "train.lr=0.01", *argv[4:])
         trainer = FixedBatches(cfg)
         trainer.run()
         if trainer.world.is_main:
