@@ -113,17 +113,26 @@ def cmd_plan(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from pipeline import distributed
     from pipeline.config import load_config
     from pipeline.training import train
 
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
     config = load_config(args.config, overrides)
-    if args.fold == "all":
-        from pipeline.training import train_folds
+    world = distributed.World.from_env()  # under torchrun: rank 0 alone reports (and logs above warnings)
+    if not world.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        if args.fold == "all":
+            from pipeline.training import train_folds
 
-        results = train_folds(config, resume=args.resume, progress=not args.quiet)
-    else:
-        results = [train(config, resume=args.resume, progress=not args.quiet, fold=args.fold)]
+            results = train_folds(config, resume=args.resume, progress=not args.quiet)
+        else:
+            results = [train(config, resume=args.resume, progress=not args.quiet, fold=args.fold)]
+    finally:
+        distributed.teardown()
+    if not world.is_main:
+        return 0
     for result in results:
         print(f"best checkpoint: {result.best} (validation Dice {result.best_metric:.3f})")
         print(f"last checkpoint: {result.last}; log: {result.log_csv}")
@@ -147,11 +156,34 @@ def cmd_cv(args) -> int:
 
 
 def cmd_segment(args) -> int:
+    from pipeline.distributed import World
+
+    if not World.from_env().distributed:
+        return _segment(args)
+    # torchrun: every rank its shard, rank 0 merges the manifests (pipeline.batch.distributed)
+    from pipeline.batch.distributed import segment_distributed
+    from pipeline.errors import InputError
+
+    if args.shard:
+        raise InputError(f"--shard {args.shard} under torchrun: each rank takes shard RANK+1/WORLD_SIZE itself; "
+                         "drop --shard (or run without torchrun, one --shard per process)")
+
+    def run_shard(shard: str, device: str) -> int:
+        return _segment(argparse.Namespace(**{**vars(args), "shard": shard, "device": device}))
+
+    code = segment_distributed(run_shard, args.output_dir, args.device)
+    if World.from_env().is_main:
+        print(f"merged manifest of {World.from_env().size} ranks: {args.output_dir}/manifest.csv (exit code {code})")
+    return code
+
+
+def _segment(args) -> int:
     import time
     from pathlib import Path
 
     from pipeline.batch import exit_code, segment_folder, summarise
     from pipeline.batch.report import RunFiles, Shard
+    from pipeline.distributed import World
 
     start = time.perf_counter()
     # `--model A B` takes what follows it: dotted overrides given after it are overrides, not models
@@ -196,7 +228,8 @@ def cmd_segment(args) -> int:
           f"{s['lesions']} lesion(s), {s['lesion_volume_ml']:.2f} mL; {time.perf_counter() - start:.1f} s")
     files = RunFiles(Path(args.output_dir), Shard.parse(args.shard))
     if files.shard:
-        print(f"manifest part: {files.manifest_csv}; when every shard is done: medseg manifest {args.output_dir}")
+        print(f"manifest part: {files.manifest_csv}; when every shard is done: medseg manifest {args.output_dir}"
+              + (" (under torchrun rank 0 does it)" if World.from_env().distributed else ""))
     else:
         print(f"manifest: {files.manifest_csv}  lesions: {files.lesions_csv}  report: {files.index_html}")
     return exit_code(results)

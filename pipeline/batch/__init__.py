@@ -6,6 +6,7 @@ run: the stages per case, the reports), :mod:`~pipeline.batch.plan` (resume: wha
 :mod:`~pipeline.batch.stages` (load → infer → write in three threads), :mod:`~pipeline.batch.result`
 (``CaseResult``, ``exit_code``), :mod:`~pipeline.batch.runlog` (``segment.log``) and
 :mod:`~pipeline.batch.report` (manifest, lesions, sidecars, QC, index page, lock, shards, merge).
+:mod:`~pipeline.batch.distributed` runs it under ``torchrun``: a shard per rank, merged by rank 0.
 It sits above :mod:`pipeline.infer`, which never imports it.
 """
 

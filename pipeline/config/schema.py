@@ -284,9 +284,11 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0  # data loader worker processes
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dist_timeout: float = 300.0  # seconds a collective may wait under torchrun (env MEDSEG_DIST_TIMEOUT wins)
 
     def _check(self) -> None:
         _positive("train.epochs", self.epochs)
+        _positive("train.dist_timeout", self.dist_timeout)
         _positive("train.steps_per_epoch", self.steps_per_epoch)
         _positive("train.lr", self.lr)
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)

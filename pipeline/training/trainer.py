@@ -24,6 +24,14 @@ default settings) the thread would only take their time: measured on 2 cores, th
 than the wait it hid, so there the loop loads batches itself (the cached preprocessing and crop indices
 of :mod:`pipeline.training.data` keep that to a few % of a step). ``data_seconds`` in the log is the
 time the loop waited for batches.
+
+Under ``torchrun`` (:mod:`pipeline.distributed`) every rank runs this same skeleton on its own device:
+``DistributedDataParallel`` wraps the network and averages the gradients, each rank draws its own
+patches from ``(train.seed + rank, epoch)`` (rank 0 of a world of one draws exactly what a
+single-process run draws), ``sampling.batch_size`` is per rank, and the validation cases are split
+between the ranks and their per-case Dice gathered, so the validation Dice is the single-process one.
+Only rank 0 writes ``config.yaml``, the checkpoints (of the bare network: no ``module.`` prefix),
+``log.csv`` and the curves; every rank reads ``last.pt`` on ``resume``.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import numpy as np
 import torch
 from monai.data.utils import set_rnd
 
+from pipeline import distributed
 from pipeline.config import Config, save_config
 from pipeline.errors import InputError
 from pipeline.infer import Segmenter
@@ -59,7 +68,8 @@ from pipeline.training.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 
-LOG_COLUMNS = ["epoch", "train_loss", "val_dice", "best_val_dice", "lr", "seconds", "data_seconds"]
+LOG_COLUMNS = ["epoch", "train_loss", "val_dice", "best_val_dice", "lr", "seconds", "data_seconds", "world_size",
+               "global_batch"]
 PREFETCH_BATCHES = 2  # batches prepared ahead of the training step
 
 
@@ -120,9 +130,10 @@ class Trainer:
             check_fold(config, fold)
             config = fold_config(config, fold)
         self.cfg = config
-        self.progress = progress
         self.out_dir = Path(config.train.out_dir)
-        self.device = resolve_device(config.train.device)
+        self.device = resolve_device(distributed.local_device(config.train.device, distributed.World.from_env()))
+        self.world = distributed.init(self.device.type, config.train.dist_timeout)
+        self.progress = progress and self.world.is_main
         self.amp_dtype = _amp_dtype(self.device) if config.train.amp else None
 
     # --- the skeleton ----------------------------------------------------------------------------
@@ -148,18 +159,26 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.best_path, self.last_path = self.out_dir / "best.pt", self.out_dir / "last.pt"
         self.log_path = self.out_dir / "log.csv"
-        save_config(cfg, self.out_dir / "config.yaml")
+        if self.world.is_main:
+            save_config(cfg, self.out_dir / "config.yaml")
 
         self.model = build_model(cfg.model, in_channels=cfg.in_channels, out_channels=cfg.num_classes).to(self.device)
         # Fail now, not after caching the data, if the patch or window does not fit the network.
         self.model.output_size(tuple(cfg.sampling.patch_size))
         self.model.output_size(tuple(cfg.inference.roi_size))
-        self.train_items, self.val_items = self._split(items)
+        with distributed.main_first("rank 0 writing the fold splits"):
+            self.train_items, self.val_items = self._split(items)
         if not self.train_items:
             raise InputError(f"no training cases left after the validation split of {len(items)} cases")
         log.info("training on %d cases, validating on %d", len(self.train_items), len(self.val_items))
+        if self.world.distributed:
+            log.info("rank %d of %d: batch %d per rank, global batch %d", self.world.rank, self.world.size,
+                     cfg.sampling.batch_size, self.global_batch)
         self.loader = train_loader(self.train_items, cfg)
-        self.val_data = validation_dataset(self.val_items, cfg) if self.val_items else None
+        # Each rank validates every world.size-th case (validate gathers the scores).
+        share = self.val_items[self.world.rank::self.world.size]
+        self.val_data = (validation_dataset(share, cfg) if share else []) if self.val_items else None
+        self.net = self._wrap(self.model)
 
         self.loss_fn = build_loss(cfg.loss, cfg.model.deep_supervision)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -171,7 +190,7 @@ class Trainer:
         self.start_epoch, self.best_metric = 0, -math.inf
         if resume:
             self._restore()
-        elif self.log_path.exists():
+        elif self.log_path.exists() and self.world.is_main:
             self.log_path.unlink()
         self._batches = None  # each epoch's batches: on_epoch_start
 
@@ -179,7 +198,7 @@ class Trainer:
         """Re-seed everything epoch ``epoch`` draws from, from ``(train.seed, epoch)``, and start its batches:
         a fresh pass of the loader, ``steps_per_epoch`` batches (see the module docstring)."""
         self.close()
-        global_seed, loader_seed, transform_seed = epoch_seeds(self.cfg.train.seed, epoch)
+        global_seed, loader_seed, transform_seed = epoch_seeds(self.cfg.train.seed + self.world.rank, epoch)
         seed_everything(global_seed)
         self.loader.generator.manual_seed(loader_seed)
         set_rnd(self.loader.dataset, transform_seed)
@@ -206,20 +225,23 @@ class Trainer:
         losses, data_seconds = [], 0.0
         steps = range(self.cfg.train.steps_per_epoch)
         bar = _progress(steps, self.progress, f"epoch {epoch + 1}/{self.cfg.train.epochs}")
-        for _ in bar:
+        for step in bar:
             batch, waited = self.next_batch()
             data_seconds += waited
-            losses.append(self.train_step(batch))
+            with self._guard(f"step {step + 1} of epoch {epoch + 1} (averaging the gradients)"):
+                losses.append(self.train_step(batch))
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{np.mean(losses):.3f}")
-        return float(np.mean(losses)), data_seconds
+        # The epoch's loss over every rank's batches (each rank's mean, averaged; equal batch sizes).
+        (total,) = distributed.all_reduce([float(np.mean(losses))], what=f"averaging the loss of epoch {epoch + 1}")
+        return total / self.world.size, data_seconds
 
     def train_step(self, batch: dict) -> float:
         image = batch["image"].to(self.device, non_blocking=True)
         label = batch["label"].to(self.device, non_blocking=True).round().long()
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            output = self.model(image)
+            output = self.net(image)  # DistributedDataParallel averages the gradients in backward
             loss = self.loss_fn(output, label)  # each head against the label at its voxels (valid padding)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()}: lower train.lr or check the input intensities")
@@ -243,19 +265,24 @@ class Trainer:
         if self.val_data is None:
             return float("nan")
         segmenter = Segmenter(self.model, self.cfg, device=self.device, backend="torch")
-        scores = []
+        mine = []  # (index in val_items, Dice): this rank validates cases rank, rank + size, ...
         with torch.no_grad(), self._autocast():
-            for item in self.val_data:
+            for n, item in enumerate(self.val_data):
                 pred = segmenter.probabilities(item["image"]).argmax(0).cpu().numpy()
                 truth = np.asarray(item["label"][0]).round().astype(np.int64)
-                scores.append(case_dice(pred, truth, range(1, self.cfg.num_classes)))
+                index = self.world.rank + n * self.world.size
+                mine.append((index, case_dice(pred, truth, range(1, self.cfg.num_classes))))
         self.model.train()
+        parts = distributed.all_gather_objects(mine, what="gathering the validation Dice")
+        scores = [score for _, score in sorted(pair for part in parts for pair in part)]  # single-process order
         return float(np.mean(scores)) if scores else float("nan")
 
     def on_epoch_end(self, epoch: int, loss: float, val: float, seconds: float, data_seconds: float) -> None:
         improved = not math.isnan(val) and val > self.best_metric
         if improved:
             self.best_metric = val
+        if not self.world.is_main:  # every rank keeps best_metric; rank 0 alone writes
+            return
         last = self._checkpoint(epoch + 1)
         save_checkpoint(self.last_path, last)
         # best.pt: the best validated weights; until a first validation (or without any), the latest.
@@ -269,12 +296,34 @@ class Trainer:
             "lr": f"{self.scheduler.get_last_lr()[0]:.3g}",
             "seconds": f"{seconds:.1f}",
             "data_seconds": f"{data_seconds:.1f}",
+            "world_size": self.world.size,
+            "global_batch": self.global_batch,
         }
         self._append_log(row)
         self._plot_curves()
         log.info("epoch %d: loss %.4f val dice %s (%.1f s)", epoch + 1, loss, row["val_dice"] or "-", seconds)
 
     # --- helpers ---------------------------------------------------------------------------------
+
+    @property
+    def global_batch(self) -> int:
+        """Volumes per optimiser step over every rank: ``world_size x sampling.batch_size``."""
+        return self.world.size * self.cfg.sampling.batch_size
+
+    def _guard(self, what: str):
+        """Under torchrun, a failed or timed-out gradient all_reduce as a DistributedError; else nothing."""
+        return distributed.collective(what) if self.world.distributed else contextlib.nullcontext()
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` in ``DistributedDataParallel`` under torchrun (it broadcasts rank 0's initial weights),
+        else ``model`` itself. The checkpoints save ``model`` (the bare network) either way."""
+        if not self.world.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        with distributed.collective("wrapping the network in DistributedDataParallel"):
+            return DistributedDataParallel(model, device_ids=device_ids)
 
     def _split(self, items: list[dict]) -> tuple[list[dict], list[dict]]:
         """The fold's cases from ``splits.json`` (written once beside the folds, with the resolved
@@ -323,6 +372,8 @@ class Trainer:
 
     def _append_log(self, row: dict) -> None:
         new = not self.log_path.exists()
+        if not new:
+            _upgrade_log_header(self.log_path)
         with open(self.log_path, "a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
             if new:
@@ -338,6 +389,19 @@ class Trainer:
             plot_training_curves(self.log_path, target)
         except Exception as exc:  # noqa: BLE001 - any plotting problem only costs the picture
             log.warning("could not plot the training curves to %s: %s", target, exc)
+
+
+def _upgrade_log_header(path: Path) -> None:
+    """A ``log.csv`` from before the ``LOG_COLUMNS`` of today (resumed): rewritten with them, old cells kept."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames == LOG_COLUMNS:
+            return
+        rows = list(reader)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _endless(loader):
