@@ -285,9 +285,14 @@ class TrainConfig:
     num_workers: int = 0  # data loader worker processes
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dist_timeout: float = 300.0  # seconds a collective may wait under torchrun (env MEDSEG_DIST_TIMEOUT wins)
+    # a wall-clock budget for the run (minutes, from its start, data loading included; 0 = none): after each
+    # epoch, when the remaining epochs at the pace measured so far would pass it, the run is shortened to the
+    # epochs that fit and the learning-rate schedule re-stretched to end there
+    max_minutes: float = 0.0
 
     def _check(self) -> None:
         _positive("train.epochs", self.epochs)
+        _positive("train.max_minutes", self.max_minutes, allow_zero=True)
         _positive("train.dist_timeout", self.dist_timeout)
         _positive("train.steps_per_epoch", self.steps_per_epoch)
         _positive("train.lr", self.lr)

@@ -162,6 +162,7 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
     net_reason = f"{net_reason}; {budget_reason}"
     step_seconds = None
     seconds, data_reason = None, ""
+    budget_minutes = ((hours if hours is not None else CPU_HOURS) * 60) if device == "cpu" or hours is not None else None
     if device == "cpu" or hours is not None:
         seconds, data_reason = rules.training_budget((hours if hours is not None else CPU_HOURS) * 3600,
                                                      max(fp.get("read_seconds", 0.0), fp.get("check_seconds", 0.0)))
@@ -249,6 +250,9 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
             "seed": SEED,
             "num_workers": 0,
             "device": Choice(device, "planned for"),
+            "max_minutes": Choice(round(budget_minutes, 2) if budget_minutes else 0.0,
+                                  "the time budget, held: past it at the measured pace, the run is shortened"
+                                  if budget_minutes else "no time budget"),
         },
         "inference": {
             "roi_size": Choice(patch, "the training patch"),

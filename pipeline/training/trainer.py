@@ -114,7 +114,7 @@ def _completed(last: Path, epochs: int) -> Optional[TrainResult]:
     if not last.is_file():
         return None
     ckpt = load_checkpoint(last)
-    if ckpt.epoch < epochs:
+    if ckpt.epoch < min(epochs, (ckpt.extra or {}).get("epochs") or epochs):  # a run shortened by max_minutes
         return None
     best = last.with_name("best.pt")
     return TrainResult(best, last, last.with_name("log.csv"), ckpt.best_metric, ckpt.epoch)
@@ -139,17 +139,49 @@ class Trainer:
     # --- the skeleton ----------------------------------------------------------------------------
 
     def run(self, resume: bool = False) -> TrainResult:
+        self.began = time.perf_counter()
         self.setup(resume)
+        epoch_seconds: list[float] = []
         try:
-            for epoch in range(self.start_epoch, self.cfg.train.epochs):
+            epoch = self.start_epoch
+            while epoch < self.epochs:
                 start = time.perf_counter()
                 self.on_epoch_start(epoch)
                 loss, data_seconds = self.train_epoch(epoch)
-                val = self.validate() if self._is_validation_epoch(epoch) else float("nan")
-                self.on_epoch_end(epoch, loss, val, time.perf_counter() - start, data_seconds)
+                # decided before validating, so that a shortened run's new last epoch validates
+                self.fit_time_budget(epoch + 1, epoch_seconds + [time.perf_counter() - start])
+                val = float("nan")
+                if self._is_validation_epoch(epoch):
+                    began = time.perf_counter()
+                    val = self.validate()
+                    self.validation_seconds = time.perf_counter() - began
+                epoch_seconds.append(time.perf_counter() - start)
+                self.on_epoch_end(epoch, loss, val, epoch_seconds[-1], data_seconds)
+                epoch += 1
         finally:
             self.close()
-        return TrainResult(self.best_path, self.last_path, self.log_path, self.best_metric, self.cfg.train.epochs)
+        return TrainResult(self.best_path, self.last_path, self.log_path, self.best_metric, self.epochs)
+
+    def fit_time_budget(self, done: int, epoch_seconds: list[float]) -> None:
+        """``train.max_minutes``: after training ``done`` epochs, shorten the run to the epochs that fit the
+        budget at the mean pace so far (earlier validations included), keeping time for a last validation (as
+        long as the latest took), and end the learning-rate decay there. Under torchrun every rank takes the
+        slowest rank's figures, so all ranks stop together."""
+        limit = self.cfg.train.max_minutes * 60.0
+        if not limit or done >= self.epochs:
+            return
+        elapsed, pace = time.perf_counter() - self.began, float(np.mean(epoch_seconds))
+        reserve = self.validation_seconds if self.val_data is not None else 0.0
+        if self.world.distributed:
+            elapsed, pace, reserve = distributed.all_reduce([elapsed, pace, reserve], "max",
+                                                            "agreeing on the time budget")
+        fits = done + max(0, int((limit - elapsed - reserve) // pace))
+        if fits >= self.epochs:
+            return
+        log.info("train.max_minutes %g: at %.1f s an epoch, %d of %d epochs fit (%.0f s spent): the run ends "
+                 "at epoch %d", self.cfg.train.max_minutes, pace, fits, self.epochs, elapsed, fits)
+        self.epochs = fits
+        self.scheduler.horizon["total"] = max(1, self.epochs * self.cfg.train.steps_per_epoch)
 
     def setup(self, resume: bool) -> None:
         # The dataset decides the channels, labels and CT statistics (checked first, every problem listed).
@@ -182,6 +214,8 @@ class Trainer:
 
         self.loss_fn = build_loss(cfg.loss, cfg.model.deep_supervision)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.epochs = cfg.train.epochs  # fewer when train.max_minutes shortens the run (fit_time_budget)
+        self.validation_seconds = 0.0  # the latest validation's (fit_time_budget keeps time for a last one)
         steps = cfg.train.epochs * cfg.train.steps_per_epoch
         self.scheduler = build_scheduler(
             self.optimizer, cfg.train.schedule, steps, cfg.train.warmup_epochs * cfg.train.steps_per_epoch
@@ -224,7 +258,7 @@ class Trainer:
         self.model.train()
         losses, data_seconds = [], 0.0
         steps = range(self.cfg.train.steps_per_epoch)
-        bar = _progress(steps, self.progress, f"epoch {epoch + 1}/{self.cfg.train.epochs}")
+        bar = _progress(steps, self.progress, f"epoch {epoch + 1}/{self.epochs}")
         for step in bar:
             batch, waited = self.next_batch()
             data_seconds += waited
@@ -340,7 +374,7 @@ class Trainer:
         return fold_items(items, splits, self.fold)
 
     def _is_validation_epoch(self, epoch: int) -> bool:
-        return (epoch + 1) % self.cfg.train.val_every == 0 or epoch + 1 == self.cfg.train.epochs
+        return (epoch + 1) % self.cfg.train.val_every == 0 or epoch + 1 == self.epochs
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -352,6 +386,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "grad_scaler": self.scaler.state_dict(),  # empty when disabled (CPU, bf16)
+            "epochs": self.epochs,  # the run's length: train.epochs, or fewer under train.max_minutes
         }
         return Checkpoint(self.cfg, self.model.state_dict(), epoch, self.best_metric, extra=extra)
 
@@ -365,6 +400,9 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt.extra["scheduler"])
             if ckpt.extra.get("grad_scaler"):
                 self.scaler.load_state_dict(ckpt.extra["grad_scaler"])
+            if ckpt.extra.get("epochs") and ckpt.extra["epochs"] < self.epochs:  # shortened by train.max_minutes
+                self.epochs = int(ckpt.extra["epochs"])
+                self.scheduler.horizon["total"] = max(1, self.epochs * self.cfg.train.steps_per_epoch)
         self.start_epoch = ckpt.epoch
         self.best_metric = ckpt.best_metric if not math.isnan(ckpt.best_metric) else -math.inf
         # The random states need no restoring: on_epoch_start derives them from (seed, epoch).

@@ -38,6 +38,7 @@ def test_cuda_plan_without_hours_is_not_timed_and_loads(datasets, tmp_path):
     assert config.model.features == 32
     assert config.inference.roi_size == config.sampling.patch_size
     assert (config.train.epochs, config.train.steps_per_epoch) == (1000, 250)
+    assert config.train.max_minutes == 0  # no time budget on a GPU without --hours
     assert config.inference.overlap == 0.5
     norm = config.preprocess.intensity.channels[0]
     assert config.preprocess.intensity.mode == "auto" and norm.resolved_scheme == "ct" and norm.complete
@@ -142,6 +143,7 @@ def test_a_dataset_too_slow_to_read_whole_is_planned_and_trained_on_a_seeded_dra
     assert fingerprint["dataset_cases"] == 24 and fingerprint["num_cases"] == rules.MIN_CASES == 20
     assert fingerprint["case_draw"]["max_cases"] == 20 and fingerprint["case_draw"]["read_seconds_per_case"] == 10.0
     assert result.config.data.max_cases == 20
+    assert result.config.train.max_minutes == 30.0  # the CPU budget, held by the trainer
     drawn = [item["case_id"] for item in training_cases(root, 20, result.config.train.seed)]
     assert [case["case_id"] for case in fingerprint["cases"]] == drawn
     assert "20 of the 24 cases" in result.plans.read_text()
