@@ -160,7 +160,7 @@ def case_list(dataset_dir, channels: int) -> list[dict]:
                              f"_0000 ... _{channels - 1:04d} (one file per channel on channel 0's grid), or "
                              f"one 4D NIfTI with {channels} volumes")
         out.append({"image": [parts[c] for c in range(channels)]})
-    return sorted(out, key=lambda d: str(d["image"]))
+    return sorted(out, key=lambda d: d["image"] if isinstance(d["image"], str) else d["image"][0])
 
 
 class CheckChannelsd(MapTransform):
