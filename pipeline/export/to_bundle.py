@@ -97,11 +97,19 @@ def inference_config(config: Config, spec: dict) -> dict:
         steps.append(crop)
     mirrored = inf["tta"] == "mirror"
     post_steps = [] if mirrored else [{"_target_": "Activationsd", "keys": "pred", "softmax": True}]
-    post_steps += [
-        {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-         "nearest_interp": False, "to_tensor": True},
-        {"_target_": f"{MODULE}.Decided", "keys": "pred", "threshold": inf["threshold"]},
-    ]
+    if spec["network"]["out_channels"] == 2:  # binary: P(lesion) interpolated (linear), decided on the source grid
+        post_steps += [
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": False, "to_tensor": True},
+            {"_target_": f"{MODULE}.Decided", "keys": "pred", "threshold": inf["threshold"]},
+        ]
+    else:  # more classes: the argmax on the preprocessed grid, sampled at the nearest voxel (as segment)
+        post_steps += [
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": True, "to_tensor": True},
+            {"_target_": f"{MODULE}.Decided", "keys": "pred", "threshold": None},
+        ]
     if post["restrict_to_body"]:
         post_steps.append({"_target_": f"{MODULE}.RestrictToBodyd", "keys": "pred", "values": post["restrict_to_body"],
                            "norm": pre["normalisation"][0], "foreground": pre["foreground"],
@@ -211,7 +219,8 @@ Run from another folder with `--bundle_root THIS_FOLDER` if `scripts` is not fou
 - sliding window {inf['roi_size']}, overlap {inf['overlap']}, {inf['blend']} blending (sigma = roi / 8);
   test-time augmentation {inf['tta']} (mirror: the mean softmax over every flip of the axes
   {inf['tta_axes']}, null: all);
-- softmax, inverted back to the source grid (linear), then threshold {inf['threshold']} (null: argmax);
+- binary models: softmax, inverted back to the source grid (linear), then threshold {inf['threshold']}
+  (null: > 0.5); more classes: the argmax on the model's grid, inverted at the nearest voxel;
 - components of label values {post['restrict_to_body']} mostly outside the body (largest component of
   channel 0's crop-to-body voxels) removed; components under {post['min_component_mm3']} mm³ removed;
   largest component only for label values {post['keep_largest']}.

@@ -45,7 +45,7 @@ def _env():
 @pytest.fixture(scope="module")
 def mr_model(tmp_path_factory):
     """A tiny 2-channel U-Net fitted (60 Adam steps) to all 8 synthetic FLAIR + T1c cases as medseg
-    preprocesses them (any lesion class as ``lesion``), so its masks are non-empty; the 4 imagesTs cases
+    preprocesses them (oedema and core as one ``lesion`` class), so its masks are non-empty; the 4 imagesTs cases
     are the ones segmented: channel files, one case as a 4D NIfTI instead."""
     from pipeline.config import load_config
     from pipeline.model import build_model
@@ -113,6 +113,7 @@ def mr_reference(mr_model):
             out[name.removesuffix("_0000")] = segmenter.segment(source)
     sizes = {k: int(r.labels.sum()) for k, r in out.items()}
     assert len(out) == 4 and sum(sizes.values()) > 150 and sorted(sizes.values())[1] > 20, sizes
+    print("segment lesion voxels", sizes)
     return out
 
 
@@ -122,7 +123,8 @@ def _check(masks: dict, reference: dict) -> dict:
         mask = masks[case]
         assert mask.shape == ref.labels.shape  # the source geometry: shape and affine
         np.testing.assert_allclose(mask.affine, ref.affine, atol=1e-5)
-        scores[case] = dice(np.asarray(mask.dataobj), ref.labels)
+        labels = np.asarray(mask.dataobj)
+        scores[case] = dice(labels, ref.labels)
     assert min(scores.values()) >= 0.99, scores
     return scores
 

@@ -49,8 +49,8 @@ def above_minimum(x):
 
 
 class Decided(MapTransform):
-    """Class probabilities (C, *spatial) on the source grid to a label map (1, *spatial), uint8: binary
-    models, P(class 1) >= ``threshold`` (None: > 0.5); more classes, the argmax."""
+    """Class probabilities (C, *spatial) to a label map (1, *spatial), uint8: binary models, P(class 1)
+    >= ``threshold`` (None: > 0.5); more classes, the argmax; a label map (1, *spatial) as it is."""
 
     def __init__(self, keys, threshold=None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
@@ -60,7 +60,9 @@ class Decided(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             probs = d[key]
-            if probs.shape[0] == 2:
+            if probs.shape[0] == 1:  # already a label map (inverted at the nearest voxel): as uint8
+                labels = probs.round()
+            elif probs.shape[0] == 2:
                 p = probs[1:2]
                 labels = p >= self.threshold if self.threshold is not None else p > 0.5
             else:
