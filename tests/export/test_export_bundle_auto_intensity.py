@@ -101,12 +101,17 @@ def test_case_list_groups_channel_files_and_refuses_incomplete_cases(tmp_path, m
     monkeypatch.delitem(sys.modules, "medseg_bundle", raising=False)
     import medseg_bundle
 
+    image = np.zeros((6, 5, 4), np.float32)
+    affine = make_affine("RAS", spacing=(1.0, 1.0, 2.0))
     for name in ("b_0000.nii.gz", "b_0001.nii.gz", "a_0001.nii.gz", "a_0000.nii.gz", "c.nii.gz"):
-        (tmp_path / name).write_bytes(b"")
+        save_nifti(image, affine, tmp_path / name)
     cases = medseg_bundle.case_list(str(tmp_path), 2)
     assert cases == [{"image": [str(tmp_path / "a_0000.nii.gz"), str(tmp_path / "a_0001.nii.gz")]},
                      {"image": [str(tmp_path / "b_0000.nii.gz"), str(tmp_path / "b_0001.nii.gz")]},
                      {"image": str(tmp_path / "c.nii.gz")}]  # c: a 4D NIfTI
+    save_nifti(image, make_affine("RAS", spacing=(1.0, 1.0, 3.0)), tmp_path / "b_0001.nii.gz")
+    with pytest.raises(ValueError, match=r"channel 1 of case 'b_0000.nii.gz' \(b_0001.nii.gz\) is on another grid"):
+        medseg_bundle.case_list(str(tmp_path), 2)
     (tmp_path / "b_0001.nii.gz").unlink()
     with pytest.raises(ValueError, match=r"case 'b' has channel files \[0\]: expected _0000 ... _0001"):
         medseg_bundle.case_list(str(tmp_path), 2)

@@ -162,7 +162,26 @@ def case_list(dataset_dir, channels: int) -> list[dict]:
                              f"_0000 ... _{channels - 1:04d} (one file per channel on channel 0's grid), or "
                              f"one 4D NIfTI with {channels} volumes")
         out.append({"image": [parts[c] for c in range(channels)]})
+        _check_same_grid(out[-1]["image"])
     return sorted(out, key=lambda d: d["image"] if isinstance(d["image"], str) else d["image"][0])
+
+
+def _check_same_grid(files) -> None:
+    """MONAI's loader stacks channel files as they are: refuse channels on another grid than channel 0's
+    (headers only; 1e-3 mm tolerance, as nnU-Net)."""
+    import os
+
+    import nibabel as nib
+
+    first = nib.load(files[0])
+    for c, f in enumerate(files[1:], start=1):
+        other = nib.load(f)
+        if other.shape[:3] != first.shape[:3] or not np.allclose(other.affine, first.affine, atol=1e-3):
+            raise ValueError(f"channel {c} of case '{os.path.basename(files[0])}' ({os.path.basename(f)}) is on "
+                             f"another grid (shape {other.shape[:3]}, affine {np.round(other.affine, 3).tolist()}) "
+                             f"than channel 0 (shape {first.shape[:3]}, affine {np.round(first.affine, 3).tolist()}): "
+                             "the bundle needs every channel on channel 0's grid; resample them first "
+                             "(medseg segment does)")
 
 
 class CheckChannelsd(MapTransform):
