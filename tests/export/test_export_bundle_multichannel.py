@@ -162,3 +162,67 @@ def test_onnx_example_two_channel_auto_mirror_body(mr_model, mr_reference, tmp_p
     masks = {p.name.removesuffix("_seg.nii.gz"): nib.load(str(p)) for p in out.iterdir()}
     assert sorted(masks) == sorted(mr_reference)
     print("onnx dice", _check(masks, mr_reference))
+
+
+CORE_MARGIN = 2.0  # class 2 where the lesion logit margin (l1 - l0) exceeds this; class 1 below it
+
+
+@pytest.fixture(scope="module")
+def three_class_model(mr_model):
+    """The same network with a 3-class head built from its 2-class one (no training): background as is,
+    ``rim`` where the lesion wins by at most CORE_MARGIN logits, ``core`` beyond (l2 = l0 + 2 (l1 - l0) -
+    margin), so the many-class decision (argmax on the model's grid, nearest voxel back) is exercised."""
+    from dataclasses import replace
+
+    from pipeline.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+    ckpt_path, cases = mr_model
+    ckpt = load_checkpoint(ckpt_path)
+    state = {k: v.clone() for k, v in ckpt.state_dict.items()}
+    w, b = state["head.weight"], state["head.bias"]
+    state["head.weight"] = torch.cat([w, 2 * w[1:2] - w[0:1]])
+    state["head.bias"] = torch.cat([b, (2 * b[1] - b[0] - CORE_MARGIN)[None]])
+    config = replace(ckpt.config, data=replace(ckpt.config.data, labels={"background": 0, "rim": 1, "core": 2}),
+                     postprocess=replace(ckpt.config.postprocess, restrict_to_body=["rim", "core"],
+                                         keep_largest=["core"]))
+    path = save_checkpoint(ckpt_path.with_name("three.pt"), Checkpoint(config=config, state_dict=state, epoch=1))
+    from pipeline.io.channels import Channels
+
+    segmenter = Segmenter.from_checkpoint(path, device="cpu", backend="torch")
+    reference = {}
+    with torch_threads(1):
+        for path0 in sorted(cases.glob("*_0000.nii.gz")):
+            source = Channels((str(path0), str(path0).replace("_0000", "_0001")))
+            reference[path0.name.removesuffix("_0000.nii.gz")] = segmenter.segment(source).labels
+    sizes = {k: [int((r == v).sum()) for v in (1, 2)] for k, r in reference.items()}
+    assert sum(s[0] for s in sizes.values()) > 30 and sum(s[1] for s in sizes.values()) > 30, sizes
+    print("segment voxels (rim, core)", sizes)
+    return path, cases, reference
+
+
+@pytest.mark.slow
+def test_bundle_and_onnx_three_class_decision(three_class_model, tmp_path):
+    path, cases, reference = three_class_model
+    bundle = export_model(path, tmp_path / "bundle", "bundle").path
+    channel_files = tmp_path / "in"  # the channel-file cases (the 4D one is covered above)
+    channel_files.mkdir()
+    for f in cases.glob("*_000?.nii.gz"):
+        (channel_files / f.name).write_bytes(f.read_bytes())
+    run = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                          str(bundle / "configs" / "inference.json"), "--dataset_dir", str(channel_files),
+                          "--output_dir", str(tmp_path / "b")], capture_output=True, text=True, env=_env(),
+                         timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    model = export_model(path, tmp_path / "model.onnx", "onnx").path
+    run = subprocess.run([sys.executable, str(EXAMPLE), str(model), str(channel_files), str(tmp_path / "o")],
+                         capture_output=True, text=True, env=_env(), timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    scores = {}
+    for case, ref in reference.items():
+        for kind, mask in (("bundle", tmp_path / "b" / f"{case}_0000_seg.nii.gz"),
+                           ("onnx", tmp_path / "o" / f"{case}_seg.nii.gz")):
+            labels = np.asarray(nib.load(str(mask)).dataobj)
+            assert labels.shape == ref.shape
+            scores[kind, case] = [dice(labels == v, ref == v) for v in (1, 2)]
+    print("three-class dice (rim, core)", scores)
+    assert min(min(s) for s in scores.values()) >= 0.99, scores
