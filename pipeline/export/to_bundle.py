@@ -14,9 +14,9 @@
 Run: ``python -m monai.bundle run --config_file OUT/configs/inference.json --dataset_dir IN --output_dir MASKS``;
 masks are ``MASKS/<case>_seg.nii.gz`` in the source geometry. Several input channels (``<case>_0000.nii.gz``
 ... or a 4D NIfTI), ``intensity.mode: auto`` (CT: clip + z-score as MONAI's ScaleIntensityRange; others: the
-body z-score), ``inference.tta: mirror`` (:class:`MirrorInferer`) and ``postprocess.restrict_to_body`` are
-packaged as bundle code. What the bundle cannot represent is refused (:func:`refusals`): 2D or valid-padding
-networks, listed with the reason. The folder is built beside ``OUT`` and renamed into place once the
+body z-score), ``inference.tta: mirror`` and 2D networks (``MedsegInferer``), ``postprocess.restrict_to_body`` are
+packaged as bundle code. What the bundle cannot represent is refused (:func:`refusals`): valid-padding networks,
+with the reason. The folder is built beside ``OUT`` and renamed into place once the
 network verified, so a failed export leaves nothing.
 """
 
@@ -40,9 +40,6 @@ MODULE = "scripts.medseg_bundle"
 def refusals(config: Config) -> list[str]:
     """What of ``config`` a bundle cannot represent, each with why (empty: exportable)."""
     problems = []
-    if config.model.spatial_dims != 3:
-        problems.append("model.spatial_dims 2: the bundle's sliding window runs 3D windows; export onnx or "
-                        "torchscript for a 2D model")
     if config.model.padding != "same":
         problems.append("model.padding 'valid': MONAI's SlidingWindowInferer needs outputs the size of the window")
     return problems
@@ -122,10 +119,13 @@ def inference_config(config: Config, spec: dict) -> dict:
     post_steps.append({"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
                        "output_ext": ".nii.gz", "output_dtype": "$numpy.uint8", "resample": False,
                        "separate_folder": False, "print_log": False})
-    window = {"roi_size": inf["roi_size"], "sw_batch_size": inf["sw_batch_size"], "overlap": inf["overlap"],
-              "mode": inf["blend"], "sigma_scale": inf["sigma_scale"], "padding_mode": "constant"}
-    if mirrored:  # the mean softmax over the flips, blended by the window (pipeline.infer.ensemble)
-        inferer = {"_target_": f"{MODULE}.MirrorInferer", "tta_axes": inf["tta_axes"], **window}
+    dims = spec["network"]["spatial_dims"]
+    window = {"roi_size": inf["roi_size"] + ([1] if dims == 2 else []), "sw_batch_size": inf["sw_batch_size"],
+              "overlap": inf["overlap"], "mode": inf["blend"], "sigma_scale": inf["sigma_scale"],
+              "padding_mode": "constant"}
+    if mirrored or dims == 2:  # TTA: the mean softmax over the flips, blended; 2D: windows of depth 1
+        inferer = {"_target_": f"{MODULE}.MedsegInferer", "tta": inf["tta"], "tta_axes": inf["tta_axes"],
+                   "spatial_dims": dims, **window}
     else:
         inferer = {"_target_": "SlidingWindowInferer", **window}
     datalist = ("$[{'image': f} for f in sorted(glob.glob(@dataset_dir + '/*.nii.gz') + "

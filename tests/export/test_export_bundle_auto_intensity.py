@@ -65,7 +65,7 @@ def test_bundle_auto_preprocessing_equals_medseg(tmp_path, monkeypatch, channels
     else:
         assert intensity["_target_"] == "scripts.medseg_bundle.NormalizeChannelsd"
         assert [n["scheme"] for n in intensity["channels"]] == ["ct", "zscore_body"]
-    assert config["inferer"]["_target_"] == "scripts.medseg_bundle.MirrorInferer"
+    assert config["inferer"]["_target_"] == "scripts.medseg_bundle.MedsegInferer"
     image, _ = ct_case((40, 36, 14), seed=4)
     affine = make_affine("LPS", spacing=(1.0, 0.9, 2.5))
     files = [str(save_nifti(image, affine, tmp_path / "in" / "a_0000.nii.gz"))]

@@ -134,7 +134,7 @@ def test_bundle_run_two_channel_auto_mirror_body(mr_model, mr_reference, tmp_pat
     ckpt, cases = mr_model
     bundle = export_model(ckpt, tmp_path / "bundle", "bundle").path
     config = json.loads((bundle / "configs" / "inference.json").read_text())
-    assert config["inferer"]["_target_"] == "scripts.medseg_bundle.MirrorInferer"
+    assert config["inferer"]["_target_"] == "scripts.medseg_bundle.MedsegInferer"
     assert [t["_target_"].split(".")[-1] for t in config["preprocessing"]["transforms"]][-3:] == \
         ["Spacingd", "NormalizeChannelsd", "CropForegroundd"]
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())

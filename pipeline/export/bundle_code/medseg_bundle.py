@@ -271,26 +271,34 @@ def mirror_flips(axes, spatial_dims: int = 3) -> list:
     return [c for n in range(len(dims) + 1) for c in itertools.combinations(dims, n)]
 
 
-class MirrorInferer(SlidingWindowInferer):
-    """MONAI's sliding window over the mean softmax of the network on every flip of each window batch
-    (``inference.tta: mirror``): the windows blend probabilities, not logits."""
+class MedsegInferer(SlidingWindowInferer):
+    """MONAI's sliding window for what plain ``SlidingWindowInferer`` cannot do: ``inference.tta: mirror``
+    (the windows blend the mean softmax of the network on every flip of each window batch, as
+    ``pipeline.infer.ensemble``) and 2D networks (``spatial_dims=2``: windows of depth 1 through the
+    volume, each run as one 2D image; ``roi_size`` then ends with 1)."""
 
-    def __init__(self, tta_axes=None, spatial_dims: int = 3, **kwargs):
+    def __init__(self, tta: str = "none", tta_axes=None, spatial_dims: int = 3, **kwargs):
         super().__init__(**kwargs)
-        self.flips = mirror_flips(tta_axes, spatial_dims)
+        self.mirrored, self.spatial_dims = tta == "mirror", int(spatial_dims)
+        self.flips = mirror_flips(tta_axes, self.spatial_dims)
 
     def __call__(self, inputs, network, *args, **kwargs):
         flips = self.flips
 
+        def slice_wise(x):  # (B, C, X, Y, 1) -> (B, K, X, Y, 1)
+            return network(x[..., 0])[..., None]
+
+        forward = slice_wise if self.spatial_dims == 2 else network
+
         def averaged(x):
             total = None
             for dims in flips:
-                probs = torch.softmax(network(x.flip(dims) if dims else x).float(), dim=1)
+                probs = torch.softmax(forward(x.flip(dims) if dims else x).float(), dim=1)
                 probs = probs.flip(dims) if dims else probs
                 total = probs if total is None else total.add_(probs)
             return total.div_(len(flips))
 
-        return super().__call__(inputs, averaged, *args, **kwargs)
+        return super().__call__(inputs, averaged if self.mirrored else forward, *args, **kwargs)
 
 
 # --- restrict_to_body -------------------------------------------------------------------------------------
