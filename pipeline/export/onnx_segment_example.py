@@ -2,7 +2,7 @@
 
     python onnx_segment_example.py MODEL.onnx IN_DIR OUT_DIR     # OUT_DIR/<case>_seg.nii.gz, source geometry
 
-Everything but the weights comes from the model's ``medseg`` metadata (3D, same padding). Several input
+Everything but the weights comes from the model's ``medseg`` metadata (3D or 2D, same padding). Several input
 channels: ``IN_DIR/<case>_0000.nii.gz``, ``<case>_0001.nii.gz``... (on channel 0's grid), or one 4D NIfTI.
 """
 import itertools
@@ -115,18 +115,21 @@ def segment(paths, session, spec):  # paths: one file per channel (or one 4D fil
         hits = np.nonzero(foreground(x, pre["foreground"]).any(0))
         m = pre["crop_margin"]
         box = tuple(slice(max(h.min() - m, 0), min(h.max() + 1 + m, s)) for h, s in zip(hits, full))
-    name = session.get_inputs()[0].name
-    axes = [2 + a for a in (inf["tta_axes"] or [0, 1, 2])]
+    name, dims = session.get_inputs()[0].name, spec["network"]["spatial_dims"]
+    roi = inf["roi_size"] + [1] * (3 - dims)  # a 2D model: windows of depth 1, run as 2D images
+    axes = [2 + a for a in (inf["tta_axes"] if inf["tta_axes"] is not None else range(dims))]
     flips = [c for n in range(len(axes) + 1) for c in itertools.combinations(axes, n)]
+
+    def net(w):
+        w = np.ascontiguousarray(w if dims == 3 else w[..., 0], np.float32)
+        return session.run(None, {name: w})[0] if dims == 3 else session.run(None, {name: w})[0][..., None]
 
     def run(w):  # a window batch -> logits, or with TTA the mean softmax over the flips
         if inf["tta"] == "none":
-            return session.run(None, {name: w.astype(np.float32)})[0]
-        ys = [np.flip(session.run(None, {name: np.ascontiguousarray(np.flip(w, f), np.float32)})[0], f)
-              for f in flips]
-        return np.mean([softmax(y, 1) for y in ys], axis=0)
-    weights = gaussian(inf["roi_size"], inf["sigma_scale"], inf["weight_floor"]) if inf["blend"] == "gaussian" else 1.0
-    probs = sliding_window(x[(slice(None),) + box], run, inf["roi_size"], inf["overlap"], weights, inf["tta"] != "none")
+            return net(w)
+        return np.mean([softmax(np.flip(net(np.flip(w, f)), f), 1) for f in flips], axis=0)
+    weights = gaussian(roi, inf["sigma_scale"], inf["weight_floor"]) if inf["blend"] == "gaussian" else 1.0
+    probs = sliding_window(x[(slice(None),) + box], run, roi, inf["overlap"], weights, inf["tta"] != "none")
     on_full = np.zeros((1,) + full, np.float32)  # back to the source grid: zero outside the crop, linear
     binary = probs.shape[0] == 2
     on_full[(0,) + box] = probs[1].astype(np.float16) if binary else probs.argmax(0)  # segment keeps P as float16
@@ -165,8 +168,8 @@ def main(model, in_dir, out_dir):
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     spec = json.loads(session.get_modelmeta().custom_metadata_map["medseg"])
     net = spec["network"]
-    if (net["spatial_dims"], net["padding"]) != (3, "same"):
-        sys.exit(f"this example handles 3D same-padding models, not {net}")
+    if net["padding"] != "same":
+        sys.exit(f"this example handles same-padding models, not {net}")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for case, paths in cases(in_dir, net["in_channels"]).items():
         nib.save(segment(paths, session, spec), str(Path(out_dir) / f"{case}_seg.nii.gz"))

@@ -1,5 +1,6 @@
-"""A 2D model (slice by slice through the volume) as a MONAI bundle: ``monai.bundle run`` against
-``segment`` on the held-out CT cases of tests/export/conftest.py, with and without TTA mirror."""
+"""A 2D model (slice by slice through the volume) exported: ``monai.bundle run`` of the bundle and the onnx
+example script against ``segment`` on the held-out CT cases of tests/export/conftest.py, with and without
+TTA mirror."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -18,6 +20,8 @@ from pipeline.export import export_model
 from pipeline.infer import Segmenter
 from tests.export.conftest import OVERRIDES, SHAPE, dice
 from tests.helpers import ct_case, tiny_config_overrides, torch_threads
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "pipeline" / "export" / "onnx_segment_example.py"
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,7 @@ def model_2d(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tta", ["none", "mirror"])
-def test_bundle_run_2d_model(model_2d, held_out_cases, tmp_path, tta):
+def test_bundle_and_onnx_example_2d_model(model_2d, held_out_cases, tmp_path, tta):
     from pipeline.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(model_2d)
@@ -64,6 +68,11 @@ def test_bundle_run_2d_model(model_2d, held_out_cases, tmp_path, tta):
                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}, timeout=300,
                          cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
+    onnx = export_model(path, tmp_path / "model.onnx", "onnx").path
+    run = subprocess.run([sys.executable, str(EXAMPLE), str(onnx), str(held_out_cases), str(tmp_path / "onnx")],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert run.returncode == 0, run.stderr[-2000:]
     segmenter = Segmenter.from_checkpoint(path, device="cpu", backend="torch")
     scores = {}
     with torch_threads(1):
@@ -72,6 +81,9 @@ def test_bundle_run_2d_model(model_2d, held_out_cases, tmp_path, tta):
             mask = nib.load(str(tmp_path / "masks" / source.name.replace(".nii.gz", "_seg.nii.gz")))
             assert mask.shape == reference.labels.shape and reference.labels.sum() > 50
             np.testing.assert_allclose(mask.affine, reference.affine, atol=1e-5)
-            scores[source.name] = dice(np.asarray(mask.dataobj), reference.labels)
+            scores["bundle", source.name] = dice(np.asarray(mask.dataobj), reference.labels)
+            mask = nib.load(str(tmp_path / "onnx" / source.name.replace("_0000.nii.gz", "_seg.nii.gz")))
+            assert mask.shape == reference.labels.shape
+            scores["onnx", source.name] = dice(np.asarray(mask.dataobj), reference.labels)
     print(f"2d tta={tta} dice", scores)
     assert min(scores.values()) >= 0.99, scores
