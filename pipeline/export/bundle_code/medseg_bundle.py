@@ -1,9 +1,11 @@
 """Bundle code of a medseg MONAI bundle (``scripts/medseg_bundle.py``): the steps of medseg's ``segment``
 that MONAI has no transform for, and the loop ``configs/inference.json`` runs.
 
-Standalone on purpose: it needs numpy, scipy, torch and MONAI only (not medseg). It mirrors
-``pipeline.transforms.antialias``, ``pipeline.transforms.normalize`` and ``pipeline.postprocess`` of the
-medseg version named in ``configs/metadata.json``.
+Standalone on purpose: it needs numpy, scipy, nibabel, torch and MONAI only (not medseg). It mirrors
+``pipeline.transforms.antialias``, ``pipeline.transforms.normalize`` (per-channel ``auto``: CT clip +
+z-score, body z-score), ``pipeline.infer.ensemble`` (TTA mirror), ``pipeline.infer.sliding`` (2D networks
+slice-wise) and ``pipeline.postprocess`` (restrict_to_body, component rules) of the medseg version named
+in ``configs/metadata.json``.
 """
 
 from __future__ import annotations
