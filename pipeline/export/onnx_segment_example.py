@@ -99,6 +99,11 @@ def segment(paths, session, spec):  # paths: one file per channel (or one 4D fil
     volumes = [np.asarray(nib.load(p).dataobj, dtype=np.float32) for p in paths]
     volumes = [v[..., c] for v in volumes for c in range(v.shape[3])] if volumes[0].ndim == 4 else volumes
     source = volumes[0]
+    grids = [(nib.load(p).shape[:3], nib.load(p).affine) for p in paths]
+    if len(volumes) != spec["network"]["in_channels"] or any(
+            s != grids[0][0] or not np.allclose(a, grids[0][1], atol=1e-3) for s, a in grids):
+        sys.exit(f"{paths}: expected {spec['network']['in_channels']} channel(s) {spec['channels']} on channel 0's "
+                 f"grid, found {len(volumes)}: give one file per channel (<case>_0000 ...) or one 4D NIfTI")
     ornt = nib.orientations.ornt_transform(nib.io_orientation(scan.affine),
                                            nib.orientations.axcodes2ornt(tuple(pre["orientation"])))
     affine = scan.affine @ nib.orientations.inv_ornt_aff(ornt, source.shape)

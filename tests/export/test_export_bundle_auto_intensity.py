@@ -5,7 +5,10 @@ a CT-only model (one ScaleIntensityRanged); plus how the bundle lists multi-chan
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,3 +119,17 @@ def test_case_list_groups_channel_files_and_refuses_incomplete_cases(tmp_path, m
     with pytest.raises(ValueError, match=r"case 'b' has channel files \[0\]: expected _0000 ... _0001"):
         medseg_bundle.case_list(str(tmp_path), 2)
     sys.modules.pop("medseg_bundle", None)
+
+
+def test_onnx_example_refuses_a_case_missing_a_channel(tmp_path):
+    """The example script stops, naming the expected channels, when a case lacks one (not a silent zip)."""
+    ckpt = _checkpoint(tmp_path / "m.pt", 2, "data.channels=[FLAIR, T1c]")
+    model = export_model(ckpt, tmp_path / "m.onnx", "onnx").path
+    image, _ = ct_case((24, 24, 8), seed=1)
+    save_nifti(image, make_affine("RAS"), tmp_path / "in" / "a_0000.nii.gz")
+    example = Path(__file__).resolve().parents[2] / "pipeline" / "export" / "onnx_segment_example.py"
+    run = subprocess.run([sys.executable, str(example), str(model), str(tmp_path / "in"), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert run.returncode == 1
+    assert "expected 2 channel(s) ['FLAIR', 'T1c'] on channel 0's grid, found 1" in run.stderr
