@@ -2,7 +2,8 @@
 
     python onnx_segment_example.py MODEL.onnx IN_DIR OUT_DIR     # OUT_DIR/<case>_seg.nii.gz, source geometry
 
-Everything but the weights comes from the model's ``medseg`` metadata (one input channel, same padding).
+Everything but the weights comes from the model's ``medseg`` metadata (3D or 2D, same padding). Several input
+channels: ``IN_DIR/<case>_0000.nii.gz``, ``<case>_0001.nii.gz``... (on channel 0's grid), or one 4D NIfTI.
 """
 import itertools
 import json
@@ -40,7 +41,15 @@ def spacing_grid(shape, affine, pixdim):  # MONAI Spacingd's output grid: (shape
     return tuple(int(v) for v in out_shape), grid
 
 
-def foreground(x, rule):
+def resample(x, ratio, to_source, shape):  # anti-aliasing before downsampling, then linear, border padding
+    if np.any(np.maximum(0, (ratio - 1) / 2) > 0.05):
+        x = ndimage.gaussian_filter(x, np.maximum(0, (ratio - 1) / 2), mode="nearest")
+    return ndimage.affine_transform(x, to_source[:3, :3], to_source[:3, 3], output_shape=shape, order=1, mode="nearest")
+
+
+def foreground(x, rule):  # x: (C, ...) normalised; the voxels crop-to-body keeps
+    if rule == "any_channel_above_its_min":
+        return (x > x.reshape(len(x), -1).min(1).reshape((-1,) + (1,) * (x.ndim - 1))).any(0, keepdims=True)
     return x > 0 if rule == "above_zero" else x > x.min()
 
 
@@ -84,41 +93,48 @@ def sliding_window(x, run, roi, overlap, weights, probabilities):  # x: (C, X, Y
     return out[(slice(None),) + tuple(slice(p[0], s - p[1]) for p, s in zip(pad[1:], x.shape[1:]))]
 
 
-def segment(path, session, spec):
+def segment(paths, session, spec):  # paths: one file per channel (or one 4D file)
     pre, inf, post = spec["preprocess"], spec["inference"], spec["postprocess"]
-    scan = nib.load(path)
-    source = np.asarray(scan.dataobj, dtype=np.float32)
+    scan = nib.load(paths[0])
+    volumes = [np.asarray(nib.load(p).dataobj, dtype=np.float32) for p in paths]
+    volumes = [v[..., c] for v in volumes for c in range(v.shape[3])] if volumes[0].ndim == 4 else volumes
+    source = volumes[0]
+    grids = [(nib.load(p).shape[:3], nib.load(p).affine) for p in paths]
+    if len(volumes) != spec["network"]["in_channels"] or any(
+            s != grids[0][0] or not np.allclose(a, grids[0][1], atol=1e-3) for s, a in grids):
+        sys.exit(f"{paths}: expected {spec['network']['in_channels']} channel(s) {spec['channels']} on channel 0's "
+                 f"grid, found {len(volumes)}: give one file per channel (<case>_0000 ...) or one 4D NIfTI")
     ornt = nib.orientations.ornt_transform(nib.io_orientation(scan.affine),
                                            nib.orientations.axcodes2ornt(tuple(pre["orientation"])))
-    x = nib.orientations.apply_orientation(source, ornt)
-    oriented_shape = x.shape
     affine = scan.affine @ nib.orientations.inv_ornt_aff(ornt, source.shape)
+    oriented = [nib.orientations.apply_orientation(v, ornt) for v in volumes]
+    oriented_shape = oriented[0].shape
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
     target = spacing if pre["spacing"] is None else np.asarray(pre["spacing"], dtype=np.float64)
-    ratio = target / spacing
-    if np.any(np.maximum(0, (ratio - 1) / 2) > 0.05):  # anti-aliasing before downsampling
-        x = ndimage.gaussian_filter(x, np.maximum(0, (ratio - 1) / 2), mode="nearest")
-    full, grid = (x.shape, affine) if pre["spacing"] is None else spacing_grid(x.shape, affine, target)
+    full, grid = (oriented_shape, affine) if pre["spacing"] is None else spacing_grid(oriented_shape, affine, target)
     to_source = np.linalg.solve(affine, grid)  # grid voxel -> oriented source voxel
-    x = ndimage.affine_transform(x, to_source[:3, :3], to_source[:3, 3], output_shape=full, order=1, mode="nearest")
-    x = normalise(x, pre["normalisation"][0])[None]
+    x = np.stack([normalise(resample(v, target / spacing, to_source, full), n)
+                  for v, n in zip(oriented, pre["normalisation"])])
     box = tuple(slice(0, s) for s in full)
     if pre["crop_foreground"] and foreground(x, pre["foreground"]).any():
-        hits = np.nonzero(foreground(x, pre["foreground"])[0])
+        hits = np.nonzero(foreground(x, pre["foreground"]).any(0))
         m = pre["crop_margin"]
         box = tuple(slice(max(h.min() - m, 0), min(h.max() + 1 + m, s)) for h, s in zip(hits, full))
-    name = session.get_inputs()[0].name
-    axes = [2 + a for a in (inf["tta_axes"] or [0, 1, 2])]
+    name, dims = session.get_inputs()[0].name, spec["network"]["spatial_dims"]
+    roi = inf["roi_size"] + [1] * (3 - dims)  # a 2D model: windows of depth 1, run as 2D images
+    axes = [2 + a for a in (inf["tta_axes"] if inf["tta_axes"] is not None else range(dims))]
     flips = [c for n in range(len(axes) + 1) for c in itertools.combinations(axes, n)]
+
+    def net(w):
+        w = np.ascontiguousarray(w if dims == 3 else w[..., 0], np.float32)
+        return session.run(None, {name: w})[0] if dims == 3 else session.run(None, {name: w})[0][..., None]
 
     def run(w):  # a window batch -> logits, or with TTA the mean softmax over the flips
         if inf["tta"] == "none":
-            return session.run(None, {name: w.astype(np.float32)})[0]
-        ys = [np.flip(session.run(None, {name: np.ascontiguousarray(np.flip(w, f), np.float32)})[0], f)
-              for f in flips]
-        return np.mean([softmax(y, 1) for y in ys], axis=0)
-    weights = gaussian(inf["roi_size"], inf["sigma_scale"], inf["weight_floor"]) if inf["blend"] == "gaussian" else 1.0
-    probs = sliding_window(x[(slice(None),) + box], run, inf["roi_size"], inf["overlap"], weights, inf["tta"] != "none")
+            return net(w)
+        return np.mean([softmax(np.flip(net(np.flip(w, f)), f), 1) for f in flips], axis=0)
+    weights = gaussian(roi, inf["sigma_scale"], inf["weight_floor"]) if inf["blend"] == "gaussian" else 1.0
+    probs = sliding_window(x[(slice(None),) + box], run, roi, inf["overlap"], weights, inf["tta"] != "none")
     on_full = np.zeros((1,) + full, np.float32)  # back to the source grid: zero outside the crop, linear
     binary = probs.shape[0] == 2
     on_full[(0,) + box] = probs[1].astype(np.float16) if binary else probs.argmax(0)  # segment keeps P as float16
@@ -130,7 +146,7 @@ def segment(path, session, spec):
     labels = nib.orientations.apply_orientation(labels.astype(np.uint8), nib.orientations.ornt_transform(
         nib.orientations.axcodes2ornt(tuple(pre["orientation"])), nib.io_orientation(scan.affine)))
     if post["restrict_to_body"]:
-        body = largest(foreground(normalise(source, pre["normalisation"][0]), pre["foreground"]))
+        body = largest(foreground(normalise(source, pre["normalisation"][0])[None], pre["foreground"])[0])
         for value in post["restrict_to_body"]:
             lab, n = ndimage.label(labels == value, np.ones((3, 3, 3)))
             inside = np.bincount(lab.ravel(), weights=body.ravel(), minlength=n + 1)
@@ -144,16 +160,24 @@ def segment(path, session, spec):
     return nib.Nifti1Image(labels, scan.affine)
 
 
+def cases(in_dir, channels):  # case name -> its files: one per channel (<case>_000N), or one (4D) file
+    out = {}
+    for path in sorted(Path(in_dir).glob("*.nii*")):
+        name = path.name.split(".nii")[0]
+        is_channel = channels > 1 and name[-5:-4] == "_" and name[-4:].isdigit()
+        out.setdefault(name[:-5] if is_channel or name.endswith("_0000") else name, []).append(str(path))
+    return out
+
+
 def main(model, in_dir, out_dir):
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     spec = json.loads(session.get_modelmeta().custom_metadata_map["medseg"])
     net = spec["network"]
-    if (net["in_channels"], net["spatial_dims"], net["padding"]) != (1, 3, "same"):
-        sys.exit(f"this example handles 3D one-channel same-padding models, not {net}")
+    if net["padding"] != "same":
+        sys.exit(f"this example handles same-padding models, not {net}")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    for path in sorted(Path(in_dir).glob("*.nii*")):
-        case = path.name.split(".nii")[0].removesuffix("_0000")
-        nib.save(segment(str(path), session, spec), str(Path(out_dir) / f"{case}_seg.nii.gz"))
+    for case, paths in cases(in_dir, net["in_channels"]).items():
+        nib.save(segment(paths, session, spec), str(Path(out_dir) / f"{case}_seg.nii.gz"))
         print(f"{case}: written")
 
 

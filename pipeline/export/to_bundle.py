@@ -7,13 +7,16 @@
                                  SlidingWindowInferer, then softmax → Invertd (back to the source grid) →
                                  Decided* → RemoveSmallComponentsd* → KeepLargestd* → SaveImaged
     OUT/models/model.ts          the TorchScript network (:mod:`pipeline.export.to_torchscript`)
-    OUT/scripts/medseg_bundle.py the starred steps: medseg's own, no MONAI equivalent (numpy/scipy only)
+    OUT/scripts/medseg_bundle.py the starred steps, per-channel normalisation, TTA mirror, restrict_to_body:
+                                 medseg's own, no MONAI equivalent (numpy/scipy/torch/MONAI only)
     OUT/docs/README.md, OUT/LICENSE
 
 Run: ``python -m monai.bundle run --config_file OUT/configs/inference.json --dataset_dir IN --output_dir MASKS``;
-masks are ``MASKS/<case>_seg.nii.gz`` in the source geometry. What the bundle cannot represent is refused
-(:func:`refusals`): several input channels, 2D or valid-padding networks, ``mode: auto`` intensities with a
-non-CT channel... listed with the reason. The folder is built beside ``OUT`` and renamed into place once the
+masks are ``MASKS/<case>_seg.nii.gz`` in the source geometry. Several input channels (``<case>_0000.nii.gz``
+... or a 4D NIfTI), ``intensity.mode: auto`` (CT: clip + z-score as MONAI's ScaleIntensityRange; others: the
+body z-score), ``inference.tta: mirror`` and 2D networks (``MedsegInferer``), ``postprocess.restrict_to_body`` are
+packaged as bundle code. What the bundle cannot represent is refused (:func:`refusals`): valid-padding networks,
+with the reason. The folder is built beside ``OUT`` and renamed into place once the
 network verified, so a failed export leaves nothing.
 """
 
@@ -37,42 +40,43 @@ MODULE = "scripts.medseg_bundle"
 def refusals(config: Config) -> list[str]:
     """What of ``config`` a bundle cannot represent, each with why (empty: exportable)."""
     problems = []
-    if config.in_channels != 1:
-        problems.append(f"{config.in_channels} input channels {config.data.channels}: the bundle reads one NIfTI "
-                        "file per case (one channel)")
-    if config.model.spatial_dims != 3:
-        problems.append("model.spatial_dims 2: the bundle's sliding window runs 3D windows; export onnx or "
-                        "torchscript for a 2D model")
     if config.model.padding != "same":
         problems.append("model.padding 'valid': MONAI's SlidingWindowInferer needs outputs the size of the window")
-    if config.inference.tta != "none":
-        problems.append("inference.tta 'mirror': MONAI bundles have no mirroring inferer (export onnx/torchscript, "
-                        "whose metadata names the TTA, or set inference.tta=none)")
-    if config.postprocess.restrict_to_body:
-        problems.append("postprocess.restrict_to_body: needs the body mask of the source scan at "
-                        "post-processing; not packaged in the bundle")
-    if config.preprocess.intensity.mode == "auto":
-        problems.append("preprocess.intensity.mode 'auto': its per-image body z-score has no MONAI transform; "
-                        "not packaged in the bundle (ct_window and zscore are)")
     return problems
 
 
 def _intensity(config: Config, spec: dict) -> dict:
-    norm = spec["preprocess"]["normalisation"][0]
-    if norm["scheme"] == "window":
+    norms = spec["preprocess"]["normalisation"]
+    schemes = {n["scheme"] for n in norms}
+    if schemes == {"window"}:
+        norm = norms[0]
         return {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": norm["low"], "a_max": norm["high"],
                 "b_min": 0.0, "b_max": 1.0, "clip": True}
-    return {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": False, "channel_wise": True}
+    if schemes == {"zscore"}:
+        return {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": False, "channel_wise": True}
+    if len(norms) == 1 and schemes == {"ct"}:  # (clip(x, low, high) - mean) / std as one linear rescaling
+        norm = norms[0]
+        low, high = norm["clip"]
+        std = max(norm["std"], 1e-8)
+        return {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": low, "a_max": high,
+                "b_min": (low - norm["mean"]) / std, "b_max": (high - norm["mean"]) / std, "clip": True}
+    # mode auto, several channels or a body z-score: per channel (CT channels through ScaleIntensityRange)
+    return {"_target_": f"{MODULE}.NormalizeChannelsd", "keys": "image", "channels": norms}
 
 
 def inference_config(config: Config, spec: dict) -> dict:
     pre, inf, post = spec["preprocess"], spec["inference"], spec["postprocess"]
+    channels = spec["network"]["in_channels"]
     steps = [
         {"_target_": "LoadImaged", "keys": "image", "reader": "NibabelReader", "image_only": True},
         {"_target_": "EnsureChannelFirstd", "keys": "image"},
         {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32", "track_meta": True},
-        {"_target_": "Orientationd", "keys": "image", "axcodes": pre["orientation"]},
     ]
+    if channels > 1:
+        steps.append({"_target_": f"{MODULE}.CheckChannelsd", "keys": "image", "channels": channels})
+    if post["restrict_to_body"]:
+        steps.append({"_target_": f"{MODULE}.KeepSourced", "keys": "image", "name": "source"})
+    steps.append({"_target_": "Orientationd", "keys": "image", "axcodes": pre["orientation"]})
     if pre["spacing"] is not None:
         steps += [
             {"_target_": f"{MODULE}.AntiAliasd", "keys": "image", "pixdim": pre["spacing"]},
@@ -83,15 +87,30 @@ def inference_config(config: Config, spec: dict) -> dict:
     if pre["crop_foreground"]:
         crop = {"_target_": "CropForegroundd", "keys": "image", "source_key": "image", "margin": pre["crop_margin"],
                 "allow_smaller": True}
-        if pre["foreground"] != "above_zero":
+        if pre["foreground"] == "above_min":
             crop["select_fn"] = {"_target_": f"{MODULE}.above_minimum", "_mode_": "callable"}
+        elif pre["foreground"] != "above_zero":
+            crop["select_fn"] = {"_target_": f"{MODULE}.{pre['foreground']}", "_mode_": "callable"}
         steps.append(crop)
-    post_steps = [
-        {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-        {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-         "nearest_interp": False, "to_tensor": True},
-        {"_target_": f"{MODULE}.Decided", "keys": "pred", "threshold": inf["threshold"]},
-    ]
+    mirrored = inf["tta"] == "mirror"
+    post_steps = [] if mirrored else [{"_target_": "Activationsd", "keys": "pred", "softmax": True}]
+    if spec["network"]["out_channels"] == 2:  # binary: P(lesion) interpolated (linear), decided on the source grid
+        post_steps += [
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": False, "to_tensor": True},
+            {"_target_": f"{MODULE}.Decided", "keys": "pred", "threshold": inf["threshold"]},
+        ]
+    else:  # more classes: the argmax on the preprocessed grid, sampled at the nearest voxel (as segment)
+        post_steps += [
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": True, "to_tensor": True},
+            {"_target_": f"{MODULE}.Decided", "keys": "pred", "threshold": None},
+        ]
+    if post["restrict_to_body"]:
+        post_steps.append({"_target_": f"{MODULE}.RestrictToBodyd", "keys": "pred", "values": post["restrict_to_body"],
+                           "norm": pre["normalisation"][0], "foreground": pre["foreground"],
+                           "source_key": "source"})
     if post["min_component_mm3"] > 0:
         post_steps.append({"_target_": f"{MODULE}.RemoveSmallComponentsd", "keys": "pred",
                            "min_mm3": post["min_component_mm3"]})
@@ -100,6 +119,18 @@ def inference_config(config: Config, spec: dict) -> dict:
     post_steps.append({"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
                        "output_ext": ".nii.gz", "output_dtype": "$numpy.uint8", "resample": False,
                        "separate_folder": False, "print_log": False})
+    dims = spec["network"]["spatial_dims"]
+    window = {"roi_size": inf["roi_size"] + ([1] if dims == 2 else []), "sw_batch_size": inf["sw_batch_size"],
+              "overlap": inf["overlap"], "mode": inf["blend"], "sigma_scale": inf["sigma_scale"],
+              "padding_mode": "constant"}
+    if mirrored or dims == 2:  # TTA: the mean softmax over the flips, blended; 2D: windows of depth 1
+        inferer = {"_target_": f"{MODULE}.MedsegInferer", "tta": inf["tta"], "tta_axes": inf["tta_axes"],
+                   "spatial_dims": dims, **window}
+    else:
+        inferer = {"_target_": "SlidingWindowInferer", **window}
+    datalist = ("$[{'image': f} for f in sorted(glob.glob(@dataset_dir + '/*.nii.gz') + "
+                "glob.glob(@dataset_dir + '/*.nii'))]") if channels == 1 else \
+        {"_target_": f"{MODULE}.case_list", "dataset_dir": "@dataset_dir", "channels": channels}
     return {
         "imports": ["$import glob", "$import os", "$import numpy", "$import torch"],
         "bundle_root": "$os.path.dirname(os.path.dirname(__import__('scripts.medseg_bundle').__file__))",
@@ -107,13 +138,10 @@ def inference_config(config: Config, spec: dict) -> dict:
         "output_dir": "output",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
         "network": "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=@device)",
-        "datalist": "$[{'image': f} for f in sorted(glob.glob(@dataset_dir + '/*.nii.gz') + "
-                    "glob.glob(@dataset_dir + '/*.nii'))]",
+        "datalist": datalist,
         "preprocessing": {"_target_": "Compose", "transforms": steps},
         "dataset": {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"},
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": inf["roi_size"],
-                    "sw_batch_size": inf["sw_batch_size"], "overlap": inf["overlap"], "mode": inf["blend"],
-                    "sigma_scale": inf["sigma_scale"], "padding_mode": "constant"},
+        "inferer": inferer,
         "postprocessing": {"_target_": "Compose", "transforms": post_steps},
         "segment": {"_target_": f"{MODULE}.segment_all", "dataset": "@dataset", "network": "@network",
                     "inferer": "@inferer", "postprocessing": "@postprocessing", "device": "@device"},
@@ -144,11 +172,11 @@ def metadata(ckpt: Checkpoint, spec: dict) -> dict:
         "copyright": "see LICENSE",
         "network_data_format": {
             "inputs": {"image": {"type": "image", "format": "hounsfield" if spec["preprocess"]["normalisation"][0]
-                                 ["scheme"] == "window" else "magnitude", "modality": "CT" if config.data.channels
+                                 ["scheme"] in ("window", "ct") else "magnitude", "modality": "CT" if config.data.channels
                                  in ([], ["CT"]) else ",".join(config.data.channels),
-                                 "num_channels": 1, "spatial_shape": roi, "dtype": "float32",
-                                 "value_range": [], "is_patch_data": True,
-                                 "channel_def": {"0": config.channel_names[0]}}},
+                                 "num_channels": config.in_channels, "spatial_shape": roi,
+                                 "dtype": "float32", "value_range": [], "is_patch_data": True,
+                                 "channel_def": {str(n): name for n, name in enumerate(config.channel_names)}}},
             "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": config.num_classes,
                                  "spatial_shape": roi, "dtype": "float32", "value_range": [0, 1],
                                  "is_patch_data": True,
@@ -177,22 +205,28 @@ Exported by medseg {spec['medseg_version']} from checkpoint sha256 `{spec['check
 
     python -m monai.bundle run --config_file configs/inference.json --dataset_dir IN --output_dir OUT
 
-segments every `IN/*.nii.gz` (one channel: {spec['channels'][0]}) into `OUT/<case>_seg.nii.gz` (uint8, labels
-{spec['labels']}), in each scan's own geometry (shape and affine). Needs torch, MONAI, nibabel and scipy.
+segments every case of `IN` into `OUT/<case>_seg.nii.gz` (uint8, labels {spec['labels']}), in each scan's own
+geometry (shape and affine). Channels: {spec['channels']}; {"one `IN/<case>.nii.gz` per case" if len(spec['channels']) == 1
+else "per case `IN/<case>_0000.nii.gz` ... one file per channel in this order, all on channel 0's grid "
+"(the mask is named after the `_0000` file), or one 4D NIfTI"}. Needs torch, MONAI, nibabel and scipy.
 Run from another folder with `--bundle_root THIS_FOLDER` if `scripts` is not found.
 
 ## What it does
 
 - orientation {pre['orientation']}, spacing {pre['spacing']} mm (Gaussian anti-aliasing first, then linear,
-  border padding), intensity {pre['normalisation'][0]}, crop to the body: {pre['crop_foreground']}
-  (margin {pre['crop_margin']} voxels);
+  border padding), intensity per channel {pre['normalisation']}, crop to the body ({pre['foreground']}):
+  {pre['crop_foreground']} (margin {pre['crop_margin']} voxels);
 - sliding window {inf['roi_size']}, overlap {inf['overlap']}, {inf['blend']} blending (sigma = roi / 8);
-- softmax, inverted back to the source grid (linear), then threshold {inf['threshold']} (null: argmax);
-- components under {post['min_component_mm3']} mm³ removed; largest component only for label values
-  {post['keep_largest']}.
+  test-time augmentation {inf['tta']} (mirror: the mean softmax over every flip of the axes
+  {inf['tta_axes']}, null: all);
+- binary models: softmax, inverted back to the source grid (linear), then threshold {inf['threshold']}
+  (null: > 0.5); more classes: the argmax on the model's grid, inverted at the nearest voxel;
+- components of label values {post['restrict_to_body']} mostly outside the body (largest component of
+  channel 0's crop-to-body voxels) removed; components under {post['min_component_mm3']} mm³ removed;
+  largest component only for label values {post['keep_largest']}.
 
-`scripts/medseg_bundle.py` holds the steps MONAI has no transform for (anti-aliasing, the decision,
-component rules) and the loop. `configs/metadata.json` key `medseg` holds the full spec.
+`scripts/medseg_bundle.py` holds the steps MONAI has no transform for (anti-aliasing, per-channel and body
+z-score normalisation, mirroring, the decision, component rules) and the loop. `configs/metadata.json` key `medseg` holds the full spec.
 """
 
 
