@@ -1,4 +1,5 @@
-"""Dice + focal loss for imbalanced lesions (MONAI ``DiceFocalLoss``), with deep supervision.
+"""Dice + focal loss for imbalanced lesions (MONAI ``DiceFocalLoss``; under torchrun its batch Dice spans
+every rank's batch), with deep supervision.
 
 The loss takes the network's output (one tensor, or the deep-supervision list) and the label of the
 network's *input*: each output head is scored against the label at its own voxels (:func:`head_targets`),
@@ -16,8 +17,35 @@ from monai.losses import DeepSupervisionLoss, DiceFocalLoss
 from pipeline.config import LossConfig
 
 
+class WorldDiceFocalLoss(DiceFocalLoss):
+    """MONAI's ``DiceFocalLoss`` whose batch Dice spans every rank's batch under torchrun.
+
+    The Dice term (``batch=True``) is one Dice over the whole batch. With DDP each rank holds a share of
+    the batch, so its logits and one-hot labels are gathered from every rank (``all_gather`` with
+    autograd) and the Dice is taken over the global batch; the focal term, a voxel mean, stays local. The
+    gradient then equals one process's on the whole batch: the gather's backward sums each rank's share of
+    the (identical) Dice loss's gradient over the N ranks, and DDP's average divides by N again. One
+    process: exactly ``DiceFocalLoss``.
+    """
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(input, target)
+        from monai.networks import one_hot
+        from torch.distributed.nn.functional import all_gather
+
+        if self.to_onehot_y and input.shape[1] > 1:
+            target = one_hot(target, num_classes=input.shape[1])
+        targets = [torch.empty_like(target) for _ in range(dist.get_world_size())]
+        dist.all_gather(targets, target.contiguous())
+        dice = self.dice(torch.cat(all_gather(input.contiguous()), 0), torch.cat(targets, 0))
+        return self.lambda_dice * dice + self.lambda_focal * self.focal(input, target)
+
+
 def build_loss(cfg: LossConfig, deep_supervision: bool) -> torch.nn.Module:
-    base = DiceFocalLoss(
+    base = WorldDiceFocalLoss(
         include_background=cfg.include_background,
         to_onehot_y=True,
         softmax=True,
