@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps demo lint test test-fast clean
+.PHONY: install system-deps demo lint test test-slow test-all clean
 
 install: $(STAMP)
 
@@ -36,11 +36,15 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
 	else echo "system-deps: not root with apt-get; the Orthanc/dciodvfy tests will skip (install: $(SYSTEM_PACKAGES))"; fi
 
+# `make test`: lint, then every test not marked slow (a few minutes). `make test-slow`: the slow end-to-end
+# checks (real torchrun ranks, the real Orthanc, trained exports...). CI (.ci/run) runs both.
 test: lint system-deps
-	$(BIN)/python -m pytest -q
-
-test-fast: lint system-deps
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: test test-slow
 
 clean:
 	rm -rf runs data/demo data/demo-mr .pytest_cache
