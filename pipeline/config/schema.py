@@ -50,6 +50,7 @@ UPSAMPLES = ("transpose", "interp")
 PADDINGS = ("same", "valid")
 SCHEDULES = ("poly", "cosine")
 BACKENDS = ("auto", "torch", "onnxruntime")
+SKIP_EMPTY = ("none", "body")
 BLENDS = ("gaussian", "constant")
 TTA_MODES = ("none", "mirror")
 PROBABILITY_DTYPES = ("uint8", "float16")  # segment --probabilities-dtype
@@ -306,9 +307,14 @@ class InferenceConfig:
     # axes: 3D, all 3 = 8 combinations; 2D, the 2 in-plane axes = 4)
     tta: str = "none"
     tta_axes: Optional[list[int]] = None  # mirror: flip only these axes of the preprocessed grid; null: all
+    # body: skip windows holding no voxel of the body (dilated by skip_margin_mm); none: every window
+    skip_empty: str = "none"
+    skip_margin_mm: float = 10.0
 
     def _check(self) -> None:
         _in_range("inference.overlap", self.overlap, 0.0, 0.95)
+        _choice("inference.skip_empty", self.skip_empty, SKIP_EMPTY)
+        _positive("inference.skip_margin_mm", self.skip_margin_mm, allow_zero=True)
         _choice("inference.tta", self.tta, TTA_MODES)
         _choice("inference.backend", self.backend, BACKENDS)
         _positive("inference.sw_batch_size", self.sw_batch_size)

@@ -79,9 +79,10 @@ class Prediction:
     labels: Optional[torch.Tensor] = None
     # many-class models asked for it: float16 (classes, *preprocessed grid), every class's probability
     class_probs: Optional[torch.Tensor] = None
-    windows: int = 0
+    windows: int = 0  # windows that ran
     forwards: int = 0  # network calls
     network_seconds: float = 0.0
+    skipped: int = 0  # windows left out (inference.skip_empty, inference.cascade)
 
 
 class Segmenter:
@@ -227,13 +228,16 @@ class Segmenter:
         on_slab = SlabAccumulator(spatial, keep_all, probabilities=averaged, keep_classes=keep_classes)
 
         valid = self.runner.valid_padding()
+        keep = None if valid else self.window_filter(image)
+        skipping = dict(keep=keep, channels=self.config.num_classes,
+                        empty_value=(1.0, 0.0) if averaged else (0.0, -30.0)) if keep is not None else {}
         if dims == 3 and not valid:
             stats = stream_windows(x, forward, cfg.roi_size, cfg.overlap, cfg.blend, self.window_batch, on_slab,
-                                   device=self.device, progress=progress)
+                                   device=self.device, progress=progress, **skipping)
         elif dims == 2 and not valid:
             stats = stream_windows(x, window_forward(forward, 2), list(cfg.roi_size) + [1],
                                    cfg.overlap, cfg.blend, self.window_batch, on_slab, device=self.device,
-                                   progress=progress)
+                                   progress=progress, **skipping)
         else:  # valid padding: MONAI's sliding window over the padded volume (not streamed)
             stats = StreamStats()
             counted = _counting(forward, stats, progress)
@@ -241,7 +245,19 @@ class Segmenter:
             on_slab(0, spatial[-1], logits.float())
         return Prediction(probs=on_slab.probs, binary=on_slab.binary, labels=on_slab.labels, windows=stats.windows,
                           forwards=stats.forwards, network_seconds=stats.network_seconds,
-                          class_probs=on_slab.class_probs)
+                          class_probs=on_slab.class_probs, skipped=stats.skipped)
+
+    def window_filter(self, image: torch.Tensor):
+        """``keep(box)`` for :func:`~pipeline.infer.stream.stream_windows`, or None (every window runs):
+        ``inference.skip_empty: body`` keeps the windows touching the body (:mod:`pipeline.infer.skip`)."""
+        cfg = self.config.inference
+        if cfg.skip_empty == "none":
+            return None
+        from pipeline.infer.skip import body_region, grid_spacing
+
+        spacing = grid_spacing(image, self.config.preprocess.spacing)
+        region = body_region(image, self.config.preprocess, spacing, cfg.skip_margin_mm)
+        return region.touches
 
     def finish(self, prediction: Prediction, prepared: Prepared) -> Segmentation:
         """Labels (and lesion probability) on the source grid from :meth:`predict`'s output, slab by slab.
