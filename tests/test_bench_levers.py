@@ -40,7 +40,8 @@ def test_levers_against_the_reference(tmp_path, held_out):
     chosen = {"same": ("inference.overlap=0.5",), "overlap_0": ("inference.overlap=0",),
               "skip_body": ("inference.skip_empty=body", "inference.skip_margin_mm=0")}
     lines = []
-    results = levers.run_levers(model, held_out, repeats=1, levers=chosen, progress=lines.append)
+    results = levers.run_levers(model, held_out, repeats=1, levers=chosen, progress=lines.append,
+                                large_shape=(48, 40, 24), work_dir=tmp_path / "work")
     rows = results["levers"]
     assert list(rows) == ["reference", "same", "overlap_0", "skip_body"]
     assert results["cases"] == ["case_000", "case_001"]
@@ -56,12 +57,20 @@ def test_levers_against_the_reference(tmp_path, held_out):
     assert results["best"] in rows and rows[results["best"]]["meets_contract"]
     assert 0.0 <= ref["gt_dice"] <= 1.0
     assert lines
+    large = results["large"]
+    assert list(large["runs"]) == ["reference", "same", "overlap_0", "skip_body"]
+    assert large["runs"]["reference"]["dice_vs_reference"] == 1.0 and large["runs"]["same"]["dice_vs_reference"] == 1.0
+    assert large["runs"]["overlap_0"]["windows"] < large["runs"]["reference"]["windows"]
+    assert large["lever"] in large["runs"]
+    assert results["segment_seconds_48x40x24"] == large["runs"][large["lever"]]["seconds"]
+    assert results["speedup_vs_reference_pass"] == pytest.approx(
+        results["segment_seconds_48x40x24_reference"] / results["segment_seconds_48x40x24"])
 
     path = tmp_path / "table.txt"
     with open(path, "w") as handle:
         levers.print_levers(results, file=handle)
     text = path.read_text()
-    assert "overlap_0" in text and "best lever meeting the contract" in text
+    assert "overlap_0" in text and "best lever meeting the contract" in text and "48x40x24 synthetic CT" in text
 
 
 def test_meets_contract_thresholds():
