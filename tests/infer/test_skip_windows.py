@@ -128,3 +128,14 @@ def test_skip_empty_is_checked():
     with pytest.raises(ConfigError, match="inference.skip_empty"):
         ct_config("inference.skip_empty=lungs")
     assert ct_config().inference.skip_empty == "none"
+
+
+def test_grid_spacing_from_the_affine_else_the_config():
+    from monai.data import MetaTensor
+
+    from pipeline.infer.skip import grid_spacing
+
+    affine = torch.diag(torch.tensor([-1.6, 1.6, 2.5, 1.0], dtype=torch.float64))
+    assert grid_spacing(MetaTensor(torch.zeros(1, 4, 4, 4), affine=affine), None) == pytest.approx((1.6, 1.6, 2.5))
+    assert grid_spacing(torch.zeros(1, 4, 4, 4), [2.0, 2.0, 3.0]) == (2.0, 2.0, 3.0)
+    assert grid_spacing(torch.zeros(1, 4, 4, 4), None) == (1.0, 1.0, 1.0)
