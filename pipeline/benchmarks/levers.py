@@ -222,8 +222,9 @@ def time_large(base, levers: dict[str, Sequence[str]], passing: Sequence[str], s
                work_dir: Union[str, Path], say: Callable[[str], None]) -> dict:
     """One segment (read to labels, not written) of the synthetic CT of ``shape`` with every lever, the
     reference first; each one's mask against the reference's (Dice, lesion recall). The default path is
-    the fastest lever that met the contract on the held-out cases (``passing``) and agrees here too."""
+    the cheapest lever that met the contract on the held-out cases (``passing``) and agrees here too."""
     from pipeline.benchmarks.bench import SPACING
+    from pipeline.benchmarks.measure import network_flops
     from pipeline.benchmarks.synthetic_ct import make_ct
     from pipeline.evaluate.lesions import lesion_detection
     from pipeline.infer import Segmenter
@@ -233,6 +234,7 @@ def time_large(base, levers: dict[str, Sequence[str]], passing: Sequence[str], s
     shape = tuple(int(n) for n in shape)
     tag = "x".join(map(str, shape))
     image = make_ct(Path(work_dir) / "cases", shape, SPACING)
+    window_flops = network_flops(base.network, (base.config.in_channels, *base.config.inference.roi_size))
     runs: dict[str, dict] = {}
     reference = None
     for name, extra in levers.items():
@@ -252,7 +254,9 @@ def time_large(base, levers: dict[str, Sequence[str]], passing: Sequence[str], s
         runs[name] = {"seconds": seconds, "cpu_seconds": cpu_seconds, "windows": prediction.windows,
                       "skipped": prediction.skipped, "network_seconds": prediction.network_seconds,
                       "dice_vs_reference": dice(mask, reference),
-                      "lesion_recall_vs_reference": found.recall, "reference_lesions": found.lesions_gt}
+                      "lesion_recall_vs_reference": found.recall, "reference_lesions": found.lesions_gt,
+                      "network_gflops": window_flops * prediction.windows / prediction.network_seconds / 1e9
+                      if prediction.network_seconds else math.nan}
         say(f"  {seconds:.1f} s (CPU {cpu_seconds:.1f} s; {prediction.windows} windows run, "
             f"{prediction.skipped} skipped; Dice vs reference {runs[name]['dice_vs_reference']:.4f})")
         del prepared, prediction, result
@@ -264,7 +268,8 @@ def time_large(base, levers: dict[str, Sequence[str]], passing: Sequence[str], s
         f"segment_seconds_{tag}": runs[best]["seconds"],
         f"segment_seconds_{tag}_reference": runs["reference"]["seconds"],
         "speedup_vs_reference_pass": runs["reference"]["seconds"] / runs[best]["seconds"],
-        "large": {"shape": list(shape), "path": str(image), "lever": best, "runs": runs},
+        "large": {"shape": list(shape), "path": str(image), "lever": best, "runs": runs,
+                  "gflop_per_window": window_flops / 1e9},
     }
 
 
@@ -302,11 +307,12 @@ def print_levers(results: dict, file=None) -> None:
     if large:
         tag = "x".join(map(str, large["shape"]))
         lines += ["", f"{tag} synthetic CT, one segment (read to labels) per lever:",
-                  f"  {'lever':<32}{'seconds':>8}{'CPU s':>7}{'windows':>8}{'skipped':>8}{'Dice ref':>9}{'recall':>8}"]
+                  f"  {'lever':<32}{'seconds':>8}{'CPU s':>7}{'windows':>8}{'skipped':>8}{'Dice ref':>9}{'recall':>8}"
+                  f"{'GFLOP/s':>9}"]
         for name, run in large["runs"].items():
             lines.append(f"  {name:<32}{_num(run['seconds'], '.1f'):>8}{_num(run['cpu_seconds'], '.1f'):>7}"
                          f"{run['windows']:>8}{run['skipped']:>8}{_num(run['dice_vs_reference'], '.4f'):>9}"
-                         f"{_num(run['lesion_recall_vs_reference'], '.3f'):>8}")
+                         f"{_num(run['lesion_recall_vs_reference'], '.3f'):>8}{_num(run.get('network_gflops'), '.1f'):>9}")
         lines.append(f"  default path: {large['lever']}, {_num(results.get(f'segment_seconds_{tag}'), '.1f')} s "
                      f"against the reference's {_num(results.get(f'segment_seconds_{tag}_reference'), '.1f')} s "
                      f"(x{_num(results.get('speedup_vs_reference_pass'), '.2f')})")
