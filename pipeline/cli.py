@@ -254,7 +254,10 @@ def cmd_bench(args) -> int:
     if args.levers:  # every inference speed lever against the reference pass, with the accuracy contract
         from pipeline.benchmarks.levers import print_levers, run_levers
 
+        from pipeline.benchmarks.levers import select_levers
+
         results = run_levers(args.model, args.data, repeats=args.repeats, max_cases=args.max_cases,
+                             levers=select_levers(args.lever),
                              large_shape=args.large_shape, work_dir=args.work_dir,
                              progress=None if not args.quiet else (lambda line: None))
         print_levers(results)
@@ -529,6 +532,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(overlap 0.5, fp32, no skipping) on held-out cases, with the accuracy contract")
     p.add_argument("--model", default="runs/demo/model/best.pt", help="with --levers: the trained checkpoint")
     p.add_argument("--data", default="data/demo", help="with --levers: the dataset whose 'test' cases are used")
+    p.add_argument("--lever", action="append", default=None, metavar="NAME",
+                   help="with --levers: only this lever (repeatable; the reference always runs), e.g. overlap_0.25")
     p.add_argument("--max-cases", type=_positive_int, default=None, help="with --levers: at most this many cases")
     p.add_argument("--large-shape", type=_positive_int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="with --levers: also time one segment of a synthetic CT of this shape (e.g. 512 512 400), "

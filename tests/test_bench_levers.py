@@ -90,3 +90,12 @@ def test_held_out_cases_needs_a_test_list(tmp_path):
         levers.held_out_cases(tmp_path)
     with pytest.raises(InputError, match="dataset.json"):
         levers.held_out_cases(tmp_path / "missing")
+
+
+def test_select_levers():
+    from pipeline.errors import InputError
+
+    assert levers.select_levers(None) is None
+    assert levers.select_levers(["overlap_0.25"]) == {"overlap_0.25": ("inference.overlap=0.25",)}
+    with pytest.raises(InputError, match="unknown lever 'fast'"):
+        levers.select_levers(["fast"])

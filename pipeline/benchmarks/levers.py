@@ -48,6 +48,8 @@ LEVERS: dict[str, tuple[str, ...]] = {
     "overlap_0.2": ("inference.overlap=0.2",),
     "skip_body": ("inference.skip_empty=body",),
     "cascade": ("inference.cascade.enabled=true",),
+    "cascade_strict": ("inference.cascade.enabled=true", "inference.cascade.threshold=0.5",
+                       "inference.cascade.margin_mm=5"),
     "skip_body+overlap_0.25": ("inference.skip_empty=body", "inference.overlap=0.25"),
     "skip_body+overlap_0.2": ("inference.skip_empty=body", "inference.overlap=0.2"),
     "cascade+skip_body+overlap_0.25": ("inference.cascade.enabled=true", "inference.skip_empty=body",
@@ -55,6 +57,18 @@ LEVERS: dict[str, tuple[str, ...]] = {
 }
 CONTRACT = {"dice_vs_reference_min": 0.98, "lesion_recall_vs_reference": 0.99, "gt_dice_delta": 0.005}
 SIZE_BINS_MM3 = (100.0, 1000.0)
+
+
+def select_levers(names: Optional[Sequence[str]]) -> Optional[dict[str, tuple[str, ...]]]:
+    """The :data:`LEVERS` named (None: all); an unknown name is an InputError listing the known ones."""
+    from pipeline.errors import InputError
+
+    if not names:
+        return None
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown:
+        raise InputError(f"unknown lever {unknown[0]!r}: expected one of {', '.join(LEVERS)}")
+    return {n: LEVERS[n] for n in names}
 
 
 def held_out_cases(data_root: Union[str, Path]) -> list[tuple[str, Path, Optional[Path]]]:
