@@ -252,9 +252,7 @@ def cmd_bench(args) -> int:
         return 0
 
     if args.levers:  # every inference speed lever against the reference pass, with the accuracy contract
-        from pipeline.benchmarks.levers import print_levers, run_levers
-
-        from pipeline.benchmarks.levers import select_levers
+        from pipeline.benchmarks.levers import print_levers, run_levers, select_levers
 
         results = run_levers(args.model, args.data, repeats=args.repeats, max_cases=args.max_cases,
                              levers=select_levers(args.lever),
