@@ -99,3 +99,17 @@ def test_select_levers():
     assert levers.select_levers(["overlap_0.25"]) == {"overlap_0.25": ("inference.overlap=0.25",)}
     with pytest.raises(InputError, match="unknown lever 'fast'"):
         levers.select_levers(["fast"])
+
+
+def test_cli_bench_levers_writes_the_contract_figures(tmp_path, held_out, capsys):
+    from pipeline.cli import main
+
+    model = tiny_checkpoint(tmp_path / "tiny.pt")
+    out = tmp_path / "levers.json"
+    code = main(["bench", "--levers", "--model", str(model), "--data", str(held_out), "--repeats", "1",
+                 "--lever", "overlap_0.25", "--json", str(out), "--quiet"])
+    assert code == 0
+    saved = json.loads(out.read_text())
+    assert list(saved["levers"]) == ["reference", "overlap_0.25"]
+    assert saved["agreement_dice_min"] <= 1.0 and saved["best"] in saved["levers"]
+    assert "best lever meeting the contract" in capsys.readouterr().out
