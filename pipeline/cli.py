@@ -353,6 +353,18 @@ def cmd_bench(args) -> int:
             print(f"results: {save_results(results, args.json)}")
         return 0
 
+    if args.levers:  # every inference speed lever against the reference pass, with the accuracy contract
+        from pipeline.benchmarks.levers import print_levers, run_levers, select_levers
+
+        results = run_levers(args.model, args.data, repeats=args.repeats, max_cases=args.max_cases,
+                             levers=select_levers(args.lever),
+                             large_shape=args.large_shape, work_dir=args.work_dir,
+                             progress=None if not args.quiet else (lambda line: None))
+        print_levers(results)
+        if args.json:
+            print(f"results: {save_results(results, args.json)}")
+        return 0
+
     results = run_bench(args.config, args.work_dir, repeats=args.repeats, quick=args.quick,
                         overrides=args.overrides, compare_on=args.compare_on,
                         progress=None if not args.quiet else (lambda line: None))
@@ -654,6 +666,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--full-size", action="store_true",
                    help="with --ensemble: the config's own network and spacing (default: features 4, a 2x2x2.5 "
                         "mm grid and the torch backend, so 8N passes fit in minutes on a CPU)")
+    p.add_argument("--levers", action="store_true",
+                   help="only the inference speed levers (overlap, skip_empty, cascade) against the reference pass "
+                        "(overlap 0.5, fp32, no skipping) on held-out cases, with the accuracy contract")
+    p.add_argument("--model", default="runs/demo/model/best.pt", help="with --levers: the trained checkpoint")
+    p.add_argument("--data", default="data/demo", help="with --levers: the dataset whose 'test' cases are used")
+    p.add_argument("--lever", action="append", default=None, metavar="NAME",
+                   help="with --levers: only this lever (repeatable; the reference always runs), e.g. overlap_0.25")
+    p.add_argument("--max-cases", type=_positive_int, default=None, help="with --levers: at most this many cases")
+    p.add_argument("--large-shape", type=_positive_int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="with --levers: also time one segment of a synthetic CT of this shape (e.g. 512 512 400), "
+                        "the reference against the best lever meeting the contract")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -18,8 +18,13 @@ loading and training throughput, in one run on synthetic CT.
   of the median wall times of whole calls (checkpoint loading included in both). The two masks are
   compared (Dice), since a fast wrong answer is no speedup.
 * **Network efficiency**: FLOPs of one forward (``torch.utils.flop_counter``) × forwards ÷ the time spent
-  in the network (``segment_fn``'s ``network_seconds``), against the best fp32 matmul GFLOP/s measured in
-  the same process (:func:`~pipeline.benchmarks.measure.matmul_ceiling`).
+  in the network (``segment_fn``'s ``network_seconds``), against two ceilings: the **measured ceiling**,
+  the best of an fp32 matmul (:func:`~pipeline.benchmarks.measure.matmul_ceiling`) and a large 64-channel
+  ``conv3d`` (:func:`~pipeline.benchmarks.measure.conv3d_ceiling`) in the same process (on an AVX2 EPYC
+  the network beat the matmul: it was no ceiling), and the CPU's **FMA peak**
+  (:func:`~pipeline.benchmarks.measure.fma_peak`: cores × vector bits / 32 × FMA units × 2 × clock, from
+  ``/proc/cpuinfo``; FMA units per core are assumed, 2 unless ``MEDSEG_FMA_UNITS`` says otherwise). The
+  CPU model and its vector extensions (avx2, avx512f, avx512_vnni, amx, fma) are in ``machine``.
 * **Peak RSS**: a ``segment`` of the large case in a child process (``python -m
   pipeline.benchmarks.bench --child-segment``, :func:`default_segment`), its own ``ru_maxrss``
   (:func:`~pipeline.benchmarks.measure.peak_rss_child`), with the 2- and the 8-class model. The
@@ -57,7 +62,14 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from pipeline.benchmarks.measure import cpu_info, matmul_ceiling, network_flops, peak_rss_child
+from pipeline.benchmarks.measure import (
+    conv3d_ceiling,
+    cpu_info,
+    fma_peak,
+    matmul_ceiling,
+    network_flops,
+    peak_rss_child,
+)
 from pipeline.benchmarks.synthetic_ct import dicom_series_dir, make_ct
 
 log = logging.getLogger(__name__)
@@ -637,7 +649,11 @@ def run_bench(config_path, work_dir: Union[str, Path], repeats: int = 3, quick: 
     models = build_bench_models(work_dir / "models", config, calibrate_on=small)
 
     say("matmul ceiling")
-    ceiling = matmul_ceiling(sizes=(512, 1024, 2048) if quick else (1024, 2048, 3072))
+    matmul = matmul_ceiling(sizes=(512, 1024, 2048) if quick else (1024, 2048, 3072))
+    say("conv3d ceiling (64 channels) and the CPU's FMA peak")
+    conv = conv3d_ceiling(spatial=(16, 32, 32) if quick else (32, 48, 48))
+    peak = fma_peak()
+    ceiling = max(matmul, conv)
 
     say(f"loading {_fmt_shape(large_shape)}: ours vs SimpleITK vs MONAI LoadImage")
     load = load_comparison(large, dicom_series_dir(large), repeats=repeats)
@@ -645,7 +661,7 @@ def run_bench(config_path, work_dir: Union[str, Path], repeats: int = 3, quick: 
     say(f"segment vs plain MONAI on {_fmt_shape(compare_shape)} ({repeats} alternating runs after a warm-up)")
     compare = compare_segment(models[2], compare_image, work_dir / "out", repeats=repeats,
                               segment_fn=segment_fn, progress=say)
-    network = _network_figures(models[2], compare, ceiling)
+    network = _network_figures(models[2], compare, ceiling, peak["gflops"])
 
     rss = {}
     for k in (2, 8):
@@ -662,6 +678,7 @@ def run_bench(config_path, work_dir: Union[str, Path], repeats: int = 3, quick: 
     results = {
         "speedup_vs_monai_baseline": compare["speedup"],
         "network_fraction_of_ceiling": network["fraction_of_ceiling"],
+        "network_fraction_of_fma_peak": network["fraction_of_fma_peak"],
         "load_ratio_vs_simpleitk_nifti": load["nifti"]["ratio"],
         "load_ratio_vs_simpleitk_dicom": load["dicom"]["ratio"],
         "peak_rss_gb_512x512x400": rss[2]["peak_rss_gb"],
@@ -676,7 +693,11 @@ def run_bench(config_path, work_dir: Union[str, Path], repeats: int = 3, quick: 
         "cases": {"large": {"shape": list(large_shape), "spacing": list(spacing), "path": str(large)},
                   "small": {"shape": list(small_shape), "spacing": list(spacing), "path": str(small)},
                   "compare_on": compare_on},
-        "matmul_gflops": ceiling,
+        "matmul_gflops": matmul,
+        "conv3d_gflops": conv,
+        "measured_ceiling_gflops": ceiling,
+        "fma_peak_gflops": peak["gflops"],
+        "fma_peak": peak,
         "network": network,
         "segment": {"ours": compare["ours"], "baseline": compare["baseline"], "dice": compare["dice"],
                     "runs": compare["runs"], "shape": list(compare_shape)},
@@ -691,13 +712,14 @@ def run_bench(config_path, work_dir: Union[str, Path], repeats: int = 3, quick: 
     return results
 
 
-def _network_figures(checkpoint: Path, compare: dict, ceiling: float) -> dict:
+def _network_figures(checkpoint: Path, compare: dict, ceiling: float, peak: float = float("nan")) -> dict:
+    """GFLOP/s of ours and the baseline; fractions of ``ceiling`` (the measured one) and of ``peak`` (FMA)."""
     from pipeline.model import build_model
     from pipeline.model.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     network = build_model(ckpt.config.model, in_channels=1, out_channels=ckpt.config.num_classes).eval()
-    out = {"matmul_gflops": ceiling}
+    out = {"measured_ceiling_gflops": ceiling, "fma_peak_gflops": peak}
     for name in ("ours", "baseline"):
         last = compare["last"][name]
         medians = compare[name]
@@ -714,6 +736,7 @@ def _network_figures(checkpoint: Path, compare: dict, ceiling: float) -> dict:
                      "network_seconds": seconds, "gflops": gflops, "input_shape": list(shape)}
     out["fraction_of_ceiling"] = out["ours"]["gflops"] / ceiling
     out["baseline_fraction_of_ceiling"] = out["baseline"]["gflops"] / ceiling
+    out["fraction_of_fma_peak"] = out["ours"]["gflops"] / peak if peak and math.isfinite(peak) else float("nan")
     return out
 
 
@@ -738,7 +761,8 @@ def print_table(results: dict, file=None) -> None:
     m = results.get("machine", {})
     seg, net, load, rss, train = (results.get(k, {}) for k in ("segment", "network", "load", "peak_rss", "train"))
     lines = [
-        f"medseg bench: {m.get('cpu', '?')} ({m.get('cpu_capability', '?')}), {m.get('cores', '?')} cores, "
+        f"medseg bench: {m.get('cpu', '?')} ({m.get('cpu_capability', '?')}; "
+        f"{' '.join(m.get('vector_extensions') or []) or 'no vector flags read'}), {m.get('cores', '?')} cores, "
         f"{m.get('torch_threads', '?')} torch threads, torch {m.get('torch', '?')}, monai {m.get('monai', '?')}; "
         f"load average at the start {m.get('load_average')}",
         f"config {results.get('config')}{' (quick)' if results.get('quick') else ''}; medians of "
@@ -761,8 +785,11 @@ def print_table(results: dict, file=None) -> None:
         f"{_num(net.get('ours', {}).get('gflop_per_window'), '.1f')} GFLOP in "
         f"{_num(net.get('ours', {}).get('network_seconds'))} s)",
         f"  MONAI  {_num(net.get('baseline', {}).get('gflops'), '.1f')} GFLOP/s (batch 1)",
-        f"  matmul ceiling {_num(results.get('matmul_gflops'), '.1f')} GFLOP/s; ours reaches "
-        f"{_num(results.get('network_fraction_of_ceiling'), '.1%')} of it",
+        f"  measured ceiling {_num(results.get('measured_ceiling_gflops'), '.1f')} GFLOP/s (best of matmul "
+        f"{_num(results.get('matmul_gflops'), '.1f')} and 64-channel conv3d {_num(results.get('conv3d_gflops'), '.1f')}); "
+        f"ours reaches {_num(results.get('network_fraction_of_ceiling'), '.1%')} of it",
+        f"  FMA peak {_num(results.get('fma_peak_gflops'), '.1f')} GFLOP/s ({_peak_formula(results.get('fma_peak'))}); "
+        f"ours reaches {_num(results.get('network_fraction_of_fma_peak'), '.1%')} of it",
         "",
         f"loading {_fmt_shape(results.get('cases', {}).get('large', {}).get('shape', []))}:",
         f"  {'format':<8}{'ours (s)':>10}{'SimpleITK':>11}{'MONAI':>9}{'ours/SITK':>11}",
@@ -792,6 +819,14 @@ def print_table(results: dict, file=None) -> None:
     if results.get("note"):
         lines.append(results["note"])
     print("\n".join(lines), file=out)
+
+
+def _peak_formula(peak: Optional[dict]) -> str:
+    if not peak:
+        return "-"
+    return (f"{peak.get('cores')} cores x {peak.get('vector_bits', 0) // 32} lanes x {peak.get('fma_units')} FMA "
+            f"units ({peak.get('fma_units_source')}) x 2 x {_num(peak.get('clock_mhz'), '.0f')} MHz "
+            f"({peak.get('clock_source')})")
 
 
 def save_results(results: dict, path: Union[str, Path]) -> Path:

@@ -3,6 +3,12 @@
 * :func:`median_time` — warm-up calls, then the median of ``repeats`` timed calls (``perf_counter``).
 * :func:`matmul_ceiling` — fp32 square matmuls of a few sizes; the best median GFLOP/s is what this
   machine's BLAS reaches in this process (the ceiling a convolution network can be compared with).
+* :func:`conv3d_ceiling` — a large 64→64-channel 3×3×3 ``conv3d`` (channels-last and contiguous, the
+  better one): on some CPUs (AVX2 EPYC) oneDNN's convolution beats the BLAS matmul, so the matmul alone
+  is no ceiling; the bench's "measured ceiling" is the best of the two.
+* :func:`cpu_flags` / :func:`fma_peak` — the CPU's vector extensions from ``/proc/cpuinfo`` and its
+  theoretical fp32 FMA peak, cores × (vector bits / 32) × FMA units × 2 × clock (see :func:`fma_peak`
+  for where each factor comes from and what is assumed).
 * :func:`network_flops` — FLOPs of one forward pass, counted by ``torch.utils.flop_counter``
   (convolutions and matmuls, 2 per multiply-add; normalisation/activations are not counted).
 * :func:`peak_rss_child` — peak resident memory of one command run in a child process.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -83,6 +90,107 @@ def matmul_ceiling(threads: Optional[int] = None, sizes: Sequence[int] = (1024, 
             seconds, _ = median_time(functools.partial(torch.mm, a, b, out=out), repeats=repeats, warmup=1)
             best = max(best, 2.0 * n**3 / seconds / 1e9)
     return best
+
+
+def conv3d_ceiling(threads: Optional[int] = None, channels: int = 64, spatial: Sequence[int] = (32, 48, 48),
+                   batch: int = 1, repeats: int = 3) -> float:
+    """Best median fp32 GFLOP/s of a ``channels``→``channels`` 3×3×3 ``conv3d`` (padding 1) on
+    ``(batch, channels, *spatial)``, over the contiguous and the channels-last memory formats.
+
+    FLOPs: 2 × batch × channels² × 27 × voxels (the multiply-adds of the convolution; the bias is not counted).
+    """
+    import torch
+
+    best = 0.0
+    flops = 2.0 * batch * channels * channels * 27 * math.prod(int(s) for s in spatial)
+    with torch_threads(threads), torch.inference_mode():
+        generator = torch.Generator().manual_seed(0)
+        conv = torch.nn.Conv3d(channels, channels, 3, padding=1).eval()
+        x = torch.randn(batch, channels, *spatial, generator=generator)
+        for fmt in (torch.contiguous_format, torch.channels_last_3d):
+            module, data = conv.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+            seconds, _ = median_time(functools.partial(module, data), repeats=repeats, warmup=1)
+            best = max(best, flops / seconds / 1e9)
+    return best
+
+
+VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags(cpuinfo: Optional[str] = None) -> list[str]:
+    """The vector extensions of :data:`VECTOR_FLAGS` that the CPU's ``flags`` line in ``/proc/cpuinfo``
+    lists (``cpuinfo``: that file's text, for tests); empty where it cannot be read."""
+    text = cpuinfo if cpuinfo is not None else _read_text("/proc/cpuinfo")
+    for line in text.splitlines():
+        if line.startswith("flags") and ":" in line:
+            present = set(line.split(":", 1)[1].split())
+            return [flag for flag in VECTOR_FLAGS if flag in present]
+    return []
+
+
+def fma_peak(cpuinfo: Optional[str] = None, cores: Optional[int] = None, fma_units: Optional[int] = None,
+             max_freq_khz: Optional[str] = None) -> dict:
+    """The CPU's theoretical fp32 peak: cores × (vector bits / 32) × FMA units × 2 × clock, in GFLOP/s.
+
+    * vector bits: 512 with ``avx512f``, 256 with ``avx2``/``avx``, else 128 (SSE), from the CPU's flags;
+    * FMA units per core cannot be read from the CPU. Assumed: 2 (Intel since Haswell, AMD since Zen 2,
+      Xeon Gold/Platinum with AVX-512; AVX-512 client and Xeon Silver parts have 1, Zen 1 has 2 of
+      128 bits, so less). Override with ``fma_units`` or the ``MEDSEG_FMA_UNITS`` environment variable.
+      Without the ``fma`` flag a multiply and an add issue separately: the same formula, an upper bound;
+    * clock: ``/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq`` (the maximum, turbo included)
+      where the kernel exposes it, else the highest ``cpu MHz`` in ``/proc/cpuinfo`` (the current clock:
+      on VMs often the nominal one, so turbo can beat the "peak");
+    * cores: physical cores this process may run on (hyperthreads share their core's FMA units): the
+      CPUs of the affinity mask, at most the distinct (physical id, core id) pairs of ``/proc/cpuinfo``.
+
+    ``cpuinfo`` / ``max_freq_khz``: the two files' text, for tests. Returns the figure and its factors.
+    """
+    text = cpuinfo if cpuinfo is not None else _read_text("/proc/cpuinfo")
+    flags = cpu_flags(text)
+    bits = 512 if "avx512f" in flags else 256 if ("avx2" in flags or "avx" in flags) else 128
+    units_source = "argument"
+    if fma_units is None:
+        env = os.environ.get("MEDSEG_FMA_UNITS", "")
+        fma_units, units_source = (int(env), "MEDSEG_FMA_UNITS") if env.strip().isdigit() else (2, "assumed")
+    freq_text = max_freq_khz if max_freq_khz is not None else _read_text(
+        "/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+    mhz, clock_source = None, None
+    if freq_text.strip().isdigit():
+        mhz, clock_source = int(freq_text.strip()) / 1000.0, "cpuinfo_max_freq"
+    else:
+        values = [float(line.split(":", 1)[1]) for line in text.splitlines()
+                  if line.startswith("cpu MHz") and ":" in line]
+        if values:
+            mhz, clock_source = max(values), "cpu MHz"
+    if cores is None:
+        cores = _physical_cores(text)
+    peak = cores * (bits / 32) * fma_units * 2 * mhz / 1000.0 if mhz else float("nan")
+    return {"gflops": peak, "cores": cores, "vector_bits": bits, "fma_units": fma_units,
+            "fma_units_source": units_source, "clock_mhz": mhz, "clock_source": clock_source,
+            "fma": "fma" in flags}
+
+
+def _physical_cores(cpuinfo: str) -> int:
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:
+        allowed = os.cpu_count() or 1
+    pairs, physical = set(), "0"
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            physical = value.strip()
+        elif key == "core id":
+            pairs.add((physical, value.strip()))
+    return min(allowed, len(pairs)) if pairs else allowed
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
 
 
 def network_flops(network, input_shape: Sequence[int], batch: int = 1) -> int:
@@ -155,7 +263,7 @@ def cpu_info() -> dict:
     except OSError:
         load = None
     return {
-        "cpu": model, "cpu_capability": capability, "cores": cores, "torch_threads": torch.get_num_threads(),
+        "cpu": model, "cpu_capability": capability, "vector_extensions": cpu_flags(), "cores": cores, "torch_threads": torch.get_num_threads(),
         "torch": str(torch.__version__), "monai": str(monai.__version__), "python": platform.python_version(),
         "cuda": bool(torch.cuda.is_available()), "load_average": load,
     }

@@ -50,6 +50,7 @@ UPSAMPLES = ("transpose", "interp")
 PADDINGS = ("same", "valid")
 SCHEDULES = ("poly", "cosine")
 BACKENDS = ("auto", "torch", "onnxruntime")
+SKIP_EMPTY = ("none", "body")
 BLENDS = ("gaussian", "constant")
 TTA_MODES = ("none", "mirror")
 PROBABILITY_DTYPES = ("uint8", "float16")  # segment --probabilities-dtype
@@ -305,6 +306,24 @@ class TrainConfig:
 
 
 @dataclass
+class CascadeConfig:
+    """Coarse-to-fine inference (:mod:`pipeline.infer.cascade`): the same network over the scan at a coarser
+    ``spacing`` first; the full-resolution windows then run only where its probability of any lesion class
+    exceeds ``threshold`` (dilated by ``margin_mm``)."""
+
+    enabled: bool = False
+    spacing: Optional[list[float]] = None  # mm of the coarse pass; null: twice preprocess.spacing's grid
+    threshold: float = 0.1
+    margin_mm: float = 10.0
+
+    def _check(self) -> None:
+        if self.spacing is not None and (len(self.spacing) != 3 or any(s <= 0 for s in self.spacing)):
+            _fail("inference.cascade.spacing", self.spacing, "null or three positive numbers in mm")
+        _in_range("inference.cascade.threshold", self.threshold, 0.0, 1.0)
+        _positive("inference.cascade.margin_mm", self.margin_mm, allow_zero=True)
+
+
+@dataclass
 class InferenceConfig:
     roi_size: list[int] = field(default_factory=lambda: [96, 96, 32])  # network input window
     overlap: float = 0.25
@@ -319,9 +338,15 @@ class InferenceConfig:
     # axes: 3D, all 3 = 8 combinations; 2D, the 2 in-plane axes = 4)
     tta: str = "none"
     tta_axes: Optional[list[int]] = None  # mirror: flip only these axes of the preprocessed grid; null: all
+    # body: skip windows holding no voxel of the body (dilated by skip_margin_mm); none: every window
+    skip_empty: str = "none"
+    skip_margin_mm: float = 10.0
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
     def _check(self) -> None:
         _in_range("inference.overlap", self.overlap, 0.0, 0.95)
+        _choice("inference.skip_empty", self.skip_empty, SKIP_EMPTY)
+        _positive("inference.skip_margin_mm", self.skip_margin_mm, allow_zero=True)
         _choice("inference.tta", self.tta, TTA_MODES)
         _choice("inference.backend", self.backend, BACKENDS)
         _positive("inference.sw_batch_size", self.sw_batch_size)

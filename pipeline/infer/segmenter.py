@@ -79,9 +79,11 @@ class Prediction:
     labels: Optional[torch.Tensor] = None
     # many-class models asked for it: float16 (classes, *preprocessed grid), every class's probability
     class_probs: Optional[torch.Tensor] = None
-    windows: int = 0
+    windows: int = 0  # windows that ran
     forwards: int = 0  # network calls
     network_seconds: float = 0.0
+    skipped: int = 0  # windows left out (inference.skip_empty, inference.cascade)
+    coarse_windows: int = 0  # inference.cascade: windows of the coarse pass (counted in windows too)
 
 
 class Segmenter:
@@ -227,21 +229,53 @@ class Segmenter:
         on_slab = SlabAccumulator(spatial, keep_all, probabilities=averaged, keep_classes=keep_classes)
 
         valid = self.runner.valid_padding()
+        keep, coarse = (None, None) if valid else self.window_filter(image, forward, averaged)
+        skipping = dict(keep=keep, channels=self.config.num_classes,
+                        empty_value=(1.0, 0.0) if averaged else (0.0, -30.0)) if keep is not None else {}
         if dims == 3 and not valid:
             stats = stream_windows(x, forward, cfg.roi_size, cfg.overlap, cfg.blend, self.window_batch, on_slab,
-                                   device=self.device, progress=progress)
+                                   device=self.device, progress=progress, **skipping)
         elif dims == 2 and not valid:
             stats = stream_windows(x, window_forward(forward, 2), list(cfg.roi_size) + [1],
                                    cfg.overlap, cfg.blend, self.window_batch, on_slab, device=self.device,
-                                   progress=progress)
+                                   progress=progress, **skipping)
         else:  # valid padding: MONAI's sliding window over the padded volume (not streamed)
             stats = StreamStats()
             counted = _counting(forward, stats, progress)
             logits = predict_logits(self.network, x.to(self.device), cfg, dims, forward=counted)
             on_slab(0, spatial[-1], logits.float())
+        if coarse is not None:  # the cascade's coarse pass is part of the cost
+            stats.windows += coarse.windows
+            stats.forwards += coarse.forwards
+            stats.network_seconds += coarse.network_seconds
         return Prediction(probs=on_slab.probs, binary=on_slab.binary, labels=on_slab.labels, windows=stats.windows,
                           forwards=stats.forwards, network_seconds=stats.network_seconds,
-                          class_probs=on_slab.class_probs)
+                          class_probs=on_slab.class_probs, skipped=stats.skipped,
+                          coarse_windows=coarse.windows if coarse is not None else 0)
+
+    def window_filter(self, image: torch.Tensor, forward=None, probabilities: bool = False):
+        """``(keep(box), coarse pass stats)`` for :func:`~pipeline.infer.stream.stream_windows`, or
+        ``(None, None)`` (every window runs). ``inference.skip_empty: body`` keeps the windows touching the
+        body (:mod:`pipeline.infer.skip`); ``inference.cascade.enabled`` those touching the coarse pass's
+        candidates (:mod:`pipeline.infer.cascade`, run here with ``forward``); both: the windows both keep."""
+        cfg, dims = self.config.inference, self.config.model.spatial_dims
+        if cfg.skip_empty == "none" and not cfg.cascade.enabled:
+            return None, None
+        from pipeline.infer.skip import body_region, grid_spacing
+
+        spacing = grid_spacing(image, self.config.preprocess.spacing)
+        regions, coarse = [], None
+        if cfg.skip_empty == "body":
+            regions.append(body_region(image, self.config.preprocess, spacing, cfg.skip_margin_mm))
+        if cfg.cascade.enabled:
+            from pipeline.infer.cascade import candidate_region
+
+            roi = list(cfg.roi_size) + ([1] if dims == 2 else [])
+            region, coarse, _ = candidate_region(image, window_forward(forward or self.forward(), dims),
+                                                 cfg.cascade, spacing, roi, cfg.overlap, cfg.blend,
+                                                 self.window_batch, self.device, probabilities=probabilities)
+            regions.append(region)
+        return (lambda box: all(region.touches(box) for region in regions)), coarse
 
     def finish(self, prediction: Prediction, prepared: Prepared) -> Segmentation:
         """Labels (and lesion probability) on the source grid from :meth:`predict`'s output, slab by slab.

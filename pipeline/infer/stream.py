@@ -28,7 +28,8 @@ from pipeline.infer.windows import WindowGrid, blend_weights
 class StreamStats:
     """What one streamed inference cost."""
 
-    windows: int = 0
+    windows: int = 0  # windows that ran
+    skipped: int = 0  # windows ``keep`` left out
     forwards: int = 0  # network calls (batches of windows)
     network_seconds: float = 0.0  # time inside the network, synchronised on accelerators
 
@@ -43,6 +44,9 @@ def stream_windows(
     on_slab: Callable[[int, int, torch.Tensor], None],
     device: torch.device = torch.device("cpu"),
     progress: Optional[Callable[[], None]] = None,
+    keep: Optional[Callable[[tuple[slice, ...]], bool]] = None,
+    empty_value: tuple[float, float] = (0.0, -30.0),
+    channels: Optional[int] = None,
 ) -> StreamStats:
     """Run ``forward`` over windows of ``image`` (channels, X, Y, Z) and stream the blended logits.
 
@@ -50,6 +54,13 @@ def stream_windows(
     receives the final logits (C, X, Y, z1 - z0) of slices ``z0:z1`` of the unpadded volume, in order,
     each slice exactly once, as a view into the band that it may overwrite (no copy is made for it).
     ``progress`` is called after every network call.
+
+    ``keep(box)``: whether the window over ``box`` (one slice per axis, the unpadded volume's voxels it
+    holds) runs; a skipped window contributes nothing. A voxel no window that ran covers gets
+    ``empty_value``: (background channel, every other channel), by default logits that make it background
+    (pass ``(1.0, 0.0)`` where ``forward`` returns probabilities). With ``keep``, a batch never spans more
+    than two neighbouring window positions along the last axis, so the band stays as deep as without it;
+    ``channels`` (the network's output channels) is then needed, for slabs that no window reached.
     """
     spatial = tuple(int(s) for s in image.shape[1:])
     roi = tuple(int(r) for r in roi)
@@ -63,10 +74,18 @@ def stream_windows(
         image = F.pad(image, pad, mode="constant", value=0.0)
     weights = blend_weights(roi, blend, device=device)
     starts = grid.starts()
-    batches = [starts[i:i + batch] for i in range(0, len(starts), batch)]
-    band = roi[-1] + max(b[-1][-1] - b[0][-1] for b in batches)  # slices one batch can reach
-    stats = StreamStats(windows=len(starts))
-    accumulator = _Band(grid.padded_shape, band, weights, device, padding, on_slab)
+    total = len(starts)
+    if keep is not None and not channels:
+        raise ValueError("stream_windows: keep needs channels (the network's output channels)")
+    if keep is None:
+        batches = [starts[i:i + batch] for i in range(0, len(starts), batch)]
+    else:
+        starts = [start for start in starts if keep(_box(start, roi, padding, spatial))]
+        batches = _batches_by_position(starts, batch)
+    band = roi[-1] + max((b[-1][-1] - b[0][-1] for b in batches), default=0)  # slices one batch can reach
+    stats = StreamStats(windows=len(starts), skipped=total - len(starts))
+    accumulator = _Band(grid.padded_shape, band, weights, device, padding, on_slab, empty_value,
+                        channels if keep is not None else None)
     for windows in batches:
         accumulator.flush_before(windows[0][-1])
         tiles = torch.stack([image[(slice(None),) + tuple(slice(s, s + r) for s, r in zip(start, roi))]
@@ -85,10 +104,33 @@ def stream_windows(
     return stats
 
 
+def _box(start, roi, padding, spatial) -> tuple[slice, ...]:
+    """The unpadded volume's voxels a window at ``start`` (padded coordinates) holds."""
+    out = []
+    for s, r, (before, _), size in zip(start, roi, padding, spatial):
+        out.append(slice(max(s - before, 0), min(s - before + r, size)))
+    return tuple(out)
+
+
+def _batches_by_position(starts: list, batch: int) -> list[list]:
+    """``starts`` (in streaming order) in batches of up to ``batch`` that span at most two neighbouring
+    positions along the last axis (the band then holds what it holds without skipping)."""
+    order = {z: i for i, z in enumerate(sorted({start[-1] for start in starts}))}
+    batches: list[list] = []
+    for start in starts:
+        if batches and len(batches[-1]) < batch and order[start[-1]] - order[batches[-1][0][-1]] <= 1:
+            batches[-1].append(start)
+        else:
+            batches.append([start])
+    return batches
+
+
 class _Band:
     """The blended-logit sums and weight sums of the slices ``base .. base + depth`` (padded coordinates)."""
 
-    def __init__(self, padded_shape, depth, weights, device, padding, on_slab):
+    def __init__(self, padded_shape, depth, weights, device, padding, on_slab, empty_value=(0.0, -30.0),
+                 channels: Optional[int] = None):
+        self.empty_value, self.channels = empty_value, channels
         self.shape_xy, self.z_size = tuple(padded_shape[:2]), padded_shape[2]
         self.depth, self.weights, self.device = min(depth, self.z_size), weights, device
         self.padding, self.on_slab = padding, on_slab
@@ -106,11 +148,28 @@ class _Band:
         self.counts[where].add_(self.weights)
 
     def flush_before(self, z_end: int) -> None:
-        """Hand over slices ``base .. z_end`` (final: no later window reaches them) and move the band on."""
-        done = min(z_end, self.z_size) - self.base
-        if done <= 0 or self.sums is None:
-            return
-        logits = self.sums[..., :done].div_(self.counts[..., :done])  # in place: this part is handed over
+        """Hand over slices ``base .. z_end`` (final: no later window reaches them) and move the band on
+        (a band at a time: with skipped windows, ``z_end`` can lie more than a band ahead)."""
+        while True:
+            done = min(z_end, self.z_size, self.base + self.depth) - self.base
+            if done <= 0 or (self.sums is None and self.channels is None):
+                return
+            self._flush(done)
+
+    def _flush(self, done: int) -> None:
+        if self.sums is None:  # no window ran yet: nothing to hand over, unless they were skipped
+            if self.channels is None:
+                return
+            self.sums = torch.zeros((self.channels,) + self.shape_xy + (self.depth,), dtype=torch.float32,
+                                    device=self.device)
+        counts = self.counts[..., :done]
+        empty = counts == 0  # voxels no window that ran covers (skipped windows): background
+        if bool(empty.any()):
+            counts[empty] = 1.0
+            sums = self.sums[..., :done]
+            sums[0][empty] = self.empty_value[0]
+            sums[1:, empty] = self.empty_value[1]
+        logits = self.sums[..., :done].div_(counts)  # in place: this part is handed over
         (x0, _), (y0, _), (z0, z_after) = self.padding
         x_end, y_end = self.shape_xy[0] - self.padding[0][1], self.shape_xy[1] - self.padding[1][1]
         first, last = max(self.base, z0), min(self.base + done, self.z_size - z_after)
