@@ -4,6 +4,7 @@ against ``segment``'s masks on the held-out cases (RAS, LPS, feet-first, oblique
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -87,3 +88,34 @@ def test_short_script_refuses_what_it_does_not_handle(trained_checkpoint, held_o
     message = run.stderr.strip().splitlines()[-1]
     assert "tta mirror" in message and "keep_largest" in message and "onnx_segment_example.py" in message
     assert not (tmp_path / "masks").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["zscore", "ct"])
+def test_short_script_follows_the_zscore_and_ct_schemes(held_out_cases, tmp_path, scheme):
+    """zscore: a model trained under intensity.mode=zscore (crop above the minimum). ct: the fixture's weights
+    under intensity.mode=auto with one CT channel, (clip(x, -150, 250) - 50) / 200 (crop above the minimum)."""
+    from pipeline.config import load_config
+    from tests.export.conftest import OVERRIDES, train_tiny
+    from tests.helpers import tiny_config_overrides
+
+    path = train_tiny(tmp_path / "m.pt", *(["preprocess.intensity.mode=zscore"] if scheme == "zscore" else []))
+    if scheme == "ct":
+        ckpt = load_checkpoint(path)
+        config = load_config(None, tiny_config_overrides(
+            *OVERRIDES, "preprocess.intensity.mode=auto", "data.channels=[CT]",
+            "preprocess.intensity.channels=[{name: CT, scheme: ct, clip: [-150.0, 250.0], mean: 50.0, std: 200.0}]"))
+        path = save_checkpoint(tmp_path / "ct.pt", Checkpoint(config=config, state_dict=ckpt.state_dict, epoch=1))
+    model = export_model(path, tmp_path / "model.onnx", "onnx").path
+    import onnx
+
+    spec = json.loads({p.key: p.value for p in onnx.load(str(model)).metadata_props}["medseg"])
+    assert spec["preprocess"]["normalisation"][0]["scheme"] == scheme
+    run = run_short(model, held_out_cases, tmp_path / "masks")
+    assert run.returncode == 0, run.stderr[-2000:]
+    segmenter = Segmenter.from_checkpoint(path, device="cpu", backend="torch")
+    for source in sorted(held_out_cases.glob("*.nii.gz")):
+        with torch_threads(1):
+            reference = segmenter.segment(str(source)).labels
+        mask = np.asarray(nib.load(str(tmp_path / "masks" / source.name.replace("_0000", "_seg"))).dataobj)
+        assert reference.sum() > 50 and dice(mask, reference) >= 0.99, (source.name, reference.sum())
