@@ -1,5 +1,6 @@
-"""``pipeline/export/onnx_segment_short.py``: the ~30-line MONAI + onnxruntime script, run as its users run it,
-against ``segment``'s masks on the held-out cases (RAS, LPS, feet-first, oblique); its length; its refusal."""
+"""``pipeline/export/onnx_segment_short.py``: the ~30-statement MONAI + onnxruntime script, run as its users
+run it, against ``segment``'s masks on the held-out cases (RAS, LPS, feet-first, oblique); its length; its
+refusal."""
 
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ def test_short_script_stays_short_and_imports_no_medseg():
     tree = ast.parse(source)
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported <= {"json", "sys", "pathlib", "nibabel", "numpy", "onnxruntime", "torch", "monai", "scipy"}
+    allowed = {"json", "sys", "pathlib", "nibabel", "numpy", "onnxruntime", "torch", "monai", "scipy"}
+    assert imported <= allowed
 
 
 def test_code_lines_counts_code_only():
@@ -81,7 +83,8 @@ def test_short_script_refuses_what_it_does_not_handle(trained_checkpoint, held_o
     ckpt = load_checkpoint(trained_checkpoint)
     config = replace(ckpt.config, inference=replace(ckpt.config.inference, tta="mirror"),
                      postprocess=replace(ckpt.config.postprocess, keep_largest=["lesion"]))
-    checkpoint = save_checkpoint(tmp_path / "tta.pt", Checkpoint(config=config, state_dict=ckpt.state_dict, epoch=1))
+    checkpoint = save_checkpoint(tmp_path / "tta.pt",
+                                 Checkpoint(config=config, state_dict=ckpt.state_dict, epoch=1))
     model = export_model(checkpoint, tmp_path / "model.onnx", "onnx").path
     run = run_short(model, held_out_cases, tmp_path / "masks")
     assert run.returncode == 1
@@ -94,18 +97,21 @@ def test_short_script_refuses_what_it_does_not_handle(trained_checkpoint, held_o
 @pytest.mark.parametrize("scheme", ["zscore", "ct"])
 def test_short_script_follows_the_zscore_and_ct_schemes(held_out_cases, tmp_path, scheme):
     """zscore: a model trained under intensity.mode=zscore (crop above the minimum). ct: the fixture's weights
-    under intensity.mode=auto with one CT channel, (clip(x, -150, 250) - 50) / 200 (crop above the minimum)."""
+    under intensity.mode=auto with one CT channel: (clip(x, -150, 250) - 50) / 200, crop above the minimum."""
     from pipeline.config import load_config
     from tests.export.conftest import OVERRIDES, train_tiny
     from tests.helpers import tiny_config_overrides
 
-    path = train_tiny(tmp_path / "m.pt", *(["preprocess.intensity.mode=zscore"] if scheme == "zscore" else []))
+    extra = ["preprocess.intensity.mode=zscore"] if scheme == "zscore" else []
+    path = train_tiny(tmp_path / "m.pt", *extra)
     if scheme == "ct":
         ckpt = load_checkpoint(path)
         config = load_config(None, tiny_config_overrides(
             *OVERRIDES, "preprocess.intensity.mode=auto", "data.channels=[CT]",
-            "preprocess.intensity.channels=[{name: CT, scheme: ct, clip: [-150.0, 250.0], mean: 50.0, std: 200.0}]"))
-        path = save_checkpoint(tmp_path / "ct.pt", Checkpoint(config=config, state_dict=ckpt.state_dict, epoch=1))
+            "preprocess.intensity.channels=[{name: CT, scheme: ct, clip: [-150.0, 250.0], mean: 50.0, "
+            "std: 200.0}]"))
+        path = save_checkpoint(tmp_path / "ct.pt",
+                               Checkpoint(config=config, state_dict=ckpt.state_dict, epoch=1))
     model = export_model(path, tmp_path / "model.onnx", "onnx").path
     import onnx
 
@@ -124,10 +130,10 @@ def test_short_script_follows_the_zscore_and_ct_schemes(held_out_cases, tmp_path
 @pytest.mark.slow
 def test_short_script_many_classes_argmax(trained_checkpoint, held_out_cases, tmp_path):
     """The fixture's network with a 3-class head built from its 2-class one (no training): ``rim`` where the
-    lesion wins by at most 2 logits, ``core`` beyond, so the argmax decision (nearest voxel back) is exercised.
-    A KNOWN GAP, held to 0.97 (lesion) / 0.9 (per class), not 0.99: the argmax is sampled at the nearest voxel
-    by segment (scipy-like order 0) and here by MONAI's Invertd (torch grid_sample, which most likely rounds half-voxel
-    ties the other way); on the RAS case the 1.0 -> 1.2 mm grids meet at exact ties, and the thin rim moves."""
+    lesion wins by at most 2 logits, ``core`` beyond, so the argmax decision (nearest voxel back) runs.
+    A KNOWN GAP, held to 0.97 (lesion) / 0.9 (per class), not 0.99: the argmax is sampled at the nearest
+    voxel by segment (scipy-like order 0) and here by MONAI's Invertd (torch grid_sample, which most likely
+    rounds half-voxel ties the other way: on the RAS case 1.0 and 1.2 mm grids meet at exact ties)."""
     import torch
 
     ckpt = load_checkpoint(trained_checkpoint)
@@ -135,7 +141,8 @@ def test_short_script_many_classes_argmax(trained_checkpoint, held_out_cases, tm
     w, b = state["head.weight"], state["head.bias"]
     state["head.weight"] = torch.cat([w, 2 * w[1:2] - w[0:1]])
     state["head.bias"] = torch.cat([b, (2 * b[1] - b[0] - 2.0)[None]])
-    config = replace(ckpt.config, data=replace(ckpt.config.data, labels={"background": 0, "rim": 1, "core": 2}))
+    labels = {"background": 0, "rim": 1, "core": 2}
+    config = replace(ckpt.config, data=replace(ckpt.config.data, labels=labels))
     path = save_checkpoint(tmp_path / "three.pt", Checkpoint(config=config, state_dict=state, epoch=1))
     model = export_model(path, tmp_path / "model.onnx", "onnx").path
     run = run_short(model, held_out_cases, tmp_path / "masks")
