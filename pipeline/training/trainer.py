@@ -114,7 +114,7 @@ def _completed(last: Path, epochs: int) -> Optional[TrainResult]:
     if not last.is_file():
         return None
     ckpt = load_checkpoint(last)
-    if ckpt.epoch < min(epochs, (ckpt.extra or {}).get("epochs") or epochs):  # a run shortened by max_minutes
+    if ckpt.epoch < min(epochs, (ckpt.extra or {}).get("shortened_to") or epochs):  # shortened by max_minutes
         return None
     best = last.with_name("best.pt")
     return TrainResult(best, last, last.with_name("log.csv"), ckpt.best_metric, ckpt.epoch)
@@ -386,8 +386,9 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "grad_scaler": self.scaler.state_dict(),  # empty when disabled (CPU, bf16)
-            "epochs": self.epochs,  # the run's length: train.epochs, or fewer under train.max_minutes
         }
+        if self.epochs < self.cfg.train.epochs:
+            extra["shortened_to"] = self.epochs  # by train.max_minutes: kept by a resume, and by --fold all
         return Checkpoint(self.cfg, self.model.state_dict(), epoch, self.best_metric, extra=extra)
 
     def _restore(self) -> None:
@@ -400,8 +401,9 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt.extra["scheduler"])
             if ckpt.extra.get("grad_scaler"):
                 self.scaler.load_state_dict(ckpt.extra["grad_scaler"])
-            if ckpt.extra.get("epochs") and ckpt.extra["epochs"] < self.epochs:  # shortened by train.max_minutes
-                self.epochs = int(ckpt.extra["epochs"])
+            shortened = ckpt.extra.get("shortened_to")
+            if shortened and self.cfg.train.max_minutes and shortened < self.epochs:  # by train.max_minutes
+                self.epochs = int(shortened)
                 self.scheduler.horizon["total"] = max(1, self.epochs * self.cfg.train.steps_per_epoch)
         self.start_epoch = ckpt.epoch
         self.best_metric = ckpt.best_metric if not math.isnan(ckpt.best_metric) else -math.inf

@@ -68,14 +68,14 @@ def test_a_run_past_its_budget_ends_at_the_epochs_that_fit(tmp_path, monkeypatch
     # the decay was re-stretched to 6 epochs after the first: near its end, not halfway as in 10 epochs
     assert float(rows[-1]["lr"]) < 0.25 * float(rows[0]["lr"])
     last = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert last.epoch == 5 and last.extra["epochs"] == 5
+    assert last.epoch == 5 and last.extra["shortened_to"] == 5
 
 
 def test_a_run_within_its_budget_is_unchanged(tmp_path, monkeypatch):
     root = write_msd_dataset(tmp_path / "data", n_cases=6)
     _timed(monkeypatch, epoch_s=1.0, validation_s=1.0)
     result = Trainer(_config(root, tmp_path / "run", "train.max_minutes=1", "train.epochs=4")).run()
-    assert result.epochs == 4 and load_checkpoint(tmp_path / "run" / "last.pt").extra["epochs"] == 4
+    assert result.epochs == 4 and "shortened_to" not in load_checkpoint(tmp_path / "run" / "last.pt").extra
 
 
 def test_a_shortened_fold_counts_as_finished(tmp_path, monkeypatch):
