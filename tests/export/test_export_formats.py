@@ -193,18 +193,9 @@ def test_onnx_example_with_tta_and_every_postprocessing_rule(trained_checkpoint,
     config = replace(config, inference=replace(config.inference, tta="mirror"),
                      postprocess=replace(config.postprocess, keep_largest=["lesion"], restrict_to_body=["lesion"]))
     path = save_checkpoint(tmp_path / "tta.pt", Checkpoint(config=config, state_dict=ckpt.state_dict, epoch=1))
-    model = export_model(path, tmp_path / "model.onnx", "onnx").path
-    out = tmp_path / "masks"
-    run = subprocess.run([sys.executable, str(EXAMPLE), str(model), str(held_out_cases), str(out)],
-                         capture_output=True, text=True, env=_env(), timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    segmenter = Segmenter.from_checkpoint(path, device="cpu", backend="torch")
-    with torch_threads(1):
-        for source in sorted(held_out_cases.glob("*.nii.gz")):
-            reference = segmenter.segment(str(source)).labels
-            mask = np.asarray(nib.load(str(out / source.name.replace("_0000.nii.gz", "_seg.nii.gz"))).dataobj)
-            assert ndimage.label(reference, np.ones((3, 3, 3)))[1] == 1  # keep_largest acted
-            assert reference.sum() > 50 and dice(mask, reference) >= 0.99
+    for reference, mask in _example_and_segment(path, held_out_cases, tmp_path):
+        assert ndimage.label(reference, np.ones((3, 3, 3)))[1] == 1  # keep_largest acted
+        assert reference.sum() > 50 and dice(mask, reference) >= 0.99
 
 
 @pytest.mark.slow
@@ -214,14 +205,20 @@ def test_onnx_example_with_zscore_normalisation(held_out_cases, tmp_path):
     from tests.export.conftest import train_tiny
 
     path = train_tiny(tmp_path / "z.pt", "preprocess.intensity.mode=zscore")
-    model = export_model(path, tmp_path / "model.onnx", "onnx").path
+    for reference, mask in _example_and_segment(path, held_out_cases, tmp_path):
+        assert reference.sum() > 50 and dice(mask, reference) >= 0.99
+
+
+def _example_and_segment(checkpoint, cases, tmp_path):
+    """(segment's mask, the example script's mask) per case: the checkpoint exported to ONNX, the script run
+    on ``cases`` as a subprocess, ``segment`` (torch backend) on the same files."""
+    model = export_model(checkpoint, tmp_path / "model.onnx", "onnx").path
     out = tmp_path / "masks"
-    run = subprocess.run([sys.executable, str(EXAMPLE), str(model), str(held_out_cases), str(out)],
+    run = subprocess.run([sys.executable, str(EXAMPLE), str(model), str(cases), str(out)],
                          capture_output=True, text=True, env=_env(), timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    segmenter = Segmenter.from_checkpoint(path, device="cpu", backend="torch")
+    segmenter = Segmenter.from_checkpoint(checkpoint, device="cpu", backend="torch")
     with torch_threads(1):
-        for source in sorted(held_out_cases.glob("*.nii.gz")):
-            reference = segmenter.segment(str(source)).labels
+        for source in sorted(cases.glob("*.nii.gz")):
             mask = np.asarray(nib.load(str(out / source.name.replace("_0000.nii.gz", "_seg.nii.gz"))).dataobj)
-            assert reference.sum() > 50 and dice(mask, reference) >= 0.99
+            yield segmenter.segment(str(source)).labels, mask
