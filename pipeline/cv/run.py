@@ -6,7 +6,8 @@ labelsTr → choose post-processing (:mod:`pipeline.cv.select`) → evaluate the
 predictions → record the chosen rules in each fold's ``best.pt`` and in ``OUT_DIR/config.yaml``.
 
 Outputs under ``OUT_DIR/cv/``: ``predictions/<case>_seg.nii.gz``, ``metrics.csv``, ``summary.json`` (as
-``medseg evaluate`` writes them, with its plots), ``postprocessing.json``,
+``medseg evaluate`` writes them, with its plots; ``summary.json`` also holds the rule combinations tried,
+under ``postprocessing``), ``postprocessing.json``,
 ``predictions_postprocessed/``, ``metrics_postprocessed.csv`` and ``summary_postprocessed.json``.
 """
 
@@ -79,7 +80,7 @@ def run_cv(out_dir: Union[str, Path], device: str = "auto", progress: bool = Fal
 
     gt_dir = _labels_dir(items, cases)
     options = _options(config)
-    rows, _ = _evaluate(pred_dir, gt_dir, cv_dir, options, progress)
+    rows, summary = _evaluate(pred_dir, gt_dir, cv_dir, options, progress)
 
     from pipeline.cv.select import OOFCase, chosen_config, select_postprocessing
 
@@ -87,6 +88,8 @@ def run_cv(out_dir: Union[str, Path], device: str = "auto", progress: bool = Fal
     report = select_postprocessing(oof, config)
     report["folds"], report["missing_folds"] = folds, missing
     write_json(report, cv_dir / "postprocessing.json")
+    summary["postprocessing"] = {"chosen": report["chosen"], "combination": report["combination"]}
+    write_json(summary, cv_dir / "summary.json")
     log.debug("post-processing chosen: %s", report["chosen"])
 
     post_cfg = chosen_config(config, report["chosen"])

@@ -1,6 +1,6 @@
 """Choosing post-processing from out-of-fold predictions, as nnU-Net does after cross-validation.
 
-Each rule of :mod:`pipeline.postprocess.rules` is tried on its own against the raw predictions:
+Each rule of :mod:`pipeline.postprocess.rules` is first tried on its own against the raw predictions:
 
 * ``keep_largest``, per class;
 * ``restrict_to_body``, per class, offered only where every ground-truth voxel of that class lies
@@ -8,10 +8,12 @@ Each rule of :mod:`pipeline.postprocess.rules` is tried on its own against the r
 * ``inference.min_component_mm3``, for every class at once, at a few thresholds taken from the smallest
   true lesion (:data:`MIN_SIZE_FRACTIONS` of its volume).
 
-A rule is kept where the out-of-fold mean Dice improves and the lesion-wise F1 does not drop, or the F1
+A rule improves where the out-of-fold mean Dice improves and the lesion-wise F1 does not drop, or the F1
 improves and the Dice does not drop (per class for the per-class rules; the means over classes for the
-minimum size, of which the best kept threshold is chosen). Dice is the mean over cases (1 where a class is
-in neither mask, as in evaluation); F1 is pooled over cases from the lesion-wise detection counts
+minimum size). The rules chosen are then found in combination (:mod:`pipeline.cv.combine`): each rule on
+top of those kept so far, in a fixed order, and the final set checked as a whole against the baseline and
+the best single rule. Dice is the mean over cases (1 where a class is in neither mask, as in evaluation);
+F1 is pooled over cases from the lesion-wise detection counts
 (:func:`pipeline.evaluate.lesions.lesion_detection`), 1 where there is nothing to find and nothing found.
 """
 
@@ -26,13 +28,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.cv.combine import Rules, better, combine, figures, mean_scores
 from pipeline.postprocess.components import label_components
 from pipeline.postprocess.rules import body_mask
 
 log = logging.getLogger(__name__)
 
 MIN_SIZE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)  # of the smallest true lesion's volume: the thresholds tried
-TOLERANCE = 1e-9  # a change smaller than this is no change
 
 
 @dataclass
@@ -56,7 +58,7 @@ class _Tally:
     fn: int = 0
 
     def add(self, score: tuple[float, int, int, int]) -> None:
-        """One case's :func:`_score`."""
+        """One case's :meth:`ClassComponents.score`."""
         self.dice += score[0]
         self.cases += 1
         self.tp, self.fp, self.fn = self.tp + score[1], self.fp + score[2], self.fn + score[3]
@@ -72,13 +74,34 @@ class _Tally:
 
 
 @dataclass
-class _Trials:
-    baseline: dict[int, _Tally] = field(default_factory=dict)
-    rules: dict[tuple, dict[int, _Tally]] = field(default_factory=dict)
+class _Evidence:
+    """Every case's predicted components per class (labelled once), from which any set of rules is scored."""
+
+    classes: dict[str, int]
+    parts: dict[int, list[tuple[ClassComponents, float]]] = field(default_factory=dict)  # value -> (parts, mm³)
     outside_voxels: dict[int, int] = field(default_factory=dict)  # ground truth outside the body, per class
 
-    def tally(self, key: tuple, value: int) -> _Tally:
-        return self.rules.setdefault(key, {}).setdefault(value, _Tally())
+    def scores(self, rules: Rules) -> dict:
+        """``{class name: {"dice", "lesion_f1"}}`` with ``rules`` applied, in the order
+        :func:`~pipeline.postprocess.rules.apply_postprocessing` applies them."""
+        out = {}
+        for name, value in self.classes.items():
+            tally = _Tally()
+            for parts, voxel_mm3 in self.parts.get(value, []):
+                keep = parts.all()
+                if name in rules.restrict_to_body:
+                    keep &= parts.in_body()
+                if rules.min_component_mm3 > 0:
+                    keep &= parts.at_least(rules.min_component_mm3 / voxel_mm3)
+                if name in rules.keep_largest:
+                    keep = parts.largest(keep)
+                tally.add(parts.score(keep))
+            out[name] = {"dice": tally.mean_dice, "lesion_f1": tally.f1}
+        return out
+
+    @property
+    def cases(self) -> int:
+        return max((len(v) for v in self.parts.values()), default=0)
 
 
 def select_postprocessing(cases: Sequence[OOFCase], config: Config,
@@ -89,10 +112,10 @@ def select_postprocessing(cases: Sequence[OOFCase], config: Config,
     classes = {name: value for name, value in config.data.labels.items() if value != 0}
     if thresholds_mm3 is None:
         thresholds_mm3 = min_size_candidates(cases, list(classes.values()))
-    trials = _Trials()
+    evidence = _Evidence(classes)
     for case in cases:
-        _try_case(case, config, classes, thresholds_mm3, trials)
-    return _decide(trials, classes, list(thresholds_mm3))
+        _add_case(case, config, evidence)
+    return _decide(evidence, list(thresholds_mm3))
 
 
 def min_size_candidates(cases: Sequence[OOFCase], values: Sequence[int]) -> list[float]:
@@ -129,8 +152,7 @@ def without_postprocessing(config: Config) -> Config:
 # --- the trials ----------------------------------------------------------------------------------
 
 
-def _try_case(case: OOFCase, config: Config, classes: dict[str, int], thresholds: Sequence[float],
-              trials: _Trials) -> None:
+def _add_case(case: OOFCase, config: Config, evidence: _Evidence) -> None:
     from pipeline.evaluate.folder import read_pair
 
     pred, truth, spacing = read_pair(case.prediction, case.truth)
@@ -138,15 +160,11 @@ def _try_case(case: OOFCase, config: Config, classes: dict[str, int], thresholds
     body = body_mask(first_channel(case.image), config)
     if body.shape != truth.shape:
         raise ValueError(f"case {case.case_id}: the scan's grid {body.shape} differs from its label's {truth.shape}")
-    for value in classes.values():
+    for value in evidence.classes.values():
         truth_v = truth == value
-        trials.outside_voxels[value] = trials.outside_voxels.get(value, 0) + int(np.count_nonzero(truth_v & ~body))
-        parts = ClassComponents.of(pred == value, truth_v, body)
-        trials.baseline.setdefault(value, _Tally()).add(parts.score(parts.all()))
-        trials.tally(("keep_largest", value), value).add(parts.score(parts.largest()))
-        trials.tally(("restrict_to_body", value), value).add(parts.score(parts.in_body()))
-        for threshold in thresholds:
-            trials.tally(("min_component_mm3", threshold), value).add(parts.score(parts.at_least(threshold / voxel_mm3)))
+        evidence.outside_voxels[value] = (evidence.outside_voxels.get(value, 0)
+                                          + int(np.count_nonzero(truth_v & ~body)))
+        evidence.parts.setdefault(value, []).append((ClassComponents.of(pred == value, truth_v, body), voxel_mm3))
     log.debug("post-processing trials: case %s done", case.case_id)
 
 
@@ -193,11 +211,13 @@ class ClassComponents:
         keep[0] = False
         return keep
 
-    def largest(self) -> np.ndarray:
-        """:func:`~pipeline.postprocess.rules.keep_largest_component` (ties: the first in scan order)."""
+    def largest(self, among: Optional[np.ndarray] = None) -> np.ndarray:
+        """:func:`~pipeline.postprocess.rules.keep_largest_component` (ties: the first in scan order), of the
+        components ``among`` selects (those earlier rules kept; all by default)."""
+        among = self.all() if among is None else among
         keep = np.zeros(self.sizes.size, bool)
-        if self.sizes.size > 1:
-            keep[1 + int(np.argmax(self.sizes[1:]))] = True
+        if among.any():
+            keep[int(np.argmax(np.where(among, self.sizes, -1)))] = True
         return keep
 
     def in_body(self) -> np.ndarray:
@@ -229,61 +249,49 @@ def first_channel(source) -> np.ndarray:
     return array[..., 0] if array.ndim == 4 else array
 
 
-def _decide(trials: _Trials, classes: dict[str, int], thresholds: list[float]) -> dict:
-    baseline = {name: _scores(trials.baseline[v]) for name, v in classes.items()} if trials.baseline else {}
+def _decide(evidence: _Evidence, thresholds: list[float]) -> dict:
+    """The single-rule trials (``tried``), then the combination (``combination``) that gives ``chosen``."""
+    classes = evidence.classes
+    if not evidence.cases:
+        return {"chosen": Rules().as_chosen(), "baseline": {}, "thresholds_mm3": thresholds, "tried": [],
+                "combination": {}, "cases": 0}
+    baseline = evidence.scores(Rules())
     tried: list[dict] = []
-    chosen: dict = {"keep_largest": [], "restrict_to_body": [], "min_component_mm3": 0.0}
+    singles: list[tuple[Rules, dict]] = []
+    offered_body = []
     for rule in ("keep_largest", "restrict_to_body"):
         for name, value in classes.items():
-            if not trials.baseline:
-                continue
             entry = {"rule": rule, "class": name}
-            outside = trials.outside_voxels.get(value, 0)
+            outside = evidence.outside_voxels.get(value, 0)
             if rule == "restrict_to_body" and outside:
                 entry.update(offered=False, reason=f"{outside} ground-truth voxel(s) of {name} lie outside the body")
                 tried.append(entry)
                 continue
-            after = _scores(trials.rules[(rule, value)][value])
-            keep = _better(baseline[name], after)
-            entry.update(_before_after(baseline[name], after), offered=True, chosen=keep)
+            if rule == "restrict_to_body":
+                offered_body.append(name)
+            single = Rules().with_class(rule, name)
+            after = evidence.scores(single)[name]
+            entry.update(figures(baseline[name], after), offered=True, improves_alone=better(baseline[name], after))
             tried.append(entry)
-            if keep:
-                chosen[rule].append(name)
-    best: Optional[tuple] = None
-    before_all = _mean_scores(baseline.values())
+            if entry["improves_alone"]:
+                singles.append((single, entry))
+    before_all = mean_scores(baseline)
     for threshold in thresholds:
-        after_all = _mean_scores(_scores(trials.rules[("min_component_mm3", threshold)][v]) for v in classes.values())
-        keep = _better(before_all, after_all)
-        tried.append({"rule": "min_component_mm3", "class": "all", "value": threshold,
-                      **_before_after(before_all, after_all), "offered": True, "chosen": False})
-        if keep and (best is None or (after_all["dice"], after_all["lesion_f1"]) > best[1:]):
-            best = (len(tried) - 1, after_all["dice"], after_all["lesion_f1"])
-    if best is not None:
-        tried[best[0]]["chosen"] = True
-        chosen["min_component_mm3"] = tried[best[0]]["value"]
+        single = Rules(min_component_mm3=float(threshold))
+        after_all = mean_scores(evidence.scores(single))
+        entry = {"rule": "min_component_mm3", "class": "all", "value": threshold,
+                 **figures(before_all, after_all), "offered": True, "improves_alone": better(before_all, after_all)}
+        tried.append(entry)
+        if entry["improves_alone"]:
+            singles.append((single, entry))
     if not thresholds:
         tried.append({"rule": "min_component_mm3", "class": "all", "offered": False,
                       "reason": "no ground-truth lesion to size the thresholds from"})
+    combination = combine(evidence.scores, list(classes), offered_body, thresholds, singles)
+    chosen = combination.rules.as_chosen()
+    for entry in tried:
+        if entry["offered"]:
+            entry["chosen"] = (entry.get("value") == chosen["min_component_mm3"] if entry["rule"] == "min_component_mm3"
+                               else entry["class"] in chosen[entry["rule"]])
     return {"chosen": chosen, "baseline": baseline, "thresholds_mm3": thresholds, "tried": tried,
-            "cases": max((t.cases for t in trials.baseline.values()), default=0)}
-
-
-def _scores(tally: _Tally) -> dict:
-    return {"dice": tally.mean_dice, "lesion_f1": tally.f1}
-
-
-def _mean_scores(scores) -> dict:
-    scores = list(scores)
-    return {"dice": float(np.mean([s["dice"] for s in scores])) if scores else float("nan"),
-            "lesion_f1": float(np.mean([s["lesion_f1"] for s in scores])) if scores else float("nan")}
-
-
-def _before_after(before: dict, after: dict) -> dict:
-    return {"dice_before": before["dice"], "dice_after": after["dice"],
-            "f1_before": before["lesion_f1"], "f1_after": after["lesion_f1"]}
-
-
-def _better(before: dict, after: dict) -> bool:
-    """Dice up and F1 not down, or F1 up and Dice not down."""
-    d_dice, d_f1 = after["dice"] - before["dice"], after["lesion_f1"] - before["lesion_f1"]
-    return bool((d_dice > TOLERANCE and d_f1 >= -TOLERANCE) or (d_f1 > TOLERANCE and d_dice >= -TOLERANCE))
+            "combination": combination.report(), "cases": evidence.cases}

@@ -50,13 +50,16 @@ def test_train_folds_then_cv(tmp_path, capsys):
     assert sorted(r["case_id"] for r in rows) == [f"case_{n:03d}" for n in range(4)]  # each case once, label 1
     _, reference = evaluate_folder(cv / "predictions", root / "labelsTr", options=None)
     summary = json.loads((cv / "summary.json").read_text())
-    assert set(summary) == set(reference)
+    assert set(summary) == set(reference) | {"postprocessing"}
     assert summary["n_cases"] == 4 and summary["missing_predictions"] == []
 
     report = json.loads((cv / "postprocessing.json").read_text())
     assert set(report["chosen"]) == {"keep_largest", "restrict_to_body", "min_component_mm3"}
     assert {t["rule"] for t in report["tried"]} == {"keep_largest", "restrict_to_body", "min_component_mm3"}
     assert report["folds"] == [0, 1] and report["missing_folds"] == []
+    assert summary["postprocessing"]["chosen"] == report["chosen"]
+    steps = summary["postprocessing"]["combination"]["steps"]
+    assert [s["rule"] for s in steps][-1] == "keep_largest" and all("dice_after" in s for s in steps)
     with open(cv / "metrics_postprocessed.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 4
     assert set(json.loads((cv / "summary_postprocessed.json").read_text())) == set(reference)

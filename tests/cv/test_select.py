@@ -49,24 +49,37 @@ def test_rules_that_help_are_kept_and_rules_that_hurt_are_dropped(tmp_path):
     assert largest["dice_before"] == pytest.approx(2 * 180 / (180 + 196))
     assert largest["dice_after"] == pytest.approx(1.0)
     assert largest["f1_before"] == pytest.approx(6 / (6 + 6)) and largest["f1_after"] == pytest.approx(1.0)
-    assert largest["chosen"]
+    assert largest["improves_alone"]
     # Core: keeping the largest of two true lesions halves the detections and lowers Dice: dropped.
     core = _tried(report, "keep_largest", "core")
     assert core["dice_after"] == pytest.approx(2 * 27 / (27 + 54)) and core["f1_after"] == pytest.approx(2 / 3)
-    assert not core["chosen"]
+    assert not core["improves_alone"]
     # Restrict to body: removes the air false positive of oedema (kept); changes nothing for core (not kept).
     body = _tried(report, "restrict_to_body", "oedema")
-    assert body["offered"] and body["chosen"]
+    assert body["offered"] and body["improves_alone"] and body["chosen"]
     assert body["dice_after"] == pytest.approx(2 * 180 / (180 + 188))
     assert body["f1_after"] == pytest.approx(6 / 9)
-    assert not _tried(report, "restrict_to_body", "core")["chosen"]
+    assert not _tried(report, "restrict_to_body", "core")["improves_alone"]
     # Minimum size from the smallest true lesion (27 voxels, 54 mm³): 16 mm³ false positives go at 27 and
     # 54 mm³ (the smaller is chosen), not at 5.4 or 13.5 mm³; the 27-voxel true lesions stay at 54 mm³.
     assert report["thresholds_mm3"] == [5.4, 13.5, 27.0, 54.0]
-    assert not _tried(report, "min_component_mm3", "all", 13.5)["chosen"]
+    assert not _tried(report, "min_component_mm3", "all", 13.5)["improves_alone"]
+    assert _tried(report, "min_component_mm3", "all", 27.0)["improves_alone"]
     assert _tried(report, "min_component_mm3", "all", 27.0)["chosen"]
-    assert report["chosen"] == {"keep_largest": ["oedema"], "restrict_to_body": ["oedema"],
-                                "min_component_mm3": 27.0}
+    # In combination: restrict-to-body (oedema), then 27 mm³ on top of it, leave one oedema component, so
+    # keep-largest on top of them changes nothing and is not kept (though it improves alone).
+    assert report["chosen"] == {"keep_largest": [], "restrict_to_body": ["oedema"], "min_component_mm3": 27.0}
+    assert not largest["chosen"]
+    steps = report["combination"]["steps"]
+    assert [(s["rule"], s["class"], s.get("value"), s["kept"]) for s in steps] == [
+        ("restrict_to_body", "oedema", None, True), ("restrict_to_body", "core", None, False),
+        ("min_component_mm3", "all", 5.4, False), ("min_component_mm3", "all", 13.5, False),
+        ("min_component_mm3", "all", 27.0, True), ("min_component_mm3", "all", 54.0, False),
+        ("keep_largest", "oedema", None, False), ("keep_largest", "core", None, False)]
+    assert steps[6]["on_top_of"] == {"keep_largest": [], "restrict_to_body": ["oedema"], "min_component_mm3": 27.0}
+    assert steps[6]["dice_before"] == pytest.approx(1.0) and steps[6]["dice_after"] == pytest.approx(1.0)
+    assert report["combination"]["outcome"] == "combination"
+    assert report["combination"]["final"]["dice"] == pytest.approx(1.0)
 
 
 def test_restrict_to_body_is_not_offered_where_the_truth_leaves_the_body(tmp_path):
@@ -85,13 +98,13 @@ def test_the_chosen_rules_applied_give_the_truth_back(tmp_path):
     config = load_config(None, CONFIG)
     report = select_postprocessing([case], config)
     chosen = chosen_config(config, report["chosen"])
-    assert chosen.postprocess.keep_largest == ["oedema"] and chosen.inference.min_component_mm3 == 27.0
+    assert chosen.postprocess.restrict_to_body == ["oedema"] and chosen.inference.min_component_mm3 == 27.0
     pred = nib.load(str(case.prediction))
     image = np.asarray(nib.load(str(case.image)).dataobj)
     out = apply_postprocessing(np.asarray(pred.dataobj), pred.affine, image, chosen)
     assert np.array_equal(out, np.asarray(nib.load(str(case.truth)).dataobj))
     off = without_postprocessing(chosen)
-    assert off.postprocess.keep_largest == [] and off.inference.min_component_mm3 == 0.0
+    assert off.postprocess.restrict_to_body == [] and off.inference.min_component_mm3 == 0.0
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
