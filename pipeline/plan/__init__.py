@@ -189,6 +189,9 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
                                        sizes["batch_size"] * sizes["samples_per_volume"], shape,
                                        list(net["patch_size"]), overlap, sched["epochs"], seconds)
     deep = net["depth"] > 2
+    from pipeline.plan.channels import channel_rules
+
+    channel_list, channel_notes, channel_reason = channel_rules(channels)
     patch = list(net["patch_size"])
     plan = {
         "data": {
@@ -254,6 +257,8 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
                                   "the time budget, held: past it at the measured pace, the run is shortened"
                                   if budget_minutes else "no time budget"),
         },
+        **({"input": {"channels": Choice([Choice(r, n) for r, n in zip(channel_list, channel_notes)],
+                                         channel_reason)}} if channel_list else {}),
         "inference": {
             "roi_size": Choice(patch, "the training patch"),
             "overlap": Choice(overlap, overlap_reason),

@@ -30,7 +30,14 @@ def flat_choices(plan: dict, prefix: str = "") -> Iterator[tuple[str, Any, str]]
         if isinstance(node, dict):
             yield from flat_choices(node, f"{prefix}{key}.")
         elif isinstance(node, Choice) and node.reason:
-            yield f"{prefix}{key}", node.value, node.reason
+            yield f"{prefix}{key}", plain(node.value), node.reason
+
+
+def plain(value):
+    """``value`` without the :class:`Choice` of its list items (a list of commented rules)."""
+    if isinstance(value, list):
+        return [plain(v.value if isinstance(v, Choice) else v) for v in value]
+    return value
 
 
 def render(plan: dict, header: str = "") -> str:
@@ -66,9 +73,11 @@ def _lines(key: str, node, level: int) -> list[str]:
             out.extend(_lines(child_key, child, level + 1))
         return out
     value, reason = (node.value, node.reason) if isinstance(node, Choice) else (node, "")
-    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        out = [f"{pad}{key}:" + (f"  # {reason}" if reason else "")]
-        out.extend(f"{pad}{INDENT}- {flow(v)}" for v in value)
+    if isinstance(value, list) and value and all(isinstance(v, dict) or isinstance(v, Choice) for v in value):
+        out = [f"{pad}{key}:" + (f"  # {_one_line(reason)}" if reason else "")]
+        for item in value:  # an item may be a Choice: a dict with its own comment
+            note = item.reason if isinstance(item, Choice) else ""
+            out.append(f"{pad}{INDENT}- {flow(plain([item])[0])}" + (f"  # {_one_line(note)}" if note else ""))
         return out
     return [f"{pad}{key}: {flow(value)}" + (f"  # {_one_line(reason)}" if reason else "")]
 
