@@ -123,3 +123,52 @@ def test_a_combination_scores_as_evaluating_its_applied_rules(tmp_path, rules):
     f1 = 2 * row.lesion_tp / (2 * row.lesion_tp + row.lesion_fp + row.lesion_fn)
     assert not np.array_equal(applied, pred)
     assert evidence.scores(rules)["lesion"] == pytest.approx({"dice": row.dice, "lesion_f1": f1})
+
+
+def _body_case(tmp_path, name: str, kind: str) -> OOFCase:
+    """Body: x, y 4-27 (air around it), voxels of 1 mm³. Kind "air": a 27-voxel lesion predicted exactly,
+    a 64-voxel false positive in the air (the largest component) and an 8-voxel one in the body. Kind
+    "edge": a 27-voxel lesion at the body's edge predicted with 36 more voxels in the air (mostly outside)."""
+    affine = make_affine("LPS", spacing=(1.0, 1.0, 1.0))
+    image = np.full(SHAPE, -1000.0, np.float32)
+    image[4:28, 4:28, :] = 40.0
+    truth = np.zeros(SHAPE, np.uint8)
+    if kind == "air":
+        truth[10:13, 10:13, 4:7] = 1
+        pred = truth.copy()
+        pred[0:4, 0:4, 0:4] = 1
+        pred[20:22, 20:22, 4:6] = 1
+    else:
+        truth[4:7, 14:17, 4:7] = 1
+        pred = truth.copy()
+        pred[0:4, 14:17, 4:7] = 1
+    paths = [save_nifti(a, affine, tmp_path / f"{k}_{name}.nii.gz") for k, a in
+             (("image", image), ("truth", truth), ("pred", pred))]
+    return OOFCase(name, prediction=paths[2], truth=paths[1], image=str(paths[0]))
+
+
+def test_two_rules_that_help_only_together_are_not_found(tmp_path):
+    """The procedure's documented limit. Restrict-to-body alone raises the Dice but drops the F1 (it cuts
+    the edge lesion); keep-largest alone keeps the air false positives; together (restrict, then the
+    largest in the body) they give Dice 2/3 and F1 0.8 against 0.486 and 0.6. Judged one at a time,
+    neither is kept."""
+    from pipeline.cv.select import _add_case, _Evidence
+
+    cases = [_body_case(tmp_path, "a0", "air"), _body_case(tmp_path, "a1", "air"), _body_case(tmp_path, "b", "edge")]
+    config = load_config(None, CONFIG)
+    report = select_postprocessing(cases, config, thresholds_mm3=[])
+    air, edge = 2 * 27 / (27 + 27 + 64 + 8), 2 * 27 / (27 + 63)
+    assert report["baseline"]["lesion"] == pytest.approx({"dice": (2 * air + edge) / 3, "lesion_f1": 6 / 10})
+    alone = {t["rule"]: t for t in report["tried"] if t["offered"]}
+    assert alone["restrict_to_body"]["dice_after"] == pytest.approx(2 * (2 * 27 / (27 + 35)) / 3)
+    assert alone["restrict_to_body"]["f1_after"] == pytest.approx(4 / 7)
+    assert alone["keep_largest"]["dice_after"] == pytest.approx(edge / 3)
+    assert not alone["restrict_to_body"]["improves_alone"] and not alone["keep_largest"]["improves_alone"]
+    assert [s["kept"] for s in report["combination"]["steps"]] == [False, False]
+    assert report["chosen"] == Rules().as_chosen()
+
+    evidence = _Evidence({"lesion": 1})
+    for case in cases:
+        _add_case(case, config, evidence)
+    together = evidence.scores(Rules(restrict_to_body=("lesion",), keep_largest=("lesion",)))["lesion"]
+    assert together == pytest.approx({"dice": 2 / 3, "lesion_f1": 0.8})
