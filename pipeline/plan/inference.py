@@ -1,0 +1,66 @@
+"""Measured inference windows: how long one sliding window of a planned network takes on this machine.
+
+A window is what ``medseg segment`` runs on a CPU (:class:`~pipeline.infer.runner.NetworkRunner`): the
+U-Net in eval mode, fused for inference (:func:`~pipeline.model.fused.fuse_for_inference`, channels-last
+where it pays), float32 under ``inference_mode``, :data:`WINDOW_BATCH` windows per call, with the torch
+threads this process has (``torch.get_num_threads()``, as segment runs in it). The figure is the median
+of :data:`REPEATS` calls after one warm-up call, divided by the windows per call. The rule that uses it,
+:func:`pipeline.plan.rules.inference_budget`, multiplies it by the windows a case needs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+REPEATS = 5
+WINDOW_BATCH = 2  # segment's windows per network call on a CPU (inference.sw_batch_size, at least 2)
+MAX_MEASURED_CALL_S = 10.0  # a warm-up call longer than this is not repeated (keeps planning quick)
+
+
+def measure_window(patch: Sequence[int], features: int, depth: int, in_channels: int, out_channels: int,
+                   device: str = "cpu", repeats: int = REPEATS, batch: int = WINDOW_BATCH) -> float:
+    """Median seconds per window of the planned U-Net's inference forward pass on ``patch`` windows."""
+    import torch
+
+    from pipeline.config import ModelConfig
+    from pipeline.model import build_model
+    from pipeline.model.fused import fuse_for_inference
+
+    target = torch.device(device)
+    cfg = ModelConfig(spatial_dims=len(patch), features=int(features), depth=int(depth), deep_supervision=False)
+    model = build_model(cfg, in_channels, out_channels).to(target).eval()
+    fast = fuse_for_inference(model, target)
+    x = torch.randn((batch, in_channels, *[int(p) for p in patch]), generator=torch.Generator().manual_seed(0))
+    x = x.to(target)
+
+    def call() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            fast(x).float()
+        if target.type == "cuda":
+            torch.cuda.synchronize(target)
+        return time.perf_counter() - start
+
+    first = call()
+    if first > MAX_MEASURED_CALL_S:
+        return first / batch
+    return statistics.median(call() for _ in range(repeats)) / batch
+
+
+def window_timer(in_channels: int, out_channels: int, device: str = "cpu") -> Callable[[dict], float]:
+    """``net -> seconds per window`` (``net``: patch_size, features, depth), each network measured once."""
+    import torch
+
+    measured: dict = {}
+
+    def seconds(net: dict) -> float:
+        key = (tuple(int(p) for p in net["patch_size"]), int(net["features"]), int(net["depth"]))
+        if key not in measured:
+            measured[key] = measure_window(key[0], key[1], key[2], in_channels, out_channels, device)
+        return measured[key]
+
+    seconds.threads = torch.get_num_threads()  # type: ignore[attr-defined]
+    seconds.measured = measured  # type: ignore[attr-defined]
+    return seconds
