@@ -110,7 +110,8 @@ def cmd_plan(args) -> int:
     if result.inference_estimate is not None:
         est = result.inference_estimate
         print(f"estimated segment network time: {est['estimated_seconds']:.1f} s for the median case "
-              f"({est['windows']} windows x {est['seconds_per_window']:.3f} s, {est['threads']} thread(s)); "
+              f"({est['windows']} windows x {est['seconds_per_window']:.3f} s, {est['threads']} thread(s)"
+              + (f", {est['estimated_cpu_seconds']:.1f} CPU s" if "estimated_cpu_seconds" in est else "") + "); "
               f"{est['ct_estimated_seconds']:.0f} s for a 512x512x400 CT ({est['ct_windows']} windows)"
               + ("" if est["fits"] else f": OVER the {est['budget_seconds']:g} s budget"))
     print(f"plans: {result.plans}  fingerprint: {result.fingerprint}")

@@ -322,6 +322,13 @@ def _inference_budget(fp: dict, net: dict, target, shapes, spacings, overlap: fl
     value, reason = rules.inference_budget(net, target, median_spacing, shapes, spacings, overlap,
                                            infer_seconds or None, timer)
     log.info("inference estimate: %s", reason)
+    cpu = getattr(timer, "cpu", None)
+    if cpu is not None:  # the CPU seconds of the same calls (on a shared machine wall time counts the waiting)
+        est = value["estimate"]
+        per_window = cpu({"patch_size": est["patch_size"], "features": est["features"], "depth": est["depth"]})
+        value["estimate"] = {**est, "cpu_seconds_per_window": round(per_window, 5),
+                             "estimated_cpu_seconds": round(est["windows"] * per_window, 2),
+                             "ct_estimated_cpu_seconds": round(est["ct_windows"] * per_window, 2)}
     return {**value, "threads": timer.threads}, reason
 
 

@@ -5,7 +5,9 @@ U-Net in eval mode, fused for inference (:func:`~pipeline.model.fused.fuse_for_i
 where it pays), float32 under ``inference_mode``, :data:`WINDOW_BATCH` windows per call, with the torch
 threads this process has (``torch.get_num_threads()``, as segment runs in it). The figure is the median
 of :data:`REPEATS` calls after one warm-up call, divided by the windows per call. The rule that uses it,
-:func:`pipeline.plan.rules.inference_budget`, multiplies it by the windows a case needs.
+:func:`pipeline.plan.rules.inference_budget`, multiplies it by the windows a case needs. The budget is on
+wall-clock time (what a user waits); the process CPU time of the same calls is recorded beside it
+(:func:`window_timer`'s ``cpu``), since on a shared machine the wall time also counts the waiting.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ MAX_MEASURED_CALL_S = 10.0  # a warm-up call longer than this is not repeated (k
 def measure_window(patch: Sequence[int], features: int, depth: int, in_channels: int, out_channels: int,
                    device: str = "cpu", repeats: int = REPEATS, batch: int = WINDOW_BATCH) -> float:
     """Median seconds per window of the planned U-Net's inference forward pass on ``patch`` windows."""
+    return time_window(patch, features, depth, in_channels, out_channels, device, repeats, batch)[0]
+
+
+def time_window(patch: Sequence[int], features: int, depth: int, in_channels: int, out_channels: int,
+                device: str = "cpu", repeats: int = REPEATS, batch: int = WINDOW_BATCH) -> tuple[float, float]:
+    """``(wall, cpu)``: median wall-clock and process CPU seconds per window (see :func:`measure_window`)."""
     import torch
 
     from pipeline.config import ModelConfig
@@ -35,32 +43,40 @@ def measure_window(patch: Sequence[int], features: int, depth: int, in_channels:
     x = torch.randn((batch, in_channels, *[int(p) for p in patch]), generator=torch.Generator().manual_seed(0))
     x = x.to(target)
 
-    def call() -> float:
-        start = time.perf_counter()
+    def call() -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             fast(x).float()
         if target.type == "cuda":
             torch.cuda.synchronize(target)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     first = call()
-    if first > MAX_MEASURED_CALL_S:
-        return first / batch
-    return statistics.median(call() for _ in range(repeats)) / batch
+    runs = [first] if first[0] > MAX_MEASURED_CALL_S else [call() for _ in range(repeats)]
+    return (statistics.median(r[0] for r in runs) / batch, statistics.median(r[1] for r in runs) / batch)
 
 
 def window_timer(in_channels: int, out_channels: int, device: str = "cpu") -> Callable[[dict], float]:
-    """``net -> seconds per window`` (``net``: patch_size, features, depth), each network measured once."""
+    """``net -> seconds per window`` (``net``: patch_size, features, depth), each network measured once;
+    ``.cpu(net)``: its CPU seconds per window, ``.threads``: torch's threads here."""
     import torch
 
     measured: dict = {}
 
+    def key_of(net: dict) -> tuple:
+        return tuple(int(p) for p in net["patch_size"]), int(net["features"]), int(net["depth"])
+
     def seconds(net: dict) -> float:
-        key = (tuple(int(p) for p in net["patch_size"]), int(net["features"]), int(net["depth"]))
+        key = key_of(net)
         if key not in measured:
-            measured[key] = measure_window(key[0], key[1], key[2], in_channels, out_channels, device)
-        return measured[key]
+            measured[key] = time_window(key[0], key[1], key[2], in_channels, out_channels, device)
+        return measured[key][0]
+
+    def cpu(net: dict) -> float:
+        seconds(net)
+        return measured[key_of(net)][1]
 
     seconds.threads = torch.get_num_threads()  # type: ignore[attr-defined]
     seconds.measured = measured  # type: ignore[attr-defined]
+    seconds.cpu = cpu  # type: ignore[attr-defined]
     return seconds

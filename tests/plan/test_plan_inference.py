@@ -148,6 +148,7 @@ def test_measure_window_runs_the_fused_forward():
     first = timer(net)
     assert timer(net) == first and len(timer.measured) == 1  # each network measured once
     assert timer.threads == torch.get_num_threads()
+    assert 0 < timer.cpu(net) < 5 * max(first, 0.01) * timer.threads  # the same calls' CPU time
 
 
 def test_plan_writes_the_estimate_and_the_reasons(tmp_path, monkeypatch):
