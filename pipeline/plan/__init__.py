@@ -26,6 +26,7 @@ DEVICES = ("cpu", "cuda")
 CPU_HOURS = 0.5  # default time budget on a CPU: 30 minutes of training, validation included
 ORIENTATION = "RAS"
 SEED = 0  # train.seed of the plan: data.max_cases draws its cases with it
+CROP_MARGIN = 4  # preprocess.crop_margin of the plan
 MAX_PROBLEMS_SHOWN = 8
 
 
@@ -191,7 +192,9 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
     else:
         sched, sched_reason = rules.schedule(None, None)
     overlap, overlap_reason = rules.overlap(device)
-    infer = _inference_budget(fp, net, target, shapes, spacings, overlap, device, infer_seconds, in_ch, out_ch)
+    norms, norm_reason = rules.normalization(channels, fp["intensity"])
+    infer = _inference_budget(fp, net, target, shapes, spacings, overlap, device, infer_seconds, in_ch, out_ch,
+                              norms)
     infer_reasons: dict = {}
     if infer is not None:
         infer_value, infer_reason = infer
@@ -212,7 +215,6 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
         else:
             infer_reasons = {"inference.roi_size": f"; {infer_reason}"}
     lr, lr_reason = rules.learning_rate(sched["epochs"] * sched["steps_per_epoch"])
-    norms, norm_reason = rules.normalization(channels, fp["intensity"])
     pos, pos_reason = rules.pos_ratio(fp["class_fractions"], fp["cases_with_lesion_fraction"])
     min_mm3, min_reason = rules.min_component_mm3(fp["lesions"])
     from pipeline.plan.memory import ram_bytes
@@ -240,7 +242,7 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
                           "window": [-150.0, 250.0],
                           "channels": Choice(norms, norm_reason)},
             "crop_foreground": True,
-            "crop_margin": 4,
+            "crop_margin": CROP_MARGIN,
         },
         "model": {
             "name": "unet",
@@ -306,12 +308,13 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
 
 
 def _inference_budget(fp: dict, net: dict, target, shapes, spacings, overlap: float, device: str,
-                      infer_seconds: Optional[float], in_ch: int, out_ch: int) -> Optional[tuple[dict, str]]:
+                      infer_seconds: Optional[float], in_ch: int, out_ch: int,
+                      norms: Optional[list] = None) -> Optional[tuple[dict, str]]:
     """:func:`pipeline.plan.rules.inference_budget` with windows timed here (None: not estimated, on
     ``cuda`` without ``--infer-seconds``)."""
     import numpy as np
 
-    from pipeline.plan.inference import window_timer
+    from pipeline.plan.inference import body_fraction, window_timer
 
     if device == "cuda" and not infer_seconds:
         return None
@@ -319,8 +322,16 @@ def _inference_budget(fp: dict, net: dict, target, shapes, spacings, overlap: fl
         infer_seconds = rules.INFER_SECONDS_CPU
     timer = window_timer(in_ch, out_ch, device)
     median_spacing = [float(v) for v in np.median(np.asarray(spacings, np.float64), axis=0)]
+    body = None
+    if norms is not None:
+        try:  # segment runs over the body's box: a few cases preprocessed as planned say how much of the grid
+            body = body_fraction(fp["dataset"], fp["cases"], fp["channels"], norms, target, ORIENTATION, CROP_MARGIN)
+        except Exception as exc:  # noqa: BLE001 - unreadable here: estimate on the whole grid, and say so
+            log.warning("inference estimate on the whole grid (the crop to the body could not be measured: %s)", exc)
     value, reason = rules.inference_budget(net, target, median_spacing, shapes, spacings, overlap,
-                                           infer_seconds or None, timer)
+                                           infer_seconds or None, timer, body_fraction=body,
+                                           crop_margin=CROP_MARGIN if body is not None else 0)
+    value["estimate"] = {**value["estimate"], "body_fraction": body}
     log.info("inference estimate: %s", reason)
     cpu = getattr(timer, "cpu", None)
     if cpu is not None:  # the CPU seconds of the same calls (on a shared machine wall time counts the waiting)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 REPEATS = 5
 WINDOW_BATCH = 2  # segment's windows per network call on a CPU (inference.sw_batch_size, at least 2)
 MAX_MEASURED_CALL_S = 10.0  # a warm-up call longer than this is not repeated (keeps planning quick)
+BODY_CASES = 3  # cases preprocessed to find how much of the grid the crop to the body keeps
 
 
 def measure_window(patch: Sequence[int], features: int, depth: int, in_channels: int, out_channels: int,
@@ -80,3 +81,38 @@ def window_timer(in_channels: int, out_channels: int, device: str = "cpu") -> Ca
     seconds.measured = measured  # type: ignore[attr-defined]
     seconds.cpu = cpu  # type: ignore[attr-defined]
     return seconds
+
+
+def body_fraction(dataset, cases: Sequence[dict], channels: Sequence[str], norms: Sequence[dict],
+                  target: Sequence[float], orientation: str = "RAS", margin: int = 4,
+                  count: int = BODY_CASES) -> Optional[list[float]]:
+    """Per axis, the median share of the grid (at ``target``) that preprocessing's crop to the body keeps,
+    its ``margin`` voxels excluded: ``count`` of the fingerprint's ``cases`` (those nearest the median
+    volume) run through the real preprocessing (:func:`~pipeline.transforms.preprocess.preprocess_transforms`
+    with the planned normalisation ``norms``), as ``segment`` and training run it. None: no case read."""
+    import numpy as np
+
+    from pipeline.config import ChannelNormConfig, IntensityConfig, PreprocessConfig
+    from pipeline.dataset.layout import read_dataset
+    from pipeline.training.dataset_config import dataset_items
+    from pipeline.transforms.preprocess import preprocess_transforms
+
+    items = {item["case_id"]: item for item in dataset_items(read_dataset(dataset)) if item["label"]}
+    cfg = PreprocessConfig(orientation=orientation, spacing=[float(t) for t in target],
+                           intensity=IntensityConfig(mode="auto", channels=[ChannelNormConfig(**n) for n in norms]),
+                           crop_foreground=True, crop_margin=int(margin))
+    transform = preprocess_transforms(cfg, channels=list(channels))
+    volumes = [float(np.prod(np.asarray(c["shape"], float) * np.asarray(c["spacing"], float))) for c in cases]
+    middle = float(np.median(volumes)) if volumes else 0.0
+    picked = sorted(range(len(cases)), key=lambda i: abs(volumes[i] - middle))[:count]
+    fractions = []
+    for i in picked:
+        case = cases[i]
+        if case["case_id"] not in items:
+            continue
+        cropped = transform({"image": items[case["case_id"]]["image"]})["image"].shape[1:]
+        full = [max(1, int(round(n * s / t))) for n, s, t in zip(case["shape"], case["spacing"], target)]
+        fractions.append([min(1.0, max(0.0, (c - 2 * margin) / f)) for c, f in zip(cropped, full)])
+    if not fractions:
+        return None
+    return [round(float(v), 4) for v in np.median(np.asarray(fractions), axis=0)]

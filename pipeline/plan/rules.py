@@ -358,7 +358,8 @@ def _patch_within(patch: Sequence[int], shape: Sequence[int], depth: int) -> lis
 def inference_budget(net: dict, target: Sequence[float], median_spacing: Sequence[float],
                      shapes: Sequence[Sequence[int]], spacings: Sequence[Sequence[float]], overlap_fraction: float,
                      budget_seconds: Optional[float], seconds_per_window,
-                     ct_shape: Sequence[int] = CT_SHAPE, ct_spacing: Sequence[float] = CT_SPACING) -> tuple[dict, str]:
+                     ct_shape: Sequence[int] = CT_SHAPE, ct_spacing: Sequence[float] = CT_SPACING,
+                     body_fraction: Optional[Sequence[float]] = None, crop_margin: int = 0) -> tuple[dict, str]:
     """The network and spacing whose ``medseg segment`` (network time) of the median training case fits
     ``budget_seconds`` (``None``: not budgeted, only estimated).
 
@@ -366,13 +367,18 @@ def inference_budget(net: dict, target: Sequence[float], median_spacing: Sequenc
     planned) x ``seconds_per_window(net)`` (measured: :func:`pipeline.plan.inference.window_timer`; a fake
     in tests). Over budget, step down (:func:`_smaller_for_inference`: features, then depth, then spacing)
     until it fits; when nothing fits, keep the fastest candidate and say so. The same figures for
-    ``ct_shape`` at ``ct_spacing`` (`medseg bench`'s 512x512x400 CT) are reported beside.
+    ``ct_shape`` at ``ct_spacing`` (`medseg bench`'s 512x512x400 CT, its whole grid) are reported beside.
+    ``body_fraction`` (per axis, :func:`pipeline.plan.inference.body_fraction`): the share of the grid the
+    crop to the body keeps; then the median case is that share of the median shape plus ``crop_margin``
+    voxels each side (what ``preprocess.crop_foreground`` leaves ``segment`` to run over).
 
     Returns ``{"net": {patch_size, depth, features}, "spacing": [...], "estimate": {...}, "tried": [...],
     "changed": [keys], "fits": bool}`` and the reason.
     """
     def evaluate(candidate: dict, spacing: list[float], step: str) -> dict:
-        shape = median_shape(shapes, spacings, spacing)
+        full = median_shape(shapes, spacings, spacing)
+        shape = full if body_fraction is None else [
+            min(n, max(1, int(round(n * f))) + 2 * int(crop_margin)) for n, f in zip(full, body_fraction)]
         dims = len(candidate["patch_size"])
         candidate = {**candidate, "patch_size": _patch_within(candidate["patch_size"], shape[:dims],
                                                               candidate["depth"])}
@@ -381,7 +387,8 @@ def inference_budget(net: dict, target: Sequence[float], median_spacing: Sequenc
         ct_grid = [max(1, int(round(n * s / t))) for n, s, t in zip(ct_shape, ct_spacing, spacing)]
         ct_windows = window_count(ct_grid, candidate["patch_size"], overlap_fraction)
         return {"step": step, "features": candidate["features"], "depth": candidate["depth"],
-                "patch_size": list(candidate["patch_size"]), "spacing": list(spacing), "median_shape": shape,
+                "patch_size": list(candidate["patch_size"]), "spacing": list(spacing), "median_shape": full,
+                "segment_shape": shape,
                 "overlap": overlap_fraction, "seconds_per_window": round(per_window, 5), "windows": windows,
                 "estimated_seconds": round(windows * per_window, 2),
                 "ct_shape": list(ct_shape), "ct_spacing": list(ct_spacing), "ct_grid": ct_grid,

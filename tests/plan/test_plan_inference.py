@@ -133,6 +133,44 @@ def test_the_spacing_bound_is_the_median_not_the_target():
                                                               [1.6, 1.6, 5.25], [1.6, 1.6, 6.0]]
 
 
+def test_the_crop_to_the_body_shrinks_the_grid_segment_runs_over():
+    # 70% in-plane, all the slices: (100, 100, 40) -> (70 + 8, 70 + 8, 40) with a 4-voxel margin, 2 x 2 x 2 windows
+    value, _ = rules.inference_budget(NET, TARGET, TARGET, SHAPES, SPACINGS, 0.25, None, fake_timer(),
+                                      body_fraction=[0.7, 0.7, 1.0], crop_margin=4)
+    est = value["estimate"]
+    assert est["median_shape"] == [100, 100, 40] and est["segment_shape"] == [78, 78, 40]
+    assert est["windows"] == rules.window_count([78, 78, 40], [64, 64, 32], 0.25) == 8
+    value, _ = rules.inference_budget(NET, TARGET, TARGET, SHAPES, SPACINGS, 0.25, None, fake_timer(),
+                                      body_fraction=[0.5, 0.5, 1.0], crop_margin=4)
+    assert value["estimate"]["segment_shape"] == [58, 58, 40]  # 58 rounds up to 64 at depth 4: 1 x 1 x 2
+    assert value["estimate"]["patch_size"] == [64, 64, 32] and value["estimate"]["windows"] == 2
+
+
+def test_body_fraction_is_what_preprocessing_crops(tmp_path):
+    """One synthetic CT case through the planned preprocessing: the fraction gives back its cropped grid."""
+    from pipeline.plan.fingerprint import dataset_fingerprint
+    from pipeline.plan.inference import body_fraction
+    from pipeline.synth import synthesize
+
+    root = synthesize(tmp_path / "ct", cases=2, dicom_test_cases=0, shape=(48, 48, 16))
+    fp = dataset_fingerprint(root)
+    norms, _ = rules.normalization(fp["channels"], fp["intensity"])
+    target = [0.8, 0.8, 2.5]
+    fraction = body_fraction(root, fp["cases"][:1], fp["channels"], norms, target, count=1)
+    assert len(fraction) == 3 and all(0 < f <= 1 for f in fraction) and min(fraction) < 1  # air is cropped
+    from pipeline.config import ChannelNormConfig, IntensityConfig, PreprocessConfig
+    from pipeline.dataset.layout import read_dataset
+    from pipeline.training.dataset_config import dataset_items
+    from pipeline.transforms.preprocess import preprocess_transforms
+
+    cfg = PreprocessConfig(spacing=target, intensity=IntensityConfig(
+        mode="auto", channels=[ChannelNormConfig(**n) for n in norms]), crop_margin=4)
+    item = next(i for i in dataset_items(read_dataset(root)) if i["case_id"] == fp["cases"][0]["case_id"])
+    cropped = list(preprocess_transforms(cfg, channels=fp["channels"])({"image": item["image"]})["image"].shape[1:])
+    full = fp["cases"][0]["shape"]  # already at 0.8 x 0.8 x 2.5
+    assert [min(n, round(n * f) + 8) for n, f in zip(full, fraction)] == cropped
+
+
 def test_no_budget_only_estimates():
     value, reason = rules.inference_budget(NET, TARGET, TARGET, SHAPES, SPACINGS, 0.25, None, fake_timer())
     assert value["changed"] == [] and value["fits"] and reason.startswith("inference not budgeted")
@@ -168,11 +206,12 @@ def test_plan_writes_the_estimate_and_the_reasons(tmp_path, monkeypatch):
     fingerprint = json.loads((out / "fingerprint.json").read_text())
     est = fingerprint["inference_estimate"]
     assert est["budget_seconds"] == 2 and est["fits"] and est["threads"] == 1
+    assert len(est["body_fraction"]) == 3 and all(s <= m for s, m in zip(est["segment_shape"], est["median_shape"]))
     assert est["features"] == config.model.features < est["tried"][0]["features"]
     assert est["estimated_seconds"] == pytest.approx(est["windows"] * est["seconds_per_window"], abs=0.01)
     text = (out / "plans.yaml").read_text()
     features_line = next(line for line in text.splitlines() if line.strip().startswith("features:"))
-    assert "inference budget 2 s" in features_line and config.model.features == 8
+    assert "inference budget 2 s" in features_line and "features 32 -> " in features_line
     # the training step was re-timed for the smaller network and the schedule refilled
     epochs_line = next(line for line in text.splitlines() if line.strip().startswith("epochs:"))
     assert "re-timed after the inference budget" in epochs_line
