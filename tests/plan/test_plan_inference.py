@@ -220,3 +220,19 @@ def test_plan_writes_the_estimate_and_the_reasons(tmp_path, monkeypatch):
 def _timer_attrs(timer):
     timer.threads, timer.measured = 1, {}
     return timer
+
+
+def test_cuda_plans_no_inference_budget_by_default_and_refuses_one_without_a_gpu(tmp_path, monkeypatch):
+    import pipeline.plan as plan
+    from pipeline.errors import ConfigError
+    from pipeline.synth import synthesize
+
+    root = synthesize(tmp_path / "ct", cases=3, dicom_test_cases=0, shape=(32, 32, 16))
+    result = plan.plan_dataset(root, tmp_path / "plan", device="cuda", memory_gb=8)
+    assert result.inference_estimate is None
+    assert "inference_estimate" not in json.loads(result.fingerprint.read_text())
+    monkeypatch.setattr(plan, "_cuda_available", lambda: False)
+    with pytest.raises(ConfigError, match="--infer-seconds on --device cuda"):
+        plan.plan_dataset(root, tmp_path / "plan2", device="cuda", infer_seconds=5)
+    with pytest.raises(ConfigError, match="expected seconds >= 0"):
+        plan.plan_dataset(root, tmp_path / "plan3", device="cpu", infer_seconds=-1)
