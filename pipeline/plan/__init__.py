@@ -208,8 +208,11 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
             target_reason += infer_reasons.get("preprocess.spacing", "")
             shape = rules.median_shape(shapes, spacings, target)
             if step_seconds is not None:  # the smaller network trains faster: measure it, refill the budget
-                step_seconds = measure_step(net["patch_size"], net["features"], net["depth"], in_ch, out_ch,
-                                            sizes["batch_size"] * sizes["samples_per_volume"], device)
+                # (never slower than the larger one was measured: a slower figure is the machine's load)
+                step_seconds = min(step_seconds, measure_step(net["patch_size"], net["features"], net["depth"],
+                                                              in_ch, out_ch,
+                                                              sizes["batch_size"] * sizes["samples_per_volume"],
+                                                              device))
                 sched, sched_reason = rules.schedule(step_seconds, seconds)
                 sched_reason = f"{sched_reason} ({data_reason}; re-timed after the inference budget)"
         else:
