@@ -102,11 +102,18 @@ def cmd_plan(args) -> int:
               "and plan again")
         return 2
     result = plan_dataset(args.dataset, args.out, device=args.device, memory_gb=args.memory_gb, hours=args.hours,
-                          check=False, progress=not args.quiet)
+                          check=False, progress=not args.quiet, infer_seconds=args.infer_seconds)
     for key, value, reason in result.choices:
         print(f"{key:<32} {str(value):<28} {reason}")
     if result.step_seconds is not None:
         print(f"measured training step: {result.step_seconds:.3f} s")
+    if result.inference_estimate is not None:
+        est = result.inference_estimate
+        print(f"estimated segment network time: {est['estimated_seconds']:.1f} s for the median case "
+              f"({est['windows']} windows x {est['seconds_per_window']:.3f} s, {est['threads']} thread(s)"
+              + (f", {est['estimated_cpu_seconds']:.1f} CPU s" if "estimated_cpu_seconds" in est else "") + "); "
+              f"{est['ct_estimated_seconds']:.0f} s for a 512x512x400 CT ({est['ct_windows']} windows)"
+              + ("" if est["fits"] else f": OVER the {est['budget_seconds']:g} s budget"))
     print(f"plans: {result.plans}  fingerprint: {result.fingerprint}")
     print(f"train it: medseg train {result.plans}")
     return 0
@@ -540,6 +547,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="memory a training step may use (default: 25%% of the RAM on cpu, the GPU's memory on cuda)")
     p.add_argument("--hours", type=_positive_float, default=None, metavar="H",
                    help="training time budget; steps are timed on this machine (default on cpu: 0.5)")
+    p.add_argument("--infer-seconds", type=_non_negative_float, default=None, metavar="S",
+                   help="network time segment may take on the median training case; windows are timed on this "
+                        "machine, and features, depth, then spacing step down to fit (default on cpu: 30; "
+                        "0: estimate only; none on cuda)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("train", parents=[common], help="train a model from a YAML config")

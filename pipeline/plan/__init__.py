@@ -26,6 +26,7 @@ DEVICES = ("cpu", "cuda")
 CPU_HOURS = 0.5  # default time budget on a CPU: 30 minutes of training, validation included
 ORIENTATION = "RAS"
 SEED = 0  # train.seed of the plan: data.max_cases draws its cases with it
+CROP_MARGIN = 4  # preprocess.crop_margin of the plan
 MAX_PROBLEMS_SHOWN = 8
 
 
@@ -37,6 +38,7 @@ class PlanResult:
     config: Any  # the pipeline.config.Config plans.yaml loads as
     choices: list[tuple[str, Any, str]] = field(default_factory=list)  # (dotted key, value, reason)
     step_seconds: Optional[float] = None  # measured training step (None: not measured)
+    inference_estimate: Optional[dict] = None  # fingerprint.json's inference_estimate (None: not estimated)
 
 
 def default_out_dir(dataset: Union[str, Path]) -> Path:
@@ -46,13 +48,17 @@ def default_out_dir(dataset: Union[str, Path]) -> Path:
 
 def plan_dataset(dataset: Union[str, Path], out_dir: Union[str, Path, None] = None, device: str = "cpu",
                  memory_gb: Optional[float] = None, hours: Optional[float] = None, *, check: bool = True,
-                 progress: bool = False) -> PlanResult:
+                 progress: bool = False, infer_seconds: Optional[float] = None) -> PlanResult:
     """Plan training on ``dataset``; write ``plans.yaml`` and ``fingerprint.json`` into ``out_dir``.
 
     ``device``: where training will run (``cpu``: steps are timed here and the training fits ``hours``,
     default 0.5; ``cuda``: timed only when ``hours`` is given, else nnU-Net's schedule). ``memory_gb``:
     the memory a training step may use (default: :func:`pipeline.plan.memory.memory_budget`). ``check``:
     refuse a dataset with problems (:func:`pipeline.dataset.check_dataset`), listing them.
+    ``infer_seconds``: the network time ``medseg segment`` may take on the median training case
+    (:func:`pipeline.plan.rules.inference_budget`, window time measured here); default
+    :data:`~pipeline.plan.rules.INFER_SECONDS_CPU` on ``cpu``, none on ``cuda``; 0: not budgeted (on ``cpu``
+    still estimated). The estimate is ``fingerprint.json``'s ``inference_estimate``.
     """
     from pipeline.plan.fingerprint import dataset_fingerprint
     from pipeline.plan.memory import memory_budget
@@ -61,6 +67,11 @@ def plan_dataset(dataset: Union[str, Path], out_dir: Union[str, Path, None] = No
         raise ConfigError(f"plan device {device!r}: expected one of {', '.join(DEVICES)}")
     if hours is not None and hours <= 0:
         raise ConfigError(f"plan hours {hours!r}: expected a number of hours > 0, e.g. 0.5")
+    if infer_seconds is not None and infer_seconds < 0:
+        raise ConfigError(f"plan infer_seconds {infer_seconds!r}: expected seconds >= 0 (0: no inference budget)")
+    if device == "cuda" and infer_seconds and not _cuda_available():
+        raise ConfigError("--infer-seconds on --device cuda times inference windows on the GPU, but no CUDA GPU is "
+                          "visible here: plan on the GPU machine, or drop --infer-seconds")
     if device == "cuda" and hours is not None and not _cuda_available():
         raise ConfigError("--hours on --device cuda times training steps on the GPU, but no CUDA GPU is visible "
                           "here: plan on the GPU machine, or drop --hours (nnU-Net's schedule, not measured)")
@@ -80,7 +91,9 @@ def plan_dataset(dataset: Union[str, Path], out_dir: Union[str, Path, None] = No
         raise InputError(f"the dataset '{dataset}' has no training case with a label: nothing to plan from")
     fingerprint_path = write_fingerprint(fingerprint, out_dir / "fingerprint.json")
     budget, budget_reason = memory_budget(device, memory_gb)
-    plan, step_seconds = _plan(fingerprint, out_dir, device, budget, budget_reason, hours)
+    plan, step_seconds = _plan(fingerprint, out_dir, device, budget, budget_reason, hours, infer_seconds)
+    if "inference_estimate" in fingerprint:
+        fingerprint_path = write_fingerprint(fingerprint, out_dir / "fingerprint.json")
     header = (f"Planned by `medseg plan {fingerprint['dataset']}` for {device}"
               f" ({budget_reason}; {_budget_text(device, hours)}).\n"
               "Train it as it is: medseg train plans.yaml   (change any value here, or override it: "
@@ -90,7 +103,8 @@ def plan_dataset(dataset: Union[str, Path], out_dir: Union[str, Path, None] = No
               "Post-processing chosen from the data (a postprocess section) is set by `medseg cv`.")
     plans_path = out_dir / "plans.yaml"
     config = write_plans(plan, plans_path, header)
-    return PlanResult(out_dir, plans_path, fingerprint_path, config, list(flat_choices(plan)), step_seconds)
+    return PlanResult(out_dir, plans_path, fingerprint_path, config, list(flat_choices(plan)), step_seconds,
+                      fingerprint.get("inference_estimate"))
 
 
 def _case_draw(dataset, budget_seconds: Optional[float]) -> dict:
@@ -142,7 +156,7 @@ def _budget_text(device: str, hours: Optional[float]) -> str:
 
 
 def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: str,
-          hours: Optional[float]) -> tuple[dict, Optional[float]]:
+          hours: Optional[float], infer_seconds: Optional[float] = None) -> tuple[dict, Optional[float]]:
     """The plan tree (sections of :class:`Choice`) and the measured step time."""
     from pipeline.plan.timing import fit_time_budget
 
@@ -177,11 +191,35 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
         sched_reason = f"{sched_reason} ({data_reason})"
     else:
         sched, sched_reason = rules.schedule(None, None)
-    lr, lr_reason = rules.learning_rate(sched["epochs"] * sched["steps_per_epoch"])
+    overlap, overlap_reason = rules.overlap(device)
     norms, norm_reason = rules.normalization(channels, fp["intensity"])
+    infer = _inference_budget(fp, net, target, shapes, spacings, overlap, device, infer_seconds, in_ch, out_ch,
+                              norms)
+    infer_reasons: dict = {}
+    if infer is not None:
+        infer_value, infer_reason = infer
+        fp["inference_estimate"] = {**infer_value["estimate"], "threads": infer_value["threads"],
+                                    "reason": infer_reason, "tried": infer_value["tried"]}
+        infer_reasons = {key: f"; {infer_reason}" for key in infer_value["changed"]}
+        if infer_value["changed"]:
+            from pipeline.plan.timing import measure_step
+
+            net, target = {**net, **infer_value["net"]}, infer_value["spacing"]
+            target_reason += infer_reasons.get("preprocess.spacing", "")
+            shape = rules.median_shape(shapes, spacings, target)
+            if step_seconds is not None:  # the smaller network trains faster: measure it, refill the budget
+                # (never slower than the larger one was measured: a slower figure is the machine's load)
+                step_seconds = min(step_seconds, measure_step(net["patch_size"], net["features"], net["depth"],
+                                                              in_ch, out_ch,
+                                                              sizes["batch_size"] * sizes["samples_per_volume"],
+                                                              device))
+                sched, sched_reason = rules.schedule(step_seconds, seconds)
+                sched_reason = f"{sched_reason} ({data_reason}; re-timed after the inference budget)"
+        else:
+            infer_reasons = {"inference.roi_size": f"; {infer_reason}"}
+    lr, lr_reason = rules.learning_rate(sched["epochs"] * sched["steps_per_epoch"])
     pos, pos_reason = rules.pos_ratio(fp["class_fractions"], fp["cases_with_lesion_fraction"])
     min_mm3, min_reason = rules.min_component_mm3(fp["lesions"])
-    overlap, overlap_reason = rules.overlap(device)
     from pipeline.plan.memory import ram_bytes
 
     cached, cache_reason = rules.cache(fp["num_cases"], in_ch, shape, ram_bytes())
@@ -210,14 +248,16 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
                           "window": [-150.0, 250.0],
                           "channels": Choice(norms, norm_reason)},
             "crop_foreground": True,
-            "crop_margin": 4,
+            "crop_margin": CROP_MARGIN,
         },
         "model": {
             "name": "unet",
             "spatial_dims": Choice(dims, dims_reason),
-            "features": Choice(net["features"], "fitted with the patch (see sampling.patch_size)"),
+            "features": Choice(net["features"], "fitted with the patch (see sampling.patch_size)"
+                               + infer_reasons.get("model.features", "")),
             "depth": Choice(net["depth"], f"pool until an axis is {rules.MIN_BOTTOM}-{2 * rules.MIN_BOTTOM - 1} "
-                                          f"voxels at the bottom (patch {patch})"),
+                                          f"voxels at the bottom (patch {patch})"
+                                          + infer_reasons.get("model.depth", "")),
             "norm": "instance",
             "upsample": "transpose",
             "padding": "same",
@@ -225,7 +265,8 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
             "dropout": 0.0,
         },
         "sampling": {
-            "patch_size": Choice(patch, f"median shape {shape[:dims]} at the target spacing; {net_reason}"),
+            "patch_size": Choice(patch, f"median shape {shape[:dims]} at the target spacing; {net_reason}"
+                                 + infer_reasons.get("sampling.patch_size", "")),
             "pos_ratio": Choice(pos, pos_reason),
             "lesion_slice_ratio": Choice(round(pos / (pos + 1), 2), "2D: pos_ratio / (pos_ratio + 1)"),
             "samples_per_volume": Choice(sizes["samples_per_volume"], batch_reason),
@@ -260,7 +301,7 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
         **({"input": {"channels": Choice([Choice(r, n) for r, n in zip(channel_list, channel_notes)],
                                          channel_reason)}} if channel_list else {}),
         "inference": {
-            "roi_size": Choice(patch, "the training patch"),
+            "roi_size": Choice(patch, "the training patch" + infer_reasons.get("inference.roi_size", "")),
             "overlap": Choice(overlap, overlap_reason),
             "sw_batch_size": 2,
             "blend": "gaussian",
@@ -272,6 +313,42 @@ def _plan(fp: dict, out_dir: Path, device: str, budget: float, budget_reason: st
         },
     }
     return plan, step_seconds
+
+
+def _inference_budget(fp: dict, net: dict, target, shapes, spacings, overlap: float, device: str,
+                      infer_seconds: Optional[float], in_ch: int, out_ch: int,
+                      norms: Optional[list] = None) -> Optional[tuple[dict, str]]:
+    """:func:`pipeline.plan.rules.inference_budget` with windows timed here (None: not estimated, on
+    ``cuda`` without ``--infer-seconds``)."""
+    import numpy as np
+
+    from pipeline.plan.inference import body_fraction, window_timer
+
+    if device == "cuda" and not infer_seconds:
+        return None
+    if infer_seconds is None:
+        infer_seconds = rules.INFER_SECONDS_CPU
+    timer = window_timer(in_ch, out_ch, device)
+    median_spacing = [float(v) for v in np.median(np.asarray(spacings, np.float64), axis=0)]
+    body = None
+    if norms is not None:
+        try:  # segment runs over the body's box: a few cases preprocessed as planned say how much of the grid
+            body = body_fraction(fp["dataset"], fp["cases"], fp["channels"], norms, target, ORIENTATION, CROP_MARGIN)
+        except Exception as exc:  # noqa: BLE001 - unreadable here: estimate on the whole grid, and say so
+            log.warning("inference estimate on the whole grid (the crop to the body could not be measured: %s)", exc)
+    value, reason = rules.inference_budget(net, target, median_spacing, shapes, spacings, overlap,
+                                           infer_seconds or None, timer, body_fraction=body,
+                                           crop_margin=CROP_MARGIN if body is not None else 0)
+    value["estimate"] = {**value["estimate"], "body_fraction": body}
+    log.info("inference estimate: %s", reason)
+    cpu = getattr(timer, "cpu", None)
+    if cpu is not None:  # the CPU seconds of the same calls (on a shared machine wall time counts the waiting)
+        est = value["estimate"]
+        per_window = cpu({"patch_size": est["patch_size"], "features": est["features"], "depth": est["depth"]})
+        value["estimate"] = {**est, "cpu_seconds_per_window": round(per_window, 5),
+                             "estimated_cpu_seconds": round(est["windows"] * per_window, 2),
+                             "ct_estimated_cpu_seconds": round(est["ct_windows"] * per_window, 2)}
+    return {**value, "threads": timer.threads}, reason
 
 
 __all__ = ["PlanResult", "default_out_dir", "plan_dataset"]

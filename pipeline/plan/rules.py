@@ -311,3 +311,127 @@ def validation(num_cases: int, step_seconds: Optional[float], patches_per_step: 
     value = {"val_fraction": fraction, "val_every": max(1, math.ceil(epochs / runs))}
     return value, (f"{val_cases} validation cases of ~{windows} windows (~{per_case:.0f} s each): "
                    f"{runs} validation(s) fit {VALIDATION_ALLOWANCE:.0%} of the time")
+
+
+# --- inference time: the planned network at the planned spacing, window by window -----------------
+
+INFER_SECONDS_CPU = 30.0  # default --infer-seconds with --device cpu (issue 14: a CT in 30 s on a 2-core CPU)
+MIN_INFER_DEPTH = 3  # the inference budget removes levels down to this (a 2-level U-Net sees too little)
+MAX_COARSEN = 2.0  # the budget coarsens the spacing to at most this x the median spacing, per axis
+COARSEN_STEPS = (1.25, 1.5, 1.75, 2.0)  # factors on the target spacing, tried in turn
+CT_SHAPE, CT_SPACING = (512, 512, 400), (0.8, 0.8, 1.0)  # `medseg bench`'s large CT, reported beside
+
+
+def window_count(shape: Sequence[int], roi: Sequence[int], overlap_fraction: float) -> int:
+    """Sliding windows ``medseg segment`` runs over a preprocessed grid of ``shape`` (3 axes) with windows
+    ``roi`` (2D: every slice) at ``overlap_fraction``: MONAI's grid (:class:`~pipeline.infer.windows.WindowGrid`)."""
+    from pipeline.infer.windows import WindowGrid
+
+    roi = [int(r) for r in roi] + [1] * (len(shape) - len(roi))
+    return len(WindowGrid(tuple(int(s) for s in shape), tuple(roi), float(overlap_fraction)))
+
+
+def _smaller_for_inference(net: dict, spacing: list[float], target: Sequence[float],
+                           median_spacing: Sequence[float]) -> Optional[tuple[dict, list[float], str]]:
+    """The next step down for a faster inference, in this order: halve the features (down to
+    :data:`MIN_FEATURES`), then drop a level (down to :data:`MIN_INFER_DEPTH`), then coarsen the spacing
+    (the target x :data:`COARSEN_STEPS`, each axis at most :data:`MAX_COARSEN` x its median spacing).
+    The overlap is kept. ``None`` when nothing is left."""
+    if net["features"] > MIN_FEATURES:
+        return {**net, "features": max(MIN_FEATURES, net["features"] // 2)}, spacing, "halved the features"
+    if net["depth"] > MIN_INFER_DEPTH:
+        return {**net, "depth": net["depth"] - 1}, spacing, "dropped a level"
+    for factor in COARSEN_STEPS:
+        coarser = _round([min(t * factor, MAX_COARSEN * m) for t, m in zip(target, median_spacing)])
+        if all(c >= s for c, s in zip(coarser, spacing)) and coarser != list(spacing):
+            return dict(net), coarser, f"coarsened the spacing {factor:g}x"
+    return None
+
+
+def _patch_within(patch: Sequence[int], shape: Sequence[int], depth: int) -> list[int]:
+    """``patch`` no larger than ``shape`` needs: an axis longer than the grid shrinks to the grid rounded up
+    to the pooling (a little padding, one window on that axis)."""
+    divisor = 2 ** (depth - 1)
+    return [min(int(p), max(divisor, -(-int(s) // divisor) * divisor)) for p, s in zip(patch, shape)]
+
+
+def inference_budget(net: dict, target: Sequence[float], median_spacing: Sequence[float],
+                     shapes: Sequence[Sequence[int]], spacings: Sequence[Sequence[float]], overlap_fraction: float,
+                     budget_seconds: Optional[float], seconds_per_window,
+                     ct_shape: Sequence[int] = CT_SHAPE, ct_spacing: Sequence[float] = CT_SPACING,
+                     body_fraction: Optional[Sequence[float]] = None, crop_margin: int = 0) -> tuple[dict, str]:
+    """The network and spacing whose ``medseg segment`` (network time) of the median training case fits
+    ``budget_seconds`` (``None``: not budgeted, only estimated).
+
+    Estimate = windows of the median case at the candidate spacing (:func:`window_count`, the overlap as
+    planned) x ``seconds_per_window(net)`` (measured: :func:`pipeline.plan.inference.window_timer`; a fake
+    in tests). Over budget, step down (:func:`_smaller_for_inference`: features, then depth, then spacing)
+    until it fits; when nothing fits, keep the fastest candidate and say so. The same figures for
+    ``ct_shape`` at ``ct_spacing`` (`medseg bench`'s 512x512x400 CT, its whole grid) are reported beside.
+    ``body_fraction`` (per axis, :func:`pipeline.plan.inference.body_fraction`): the share of the grid the
+    crop to the body keeps; then the median case is that share of the median shape plus ``crop_margin``
+    voxels each side (what ``preprocess.crop_foreground`` leaves ``segment`` to run over).
+
+    Returns ``{"net": {patch_size, depth, features}, "spacing": [...], "estimate": {...}, "tried": [...],
+    "changed": [keys], "fits": bool}`` and the reason.
+    """
+    def evaluate(candidate: dict, spacing: list[float], step: str) -> dict:
+        full = median_shape(shapes, spacings, spacing)
+        shape = full if body_fraction is None else [
+            min(n, max(1, int(round(n * f))) + 2 * int(crop_margin)) for n, f in zip(full, body_fraction)]
+        dims = len(candidate["patch_size"])
+        candidate = {**candidate, "patch_size": _patch_within(candidate["patch_size"], shape[:dims],
+                                                              candidate["depth"])}
+        per_window = float(seconds_per_window(candidate))
+        windows = window_count(shape, candidate["patch_size"], overlap_fraction)
+        ct_grid = [max(1, int(round(n * s / t))) for n, s, t in zip(ct_shape, ct_spacing, spacing)]
+        ct_windows = window_count(ct_grid, candidate["patch_size"], overlap_fraction)
+        return {"step": step, "features": candidate["features"], "depth": candidate["depth"],
+                "patch_size": list(candidate["patch_size"]), "spacing": list(spacing), "median_shape": full,
+                "segment_shape": shape,
+                "overlap": overlap_fraction, "seconds_per_window": round(per_window, 5), "windows": windows,
+                "estimated_seconds": round(windows * per_window, 2),
+                "ct_shape": list(ct_shape), "ct_spacing": list(ct_spacing), "ct_grid": ct_grid,
+                "ct_windows": ct_windows, "ct_estimated_seconds": round(ct_windows * per_window, 2)}
+
+    def fits(row: dict) -> bool:
+        return budget_seconds is None or row["estimated_seconds"] <= budget_seconds
+
+    current, spacing = {k: net[k] for k in ("patch_size", "depth", "features")}, _round(target)
+    tried = [evaluate(current, spacing, "as planned")]
+    while not fits(tried[-1]):
+        smaller = _smaller_for_inference(current, spacing, target, median_spacing)
+        if smaller is None:
+            break
+        current, spacing, step = smaller
+        tried.append(evaluate(current, spacing, step))
+    ok = fits(tried[-1])
+    chosen = tried[-1] if ok else min(tried, key=lambda row: row["estimated_seconds"])
+    first = tried[0]
+    changed = [key for key, row_key in (("model.features", "features"), ("model.depth", "depth"),
+                                        ("sampling.patch_size", "patch_size"), ("preprocess.spacing", "spacing"))
+               if chosen[row_key] != first[row_key]]
+    if "sampling.patch_size" in changed:
+        changed.append("inference.roi_size")
+    figures = (f"est. {chosen['estimated_seconds']:.1f} s network time for the median case "
+               f"({chosen['windows']} windows x {chosen['seconds_per_window']:.3f} s measured), "
+               f"{chosen['ct_estimated_seconds']:.0f} s for a 512x512x400 CT ({chosen['ct_windows']} windows)")
+    if budget_seconds is None:
+        reason = f"inference not budgeted: {figures}"
+    elif len(tried) == 1:
+        reason = f"inference fits {budget_seconds:g} s as planned: {figures}"
+    else:
+        steps = []
+        for key, row_key in (("features", "features"), ("depth", "depth"), ("patch", "patch_size"),
+                             ("spacing", "spacing")):
+            if chosen[row_key] != first[row_key]:
+                steps.append(f"{key} {first[row_key]} -> {chosen[row_key]}")
+        reason = (f"inference budget {budget_seconds:g} s (est. {first['estimated_seconds']:.1f} s as planned): "
+                  + ", ".join(steps) + f": {figures}")
+        if not ok:
+            reason += (f"; DOES NOT FIT even at features {MIN_FEATURES}, depth {MIN_INFER_DEPTH} and "
+                       f"{MAX_COARSEN:g}x the median spacing: kept the fastest")
+    estimate = {**chosen, "budget_seconds": budget_seconds, "fits": ok}
+    value = {"net": {"patch_size": chosen["patch_size"], "depth": chosen["depth"], "features": chosen["features"]},
+             "spacing": chosen["spacing"], "estimate": estimate, "tried": tried, "changed": changed, "fits": ok}
+    return value, reason
