@@ -31,14 +31,15 @@ def foreground_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
-def remove_small_components(labels: np.ndarray, min_voxels: float) -> np.ndarray:
+def remove_small_components(labels: np.ndarray, min_voxels: float, in_place: bool = False) -> np.ndarray:
     """Set to 0 every component (per class) of fewer than ``min_voxels`` voxels.
 
-    Works inside the labels' bounding box: a lesion mask is a tiny part of a scan.
+    Works inside the labels' bounding box: a lesion mask is a tiny part of a scan. ``in_place``: in
+    ``labels`` itself (no copy of the volume), which is returned.
     """
     if min_voxels <= 0:
         return labels
-    out = labels.copy()
+    out = labels if in_place else labels.copy()
     box = foreground_box(labels)
     if box is None:
         return out
