@@ -10,7 +10,11 @@ seconds (user + system, every thread) come from ``getrusage`` in the child.
 
 Per stage, the child also records the peak RSS reached inside that stage (``VmHWM`` after resetting it
 through ``/proc/self/clear_refs`` at the stage's start; where the kernel does not allow the reset, the
-running peak): that is where the bytes go. The slopes are least-squares fits over the Ns: peak RSS
+running peak): that is where the bytes go. The stages are ``Segmenter.read``, ``prepare``, ``predict``,
+``finish``, the lesion statistics ``medseg segment`` computes for its sidecar
+(:func:`~pipeline.batch.report.lesions.lesion_stats`) and ``write_mask``. Resetting ``VmHWM`` resets what
+``ru_maxrss`` reports too, so a child's peak is the highest of its stage peaks (``setup``: interpreter,
+torch and the model, before the first reset) and its ``ru_maxrss``. The slopes are least-squares fits over the Ns: peak RSS
 against source voxels (bytes per source voxel: the growth; the intercept is the fixed cost of the
 interpreter, torch and the model) and wall/CPU seconds against slices. ``time_ratio_800_vs_400`` is
 wall(800) / wall(400): 2.0 is linear. With ``repeats`` > 1 the figures per N are medians.
@@ -82,7 +86,7 @@ def rss_vs_n(work_dir: Union[str, Path], model: Union[str, Path] = DEFAULT_MODEL
         voxels = shape[0] * shape[1] * n
         rows.append({
             "slices": n, "shape": list(shape), "voxels": voxels,
-            "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in runs),
+            "peak_rss_bytes": statistics.median(_peak(r) for r in runs),
             "wall_seconds": statistics.median(r["wall"] for r in runs),
             "cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
             "segment_seconds": statistics.median(r["total"] for r in runs),
@@ -108,15 +112,21 @@ def rss_vs_n(work_dir: Union[str, Path], model: Union[str, Path] = DEFAULT_MODEL
     }
 
 
+def _peak(run: dict) -> int:
+    """A child's peak RSS: the highest of its stages' peaks and its ``ru_maxrss`` (resetting ``VmHWM``
+    also resets what ``ru_maxrss`` reports, which is then the peak since the last reset only)."""
+    return max([int(run["peak_rss_bytes"])] + [int(v) for v in run["stage_peak_rss_bytes"].values()])
+
+
 def print_rss_vs_n(results: dict, file=None) -> None:
     out = file or sys.stdout
     lines = [f"segment of 512x512xN synthetic CT, model {results['model']} (child process per run, "
              f"median of {results['repeats']}):",
              f"  {'N':>5} {'peak RSS GiB':>13} {'wall s':>8} {'CPU s':>8}   stage peaks GiB "
-             f"({' / '.join(STAGES)})"]
+             f"({' / '.join(('setup',) + STAGES)})"]
     for row in results["rows"]:
         stages = row["stage_peak_rss_bytes"]
-        peaks = " / ".join(f"{stages.get(s, float('nan')) / GIB:.2f}" for s in STAGES)
+        peaks = " / ".join(f"{stages.get(s, float('nan')) / GIB:.2f}" for s in ("setup",) + STAGES)
         lines.append(f"  {row['slices']:>5} {row['peak_rss_gb']:>13.3f} {row['wall_seconds']:>8.1f} "
                      f"{row['cpu_seconds']:>8.1f}   {peaks}")
     ratio = results["time_ratio_800_vs_400"]
@@ -143,7 +153,7 @@ class StagePeaks:
     """Peak RSS per stage: ``VmHWM`` reset at each stage's start (``/proc/self/clear_refs``, value 5)."""
 
     def __init__(self):
-        self.peaks: dict[str, int] = {}
+        self.peaks: dict[str, int] = {"setup": self._status("VmHWM")}  # interpreter, torch, the model
         self.resettable = self._reset()
 
     @staticmethod
@@ -214,7 +224,7 @@ def segment_stages(model: Path, image: Path, out_dir: Path) -> dict:
     return {**seconds, "total": time.perf_counter() - began, "cpu_seconds": usage.ru_utime + usage.ru_stime,
             "stage_peak_rss_bytes": peaks.peaks, "stage_peaks_reset": peaks.resettable, "base_rss_bytes": base,
             "backend": segmenter.backend, "mask_path": str(mask_path),
-            "labelled_voxels": int((segmentation.labels > 0).sum()), "lesions": len(lesions)}
+            "labelled_voxels": int((segmentation.labels > 0).sum()), "lesion_count": len(lesions)}
 
 
 def _child_main(argv: list[str]) -> int:

@@ -25,6 +25,7 @@ from monai.transforms import (
 
 from pipeline.config import PreprocessConfig
 from pipeline.transforms.antialias import AntiAliasd
+from pipeline.transforms.lean_resample import LeanSpacingd
 from pipeline.transforms.load import CheckLabelsd, LoadScand
 from pipeline.transforms.normalize import (
     NormalizeChannelsd,
@@ -48,7 +49,8 @@ def preprocess_transforms(
     ``lean`` (inference, :class:`~pipeline.infer.Segmenter`): the same values with less memory: the scan is
     reoriented in its own dtype before the float32 conversion (a flip copies the volume: an int16 copy,
     not a float32 one), and the low-pass filter works in place on the float32 copy (which the pipeline
-    owns, see :meth:`~pipeline.infer.Segmenter.prepare`). The steps are then ``LoadScand, Orientationd,
+    owns, see :meth:`~pipeline.infer.Segmenter.prepare`), and the resampling builds its sampling grid slab
+    by slab (:mod:`pipeline.transforms.lean_resample`). The steps are then ``LoadScand, Orientationd,
     EnsureTyped, ...``: :data:`LEAN_READ_STEPS` of them make up the read.
     """
     keys: Sequence[str] = [image_key] if label_key is None else [image_key, label_key]
@@ -62,7 +64,8 @@ def preprocess_transforms(
         modes = ["bilinear"] if label_key is None else ["bilinear", "nearest"]
         steps.append(AntiAliasd([image_key], pixdim=cfg.spacing, in_place=lean))
         # float32 resampling: MONAI computes in float64 by default (twice the memory and time, no gain here)
-        steps.append(Spacingd(keys, pixdim=list(cfg.spacing), mode=modes, padding_mode="border", dtype=torch.float32))
+        spacing = LeanSpacingd if lean else Spacingd  # lean: the sampling grid slab by slab, the same voxels
+        steps.append(spacing(keys, pixdim=list(cfg.spacing), mode=modes, padding_mode="border", dtype=torch.float32))
     steps.append(_intensity(cfg, image_key, channels))
     if cfg.crop_foreground:
         steps.append(

@@ -21,7 +21,7 @@ from scipy import ndimage
 from pipeline.batch.report.manifest import csv_cell
 from pipeline.io.atomic import atomic_path
 from pipeline.io.geometry import voxel_volume_mm3
-from pipeline.postprocess.components import foreground_box, label_components
+from pipeline.postprocess.components import class_mask, foreground_box, label_components
 
 _PAIRWISE_LIMIT = 4000  # boundary points up to which a degenerate lesion is measured pairwise
 
@@ -67,8 +67,9 @@ def lesion_stats(
     if around is None:
         return lesions
     within = labels[around]
-    for value in (int(v) for v in np.unique(within) if v > 0):
-        components, count = label_components(within == value)
+    values = [int(v) for v in np.unique(within) if v > 0]
+    for value in values:
+        components, count = label_components(class_mask(within, value, values))
         if count == 0:
             continue
         found = []
