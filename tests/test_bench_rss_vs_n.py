@@ -68,14 +68,14 @@ def quiet_checkpoint(path):
 
 @pytest.mark.slow
 def test_rss_vs_n_small_volumes_growth_under_bound(tmp_path):
-    """Two volumes (192x192x48 and x144: 3.5 M voxels apart) at the demo's spacing rules, each in a child:
+    """Two volumes (384x384x112 and x224: 16.5 M voxels apart; one slab of the source-grid resampling or more in both) at the demo's spacing rules, each in a child:
     the fitted growth stays under 10 bytes per source voxel (the old path needed ~14; the target is 6),
     every stage has its peak, and the masks are written in the sources' shapes."""
     model = quiet_checkpoint(tmp_path / "tiny.pt")
     lines = []
-    results = rss_vs_n(tmp_path / "work", model, slices=(48, 144), in_plane=(192, 192), progress=lines.append)
+    results = rss_vs_n(tmp_path / "work", model, slices=(112, 224), in_plane=(384, 384), progress=lines.append)
     rows = results["rows"]
-    assert [r["slices"] for r in rows] == [48, 144] and rows[1]["voxels"] == 192 * 192 * 144
+    assert [r["slices"] for r in rows] == [112, 224] and rows[1]["voxels"] == 384 * 384 * 224
     for row in rows:
         assert set(row["stage_peak_rss_bytes"]) == {"setup", *STAGES}
         assert row["peak_rss_bytes"] >= max(row["stage_peak_rss_bytes"].values())
@@ -86,4 +86,4 @@ def test_rss_vs_n_small_volumes_growth_under_bound(tmp_path):
     assert results["time_ratio_800_vs_400"] is None  # no 400/800 pair here
     out = io.StringIO()
     print_rss_vs_n(results, file=out)
-    assert "bytes per source voxel" in out.getvalue() and "  144 " in out.getvalue()
+    assert "bytes per source voxel" in out.getvalue() and "  224 " in out.getvalue()
