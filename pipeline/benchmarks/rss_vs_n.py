@@ -80,7 +80,7 @@ def rss_vs_n(work_dir: Union[str, Path], model: Union[str, Path] = DEFAULT_MODEL
         runs = []
         for r in range(repeats):
             result = child_stages(model, image, work_dir / "out" / f"rss_vs_n_{n}", timeout=timeout)
-            say(f"  N={n} run {r + 1}/{repeats}: peak RSS {result['peak_rss_gb']:.3f} GiB, wall {result['wall']:.1f} s, "
+            say(f"  N={n} run {r + 1}/{repeats}: peak RSS {_peak(result) / GIB:.3f} GiB, wall {result['wall']:.1f} s, "
                 f"CPU {result['cpu_seconds']:.1f} s")
             runs.append(result)
         voxels = shape[0] * shape[1] * n
