@@ -360,6 +360,16 @@ def cmd_bench(args) -> int:
             print(f"results: {save_results(results, args.json)}")
         return 0
 
+    if args.rss_vs_n:  # peak RSS and time of segment against the number of slices
+        from pipeline.benchmarks.rss_vs_n import print_rss_vs_n, rss_vs_n
+
+        results = rss_vs_n(args.work_dir, args.model, large=args.large, repeats=args.repeats,
+                           progress=None if not args.quiet else (lambda line: None))
+        print_rss_vs_n(results)
+        if args.json:
+            print(f"results: {save_results(results, args.json)}")
+        return 0
+
     if args.levers:  # every inference speed lever against the reference pass, with the accuracy contract
         from pipeline.benchmarks.levers import print_levers, run_levers, select_levers
 
@@ -680,7 +690,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--levers", action="store_true",
                    help="only the inference speed levers (overlap, skip_empty, cascade) against the reference pass "
                         "(overlap 0.5, fp32, no skipping) on held-out cases, with the accuracy contract")
-    p.add_argument("--model", default="runs/demo/model/best.pt", help="with --levers: the trained checkpoint")
+    p.add_argument("--rss-vs-n", action="store_true",
+                   help="only the peak RSS, wall and CPU seconds of segmenting 512x512xN synthetic CTs (N = 200, 400, "
+                        "800) with --model, each in a child process, and their slopes (bytes per source voxel, "
+                        "seconds per slice)")
+    p.add_argument("--large", action="store_true", help="with --rss-vs-n: also N = 1600")
+    p.add_argument("--model", default="runs/demo/model/best.pt",
+                   help="with --levers or --rss-vs-n: the trained checkpoint")
     p.add_argument("--data", default="data/demo", help="with --levers: the dataset whose 'test' cases are used")
     p.add_argument("--lever", action="append", default=None, metavar="NAME",
                    help="with --levers: only this lever (repeatable; the reference always runs), e.g. overlap_0.25")

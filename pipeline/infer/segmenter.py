@@ -38,7 +38,7 @@ from pipeline.postprocess import ToSourceGrid
 from pipeline.postprocess.resample import axis_map, crop_box, to_source_slabs
 from pipeline.postprocess.rules import apply_postprocessing
 from pipeline.runtime import resolve_device
-from pipeline.transforms.preprocess import preprocess_transforms
+from pipeline.transforms.preprocess import LEAN_READ_STEPS, oriented_as_read, preprocess_transforms
 
 
 @dataclass
@@ -110,7 +110,8 @@ class Segmenter:
         self.model_sha256s = [model_sha256] + [sha for _, sha in members]
         self.model_sha256 = ensemble_identity(self.model_sha256s) if all(self.model_sha256s) else model_sha256
         self.model_paths: list[str] = []  # the checkpoints, when loaded from files
-        self.preprocess = preprocess_transforms(config.preprocess, channels=config.data.channels)
+        # lean: reoriented in the file's dtype, low-pass in place (the same values, a float32 copy less)
+        self.preprocess = preprocess_transforms(config.preprocess, channels=config.data.channels, lean=True)
         self.to_source = ToSourceGrid(self.preprocess)
 
     @classmethod
@@ -183,16 +184,18 @@ class Segmenter:
     # --- the stages -----------------------------------------------------------------------------
 
     def read(self, source) -> dict:
-        """Read ``source`` (a path, a list of DICOM files, or a case's ``reader_input``) into a MetaTensor."""
-        return self.preprocess({"image": source}, end=1)
+        """Read ``source`` (a path, a list of DICOM files, or a case's ``reader_input``) into a MetaTensor,
+        reoriented (``preprocess.orientation``) in the file's own dtype."""
+        return self.preprocess({"image": source}, end=LEAN_READ_STEPS)
 
     def prepare(self, loaded: dict) -> Prepared:
-        """Preprocess what :meth:`read` returned."""
-        loaded_array = loaded["image"].as_tensor()[0].numpy()  # channel 0: the reference scan
-        # Preprocessing starts with a float32 conversion: a copy, unless the scan already is float32, in
-        # which case later steps (z-score normalisation) could work in place on it, so it is copied here.
+        """Preprocess what :meth:`read` returned (which it may modify: float32 scans are filtered in place)."""
+        # channel 0, the reference scan, in the grid it was read in: a view of the reoriented volume
+        loaded_array = oriented_as_read(loaded["image"])
+        # Preprocessing goes on with a float32 conversion: a copy, unless the scan already is float32, in
+        # which case later steps (the low-pass, z-score normalisation) work in place on it, so it is copied here.
         source_image = loaded_array.copy(order="K") if loaded_array.dtype == np.float32 else loaded_array
-        data = self.preprocess(loaded, start=1)
+        data = self.preprocess(loaded, start=LEAN_READ_STEPS)
         image = data["image"]
         return Prepared(image=image, source_image=source_image,
                         source=str(image.meta.get("filename_or_obj", "")))
@@ -312,7 +315,7 @@ class Segmenter:
                 one_hot = torch.nn.functional.one_hot(prediction.labels[0].long(), classes).movedim(-1, 0).float()
                 on_labels(0, shape[-1], self.to_source(one_hot, image).argmax(dim=0, keepdim=True).float())
         # inference.min_component_mm3 and postprocess.* (keep largest, restrict to the body)
-        labels = apply_postprocessing(labels, affine, prepared.source_image, self.config)
+        labels = apply_postprocessing(labels, affine, prepared.source_image, self.config, in_place=True)
         return Segmentation(
             labels=labels,
             affine=affine,

@@ -26,10 +26,11 @@ from pipeline.postprocess.components import foreground_box, label_components, re
 
 
 def apply_postprocessing(labels: np.ndarray, affine: np.ndarray, image: Optional[np.ndarray],
-                         config: Config) -> np.ndarray:
+                         config: Config, in_place: bool = False) -> np.ndarray:
     """``labels`` (the source grid, with its ``affine``) after the config's rules; ``image``: the scan's
     first channel as read, needed only for ``postprocess.restrict_to_body``. A new array when anything
-    changes; ``labels`` itself otherwise."""
+    changes; ``labels`` itself otherwise. ``in_place``: small components (``inference.min_component_mm3``)
+    are removed in ``labels`` itself, without a copy of the volume (the caller owns it)."""
     rules = config.postprocess
     out = labels
     if rules.restrict_to_body:
@@ -41,7 +42,7 @@ def apply_postprocessing(labels: np.ndarray, affine: np.ndarray, image: Optional
             out = remove_outside(out, value, body)
     min_mm3 = config.inference.min_component_mm3
     if min_mm3 > 0:
-        out = remove_small_components(out, min_mm3 / voxel_volume_mm3(affine))
+        out = remove_small_components(out, min_mm3 / voxel_volume_mm3(affine), in_place=in_place and out is labels)
     for value in class_values(config, rules.keep_largest, "postprocess.keep_largest"):
         out = keep_largest_component(out, value)
     return out

@@ -20,9 +20,12 @@ from pipeline.io.geometry import voxel_spacing
 class AntiAliasd(MapTransform):
     """Smooth ``keys`` (images, not labels) ahead of resampling to ``pixdim`` (mm)."""
 
-    def __init__(self, keys, pixdim: Sequence[float], allow_missing_keys: bool = False):
+    def __init__(self, keys, pixdim: Sequence[float], allow_missing_keys: bool = False, in_place: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.pixdim = np.asarray(pixdim, dtype=np.float64)
+        # in_place: filter the given (float32) image itself, no copy: only for images the caller owns (the
+        # same values: scipy's separable filter runs its later axes in place anyway)
+        self.in_place = in_place
 
     def __call__(self, data):
         d = dict(data)
@@ -32,6 +35,10 @@ class AntiAliasd(MapTransform):
             sigma = np.maximum(0.0, (self.pixdim / spacing - 1.0) / 2.0)
             if np.any(sigma > 0.05):
                 array = image.detach().cpu().numpy()
+                if self.in_place and image.device.type == "cpu" and array.dtype == np.float32 and array.flags.writeable:
+                    for channel in array:
+                        ndimage.gaussian_filter(channel, sigma, mode="nearest", output=channel)
+                    continue
                 smoothed = np.stack([ndimage.gaussian_filter(c, sigma, mode="nearest") for c in array])
                 d[key] = image.clone().copy_(torch.from_numpy(smoothed))
         return d

@@ -25,6 +25,7 @@ from monai.transforms import (
 
 from pipeline.config import PreprocessConfig
 from pipeline.transforms.antialias import AntiAliasd
+from pipeline.transforms.lean_resample import LeanSpacingd
 from pipeline.transforms.load import CheckLabelsd, LoadScand
 from pipeline.transforms.normalize import (
     NormalizeChannelsd,
@@ -40,24 +41,31 @@ def preprocess_transforms(
     label_key: str | None = None,
     num_classes: int | None = None,
     channels: Sequence[str] = (),
+    lean: bool = False,
 ) -> Compose:
     """Deterministic transforms for an image (and optionally its label map).
 
     ``channels``: the image's channel names (``data.channels``); none: one channel.
+    ``lean`` (inference, :class:`~pipeline.infer.Segmenter`): the same values with less memory: the scan is
+    reoriented in its own dtype before the float32 conversion (a flip copies the volume: an int16 copy,
+    not a float32 one), and the low-pass filter works in place on the float32 copy (which the pipeline
+    owns, see :meth:`~pipeline.infer.Segmenter.prepare`), and the resampling builds its sampling grid slab
+    by slab (:mod:`pipeline.transforms.lean_resample`). The steps are then ``LoadScand, Orientationd,
+    EnsureTyped, ...``: :data:`LEAN_READ_STEPS` of them make up the read.
     """
     keys: Sequence[str] = [image_key] if label_key is None else [image_key, label_key]
     steps = [LoadScand(keys, channels=max(1, len(channels)), channel_names=channels)]
     if label_key is not None and num_classes is not None:
         steps.append(CheckLabelsd([label_key], num_classes))
-    steps += [
-        EnsureTyped(keys, dtype=torch.float32, track_meta=True),  # the reader keeps the file's dtype
-        Orientationd(keys, axcodes=cfg.orientation.upper()),
-    ]
+    to_float = EnsureTyped(keys, dtype=torch.float32, track_meta=True)  # the reader keeps the file's dtype
+    orient = Orientationd(keys, axcodes=cfg.orientation.upper())
+    steps += [orient, to_float] if lean else [to_float, orient]
     if cfg.spacing is not None:
         modes = ["bilinear"] if label_key is None else ["bilinear", "nearest"]
-        steps.append(AntiAliasd([image_key], pixdim=cfg.spacing))
+        steps.append(AntiAliasd([image_key], pixdim=cfg.spacing, in_place=lean))
         # float32 resampling: MONAI computes in float64 by default (twice the memory and time, no gain here)
-        steps.append(Spacingd(keys, pixdim=list(cfg.spacing), mode=modes, padding_mode="border", dtype=torch.float32))
+        spacing = LeanSpacingd if lean else Spacingd  # lean: the sampling grid slab by slab, the same voxels
+        steps.append(spacing(keys, pixdim=list(cfg.spacing), mode=modes, padding_mode="border", dtype=torch.float32))
     steps.append(_intensity(cfg, image_key, channels))
     if cfg.crop_foreground:
         steps.append(
@@ -70,6 +78,31 @@ def preprocess_transforms(
             )
         )
     return Compose(steps)
+
+
+LEAN_READ_STEPS = 2  # lean=True (no label key): LoadScand and Orientationd, in the file's dtype
+
+
+def oriented_as_read(image) -> np.ndarray:
+    """Channel 0 of an ``Orientationd`` output (a MetaTensor carrying ``original_affine``) as a numpy view
+    in the grid it was read in (``[i, j, k]`` of the file): MONAI's own inverse of the reorientation
+    (``Orientation.inverse``: the axis codes of the original affine, ``nib.io_orientation`` of the current
+    one), as flips and a transpose, so no voxel is copied. Raises ``ValueError`` if the shape it arrives at
+    is not the recorded source shape."""
+    import nibabel as nib
+
+    array = image.as_tensor()[0].numpy() if hasattr(image, "as_tensor") else np.asarray(image)[0]
+    original = np.asarray(image.meta["original_affine"], dtype=np.float64)
+    current = np.asarray(image.affine, dtype=np.float64)
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(current),
+                                           nib.orientations.axcodes2ornt(nib.aff2axcodes(original)))
+    for axis in np.flatnonzero(ornt[:, 1] == -1):
+        array = np.flip(array, axis=int(axis))
+    array = array.transpose(np.argsort(ornt[:, 0]))
+    expected = tuple(int(s) for s in np.asarray(image.meta.get("spatial_shape", array.shape))[:3])
+    if array.shape != expected:
+        raise ValueError(f"oriented_as_read: reached shape {array.shape}, the source's is {expected}")
+    return array
 
 
 def body_floor(image, cfg: PreprocessConfig, channels: Sequence[str] = ()) -> torch.Tensor:

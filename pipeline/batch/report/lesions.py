@@ -21,7 +21,7 @@ from scipy import ndimage
 from pipeline.batch.report.manifest import csv_cell
 from pipeline.io.atomic import atomic_path
 from pipeline.io.geometry import voxel_volume_mm3
-from pipeline.postprocess.components import label_components
+from pipeline.postprocess.components import class_mask, foreground_box, label_components
 
 _PAIRWISE_LIMIT = 4000  # boundary points up to which a degenerate lesion is measured pairwise
 
@@ -61,13 +61,21 @@ def lesion_stats(
     affine = np.asarray(affine, dtype=np.float64)
     ml_per_voxel = voxel_volume_mm3(affine) / 1000.0
     lesions: list[Lesion] = []
-    for value in (int(v) for v in np.unique(labels) if v > 0):
-        components, count = label_components(labels == value)
+    # inside the labels' bounding box (a lesion mask is a tiny part of a scan: no full-volume temporaries);
+    # the components come in the same scan order, so the figures are those of the whole volume
+    around = foreground_box(labels)
+    if around is None:
+        return lesions
+    within = labels[around]
+    values = [int(v) for v in np.unique(within) if v > 0]
+    for value in values:
+        components, count = label_components(class_mask(within, value, values))
         if count == 0:
             continue
         found = []
-        for index, box in enumerate(ndimage.find_objects(components), start=1):
-            inside = components[box] == index
+        for index, local in enumerate(ndimage.find_objects(components), start=1):
+            inside = components[local] == index
+            box = tuple(slice(a.start + s.start, a.start + s.stop) for a, s in zip(around, local))
             offset = np.array([s.start for s in box])
             found.append(_measure(inside, box, offset, affine, image, probability))
         found.sort(key=lambda m: -m["voxels"])  # stable: ties keep scan order
