@@ -56,6 +56,7 @@ BLENDS = ("gaussian", "constant")
 TTA_MODES = ("none", "mirror")
 PROBABILITY_DTYPES = ("uint8", "float16")  # segment --probabilities-dtype
 EXPORT_FORMATS = ("onnx", "torchscript", "bundle")  # export --format
+CACHE_KINDS = ("onnx", "int8", "openvino", "backend")  # folders of the model cache; cache clear --what (or all)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
+from pipeline.config.schema import CACHE_KINDS
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "MEDSEG_CACHE_DIR"
 MAX_GB_ENV = "MEDSEG_CACHE_MAX_GB"
 DEFAULT_MAX_GB = 2.0
-KINDS = ("onnx", "int8", "openvino", "backend")
+KINDS = CACHE_KINDS
 CLEAR_CHOICES = (*KINDS, "all")
 
 __all__ = ["CACHE_ENV", "CLEAR_CHOICES", "KINDS", "MAX_GB_ENV", "CacheEntry", "cache_dir", "clear_cache",
