@@ -130,7 +130,7 @@ def clear_cache(what: str = "all") -> dict:
     for entry in _entries(kinds):
         files += _delete(entry)
         size += entry.size
-    log.info("Cache: deleted %d file(s), %.1f MB (%s) from %s.", files, size / 1e6, what, cache_dir())
+    log.debug("Cache: deleted %d file(s), %.1f MB (%s) from %s.", files, size / 1e6, what, cache_dir())
     return {"files": files, "bytes": size}
 
 
