@@ -599,8 +599,9 @@ def _parser() -> argparse.ArgumentParser:
                         "no 16-bit float)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--backend", default=None, choices=BACKENDS,
-                   help="how the network runs (default: the model's inference.backend, auto: the faster one "
-                        "measured once on this machine)")
+                   help="how the network runs (default: the model's inference.backend, auto: the fastest one "
+                        "whose masks agree with torch fp32, measured once on this machine; int8: "
+                        "inference.precision=int8)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo every case (default: keep cases already done with the same model and settings)")
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
@@ -694,7 +695,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --ensemble: the config's own network and spacing (default: features 4, a 2x2x2.5 "
                         "mm grid and the torch backend, so 8N passes fit in minutes on a CPU)")
     p.add_argument("--levers", action="store_true",
-                   help="only the inference speed levers (overlap, skip_empty, cascade) against the reference pass "
+                   help="only the inference speed levers (overlap, skip_empty, cascade, backend x precision) "
+                        "against the reference pass "
                         "(overlap 0.5, fp32, no skipping) on held-out cases, with the accuracy contract")
     p.add_argument("--model", default="runs/demo/model/best.pt", help="with --levers: the trained checkpoint")
     p.add_argument("--data", default="data/demo", help="with --levers: the dataset whose 'test' cases are used")
