@@ -68,7 +68,7 @@ def crop_window(image: np.ndarray, centre, roi) -> np.ndarray:
     window = image[box]
     pad = [(0, 0)] + [(0, r - n) for r, n in zip(roi, window.shape[1:])]
     if any(after for _, after in pad):
-        floor = window.reshape(window.shape[0], -1).min(axis=1)
+        floor = image.reshape(image.shape[0], -1).min(axis=1)
         window = np.stack([np.pad(ch, pad[1:], constant_values=float(f)) for ch, f in zip(window, floor)])
     return window
 
