@@ -151,8 +151,9 @@ def _reason(exc: BaseException) -> str:
 
 def choose(network, device: torch.device, model_sha256: str, input_shape, batch: int,
            torch_forward: Callable, precision: str = "fp32", calibration=None,
-           threshold: Optional[float] = None) -> tuple[str, str]:
-    """``(backend, precision)`` for ``auto`` (module docstring)."""
+           threshold: Optional[float] = None, built: Optional[dict] = None) -> tuple[str, str]:
+    """``(backend, precision)`` for ``auto`` (module docstring). ``built``: if given, receives the chosen
+    candidate's predictor under ``(backend, precision)`` when it was built here (no second compile)."""
     if device.type != "cpu":
         log.info("Backend auto: torch (device %s).", device)
         return "torch", "fp32"
@@ -174,7 +175,7 @@ def choose(network, device: torch.device, model_sha256: str, input_shape, batch:
     x = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0))
     windows = torch.from_numpy(calibration.windows()) if calibration is not None else x
     reference = None
-    seconds, agreed, skipped = {}, {}, {}
+    seconds, agreed, skipped, predictors = {}, {}, {}, {}
     for name in names:
         if name != "torch" and (reason := _skip_reason(name)):
             skipped[name] = reason
@@ -190,6 +191,7 @@ def choose(network, device: torch.device, model_sha256: str, input_shape, batch:
                                      f"{agreed[name]['dice_min']:.4f} < {MIN_DICE})")
                     continue
             seconds[name] = B._time_forward(forward, x)
+            predictors[name] = forward
         except Exception as exc:  # any failure of a candidate only removes that candidate
             if name == "torch":
                 raise
@@ -200,6 +202,8 @@ def choose(network, device: torch.device, model_sha256: str, input_shape, batch:
     log.info("Backend auto: %s; using %s.",
              ", ".join(f"{n} {s:.3f} s" for n, s in seconds.items()) + f" per batch of {batch}", choice)
     _store(path, key, choice, seconds, agreed, skipped)
+    if built is not None:
+        built[split_candidate(choice)] = predictors[choice]
     return split_candidate(choice)
 
 

@@ -424,6 +424,7 @@ def select_runtime(
     precision: str = "fp32",
     calibration=None,
     threshold: float | None = None,
+    built: dict | None = None,
 ) -> tuple[str, str]:
     """``(backend, precision)`` to run ``network`` with.
 
@@ -432,7 +433,8 @@ def select_runtime(
     torch). ``"auto"`` chooses torch fp32 on a GPU or without ``model_sha256``; otherwise it keeps the
     candidates (torch, onnxruntime, openvino in fp32; with ``precision="int8"`` also both int8 ones)
     whose masks agree with torch fp32 on the ``calibration`` windows and picks the fastest
-    (:mod:`pipeline.infer.auto`; measured once per machine setup, cached in :func:`cache_dir`).
+    (:mod:`pipeline.infer.auto`; measured once per machine setup, cached in :func:`cache_dir`). ``built``:
+    a dict that receives the chosen predictor under ``(backend, precision)`` if ``auto`` built it.
     """
     _check_requested(requested)
     _check_precision(precision)
@@ -461,7 +463,7 @@ def select_runtime(
     from pipeline.infer.auto import choose
 
     return choose(network, device, model_sha256, input_shape, batch, torch_forward or network, precision,
-                  calibration, threshold)
+                  calibration, threshold, built)
 
 
 def select_backend(requested: str, network: nn.Module, device: torch.device | str, model_sha256: str,

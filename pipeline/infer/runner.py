@@ -77,14 +77,17 @@ class NetworkRunner:
         input_shape = (self.config.in_channels, *roi)
         calibration = self._calibration(image, device)
         timed = window_forward(torch_forward, len(roi))
+        built: dict = {}  # auto's chosen predictor, when it built one (not compiled twice)
         self.backend, self.precision = select_runtime(
             self.backend_requested, self.network, device, self.model_sha256, input_shape, self.window_batch,
-            torch_forward=timed, precision=cfg.precision, calibration=calibration, threshold=cfg.threshold)
+            torch_forward=timed, precision=cfg.precision, calibration=calibration, threshold=cfg.threshold,
+            built=built)
         if self.backend == "torch":
             self._forward = torch_forward
         else:
-            predictor = make_predictor(self.backend, self.precision, self.network, self.model_sha256, input_shape,
-                                       self.window_batch, calibration)
+            predictor = built.get((self.backend, self.precision)) or make_predictor(
+                self.backend, self.precision, self.network, self.model_sha256, input_shape, self.window_batch,
+                calibration)
             self._forward = lambda x: predictor(x.cpu()).to(device)
         log.info("inference backend: %s %s on %s", self.backend, self.precision, device)
         return self._forward
