@@ -218,7 +218,9 @@ def test_auto_measures_once_and_caches_the_choice(monkeypatch, cache):
     data = json.loads(files[0].read_text())
     assert data["choice"] == choice
     assert set(data["seconds_per_batch"]) <= fp32 and {"torch", "onnxruntime"} <= set(data["seconds_per_batch"])
-    assert data["agreement"]["onnxruntime"]["agrees"] and data["agreement"]["onnxruntime"]["dice_min"] >= 0.98
+    # the candidates faster than torch were checked against it, fastest first, until one agreed
+    assert all(f["agrees"] and f["dice_min"] >= 0.98 for f in data["agreement"].values())
+    assert choice == "torch" or choice in data["agreement"]
     assert data["key"]["batch"] == 2 and data["key"]["input_shape"] == [1, *ROI3D]
     assert data["key"]["torch_threads"] == torch.get_num_threads()
     assert data["key"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()

@@ -5,14 +5,18 @@ int8`` is set (int8 is an explicit opt-in), ``onnxruntime-int8`` and ``openvino-
 package is missing or that fails to export, quantise, convert, load or run is skipped with its reason
 logged and recorded; that is never fatal (torch always remains).
 
-**Agreement** (:func:`agreement`): every candidate but torch runs the calibration windows
-(:mod:`pipeline.infer.calibration`; without them, the seeded timing batch) and is compared with torch fp32:
+**Speed first**: each candidate is timed on one batch of windows (one warm-up, the median of three;
+``backend._time_forward``); those slower than torch are dropped (recorded as such).
+
+**Agreement** (:func:`agreement`): the faster ones, fastest first, run the calibration windows
+(:mod:`pipeline.infer.calibration`; without them, the seeded timing batch) and are compared with torch fp32;
+the first that agrees is chosen (the slower ones are not checked: on a lesion3d-sized network each check
+costs minutes of CPU):
 the voxel Dice of the foreground masks (argmax, or ``P(lesion) >= inference.threshold`` for a binary model
 with a threshold) per window where either mask has foreground, and the largest absolute difference of
 any class probability. A candidate agrees when every such Dice is >= :data:`MIN_DICE` (0.98).
 
-**Speed**: each agreeing candidate is timed on one batch of windows (one warm-up, the median of three;
-``backend._time_forward``) and the fastest is chosen. The decision, every candidate's time, agreement
+The decision, every candidate's time, agreement
 figures and skip reason, and the CPU's int8 flags are stored as JSON in ``cache_dir()/backend``, keyed by
 everything that changes the answer (checkpoint, window, batch, threads, CPU capability, precision asked,
 calibration digest, library versions); another machine, thread count or version measures again.
@@ -174,31 +178,41 @@ def choose(network, device: torch.device, model_sha256: str, input_shape, batch:
              "(once per machine setup)...", ", ".join(names[1:]), batch, input_shape)
     x = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0))
     windows = torch.from_numpy(calibration.windows()) if calibration is not None else x
-    reference = None
     seconds, agreed, skipped, predictors = {}, {}, {}, {}
-    for name in names:
+    for name in names:  # 1. build and time every candidate (the slower than torch are dropped at once)
         if name != "torch" and (reason := _skip_reason(name)):
             skipped[name] = reason
             continue
         try:
             forward = _predictor(name, network, model_sha256, input_shape, batch, calibration, torch_forward)
-            if name == "torch":
-                reference = _run_batched(forward, windows, batch)
-            else:
-                agreed[name] = agreement(reference, _run_batched(forward, windows, batch), threshold)
-                if not agreed[name]["agrees"]:
-                    skipped[name] = (f"its masks disagree with torch fp32 (voxel Dice min "
-                                     f"{agreed[name]['dice_min']:.4f} < {MIN_DICE})")
-                    continue
             seconds[name] = B._time_forward(forward, x)
-            predictors[name] = forward
         except Exception as exc:  # any failure of a candidate only removes that candidate
             if name == "torch":
                 raise
             skipped[name] = _reason(exc)
+            continue
+        if name == "torch" or seconds[name] < seconds["torch"]:
+            predictors[name] = forward
+    # 2. the faster ones, fastest first, against torch fp32 on the calibration windows: the first that agrees
+    reference = _run_batched(predictors["torch"], windows, batch)
+    choice = "torch"
+    for name in sorted((n for n in predictors if n != "torch"), key=seconds.get):
+        try:
+            agreed[name] = agreement(reference, _run_batched(predictors[name], windows, batch), threshold)
+        except Exception as exc:
+            skipped[name] = _reason(exc)
+            continue
+        if agreed[name]["agrees"]:
+            choice = name
+            break
+        skipped[name] = (f"its masks disagree with torch fp32 (voxel Dice min {agreed[name]['dice_min']:.4f} "
+                         f"< {MIN_DICE})")
+    for name in seconds:
+        if name not in agreed and name != "torch" and name not in skipped:
+            skipped[name] = ("slower than torch" if seconds[name] >= seconds["torch"]
+                             else f"slower than {choice}, which agrees") + " (agreement not checked)"
     for name, reason in skipped.items():
         log.warning("Backend auto: %s skipped (%s).", name, reason)
-    choice = min(seconds, key=seconds.get)
     log.info("Backend auto: %s; using %s.",
              ", ".join(f"{n} {s:.3f} s" for n, s in seconds.items()) + f" per batch of {batch}", choice)
     _store(path, key, choice, seconds, agreed, skipped)
