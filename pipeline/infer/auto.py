@@ -211,8 +211,8 @@ def choose(network, device: torch.device, model_sha256: str, input_shape, batch:
         if name not in agreed and name != "torch" and name not in skipped:
             skipped[name] = ("slower than torch" if seconds[name] >= seconds["torch"]
                              else f"slower than {choice}, which agrees") + " (agreement not checked)"
-    for name, reason in skipped.items():
-        log.warning("Backend auto: %s skipped (%s).", name, reason)
+    for name, reason in skipped.items():  # a slower candidate is routine; a failure or disagreement is not
+        (log.info if "not checked" in reason else log.warning)("Backend auto: %s skipped (%s).", name, reason)
     log.info("Backend auto: %s; using %s.",
              ", ".join(f"{n} {s:.3f} s" for n, s in seconds.items()) + f" per batch of {batch}", choice)
     _store(path, key, choice, seconds, agreed, skipped)
