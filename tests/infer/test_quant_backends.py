@@ -158,3 +158,24 @@ def test_auto_picks_an_agreeing_backend_and_int8_only_when_asked(trained, case, 
     if choice != "torch":
         assert data["agreement"][choice]["agrees"]
     assert dice(labels, reference) >= 0.98
+
+
+def test_int8_quantises_the_full_resolution_convolutions_but_the_first_and_the_head(trained):
+    import onnx
+
+    from pipeline.infer.backend import OnnxRunner
+    from pipeline.infer.quantize import QUANTISED_OPS, fp32_convs
+
+    seg = Segmenter.from_checkpoint(trained, device="cpu", backend="torch")
+    roi = tuple(seg.config.inference.roi_size)
+    model = onnx.load(str(OnnxRunner(seg.network, seg.model_sha256, (1, *roi), threads=1).fp32_path))
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim)[2:]
+              for v in (*graph.value_info, *graph.output)}
+    convs = [n for n in graph.node if n.op_type in QUANTISED_OPS]
+    keep = set(fp32_convs(model))
+    int8 = [n for n in convs if n.name not in keep]
+    assert convs[0].name in keep and convs[-1].name in keep  # the input's and the head
+    assert int8 and all(shapes[n.output[0]] == roi for n in int8)  # full resolution only
+    assert all(shapes[n.output[0]] != roi for n in convs[1:-1] if n.name in keep)  # the coarser levels
+    assert any(n.op_type == "ConvTranspose" for n in int8)  # the last decoder's up-convolution
