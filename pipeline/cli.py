@@ -287,6 +287,25 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from pipeline.infer.cache import clear_cache, list_cache
+
+    if args.action == "clear":
+        done = clear_cache(args.what)
+        print(f"cache clear {args.what}: deleted {done['files']} file(s), {done['bytes'] / 1e6:.1f} MB")
+        return 0
+    listing = list_cache()
+    cap = listing["max_bytes"]
+    print(f"cache {listing['path']}: {listing['total_bytes'] / 1e6:.1f} MB "
+          f"(cap {f'{cap / 1e9:.2f} GB' if cap else 'none'}, MEDSEG_CACHE_MAX_GB)")
+    for kind, info in listing["kinds"].items():
+        print(f"  {kind:<9} {info['files']:>4} file(s) {info['bytes'] / 1e6:>9.1f} MB")
+        if not args.quiet:
+            for entry in info["entries"]:
+                print(f"    {entry['bytes'] / 1e6:>9.1f} MB  {', '.join(entry['files'])}")
+    return 0
+
+
 def cmd_validate(args) -> int:
     from pipeline.io.validate import validate_dicom
 
@@ -495,6 +514,7 @@ _KEEP_PATHS_HELP = ("write full source paths in the outputs and logs (default: r
 def _parser() -> argparse.ArgumentParser:
     from pipeline.config.schema import (  # torch-free
         BACKENDS,
+        CACHE_KINDS,
         EXPORT_FORMATS,
         PROBABILITY_DTYPES,
         SYNTH_KINDS,
@@ -600,8 +620,9 @@ def _parser() -> argparse.ArgumentParser:
                         "no 16-bit float)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--backend", default=None, choices=BACKENDS,
-                   help="how the network runs (default: the model's inference.backend, auto: the faster one "
-                        "measured once on this machine)")
+                   help="how the network runs (default: the model's inference.backend, auto: the fastest one "
+                        "whose masks agree with torch fp32, measured once on this machine; int8: "
+                        "inference.precision=int8)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo every case (default: keep cases already done with the same model and settings)")
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N",
@@ -636,6 +657,13 @@ def _parser() -> argparse.ArgumentParser:
                         "bundle: a MONAI bundle folder for `python -m monai.bundle run`")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("cache", parents=[common],
+                       help="list or clear the model cache (ONNX exports, int8 models, OpenVINO IR, backend choices)")
+    p.add_argument("action", choices=("list", "clear"), help="list: size and files per kind; clear: delete them")
+    p.add_argument("--what", choices=(*CACHE_KINDS, "all"), default="all",
+                   help="with clear: only this kind (default all)")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("manifest", parents=[common],
                        help="merge shard manifests (or rebuild from sidecars): manifest, lesions.csv, index.html")
@@ -688,7 +716,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --ensemble: the config's own network and spacing (default: features 4, a 2x2x2.5 "
                         "mm grid and the torch backend, so 8N passes fit in minutes on a CPU)")
     p.add_argument("--levers", action="store_true",
-                   help="only the inference speed levers (overlap, skip_empty, cascade) against the reference pass "
+                   help="only the inference speed levers (overlap, skip_empty, cascade, backend x precision) "
+                        "against the reference pass "
                         "(overlap 0.5, fp32, no skipping) on held-out cases, with the accuracy contract")
     p.add_argument("--rss-vs-n", action="store_true",
                    help="only the peak RSS, wall and CPU seconds of segmenting 512x512xN synthetic CTs (N = 200, 400, "

@@ -1,7 +1,10 @@
 """``medseg bench --levers``: each inference speed lever against the reference pass, with the accuracy contract.
 
 The **reference pass** is today's path at its most careful: overlap 0.5, fp32 on the torch backend,
-no window skipped, no cascade, no TTA. Each **lever** (:data:`LEVERS`: dotted ``inference.*`` overrides
+no window skipped, no cascade, no TTA. The backend levers (``onnxruntime_fp32``, ``onnxruntime_int8``,
+``openvino_fp32``, ``openvino_int8``) run the reference's windows on another backend / precision; one that
+cannot load here is skipped (``skipped_levers``) with its reason. Each row has ``network_gflops``: the
+network FLOPs per window x windows / the network's seconds. Each **lever** (:data:`LEVERS`: dotted ``inference.*`` overrides
 on top of the reference) runs the same trained model on the same held-out cases (a dataset's ``test``
 list, e.g. the demo's ``data/demo``), in the same process and run. Every case is read and preprocessed
 once; what is timed is :meth:`Segmenter.predict` + :meth:`Segmenter.finish` (the network, mapping back,
@@ -41,7 +44,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 REFERENCE = ("inference.overlap=0.5", "inference.skip_empty=none", "inference.cascade.enabled=false",
-             "inference.tta=none")
+             "inference.tta=none", "inference.backend=torch", "inference.precision=fp32")
 LEVERS: dict[str, tuple[str, ...]] = {
     "reference": (),
     "overlap_0.25": ("inference.overlap=0.25",),
@@ -54,6 +57,11 @@ LEVERS: dict[str, tuple[str, ...]] = {
     "skip_body+overlap_0.2": ("inference.skip_empty=body", "inference.overlap=0.2"),
     "cascade+skip_body+overlap_0.25": ("inference.cascade.enabled=true", "inference.skip_empty=body",
                                        "inference.overlap=0.25"),
+    # cheaper windows: the same windows on another backend / precision (int8: calibrated QDQ, pipeline.infer.quantize)
+    "onnxruntime_fp32": ("inference.backend=onnxruntime",),
+    "onnxruntime_int8": ("inference.backend=onnxruntime", "inference.precision=int8"),
+    "openvino_fp32": ("inference.backend=openvino",),
+    "openvino_int8": ("inference.backend=openvino", "inference.precision=int8"),
 }
 CONTRACT = {"dice_vs_reference_min": 0.98, "lesion_recall_vs_reference": 0.99, "gt_dice_delta": 0.005}
 SIZE_BINS_MM3 = (100.0, 1000.0)
@@ -136,20 +144,30 @@ def run_levers(model: Union[str, Path], data_root: Union[str, Path], repeats: in
     truths = [_read_truth(label, p.source_image.shape) if label is not None else None
               for _, p, label in prepared]
 
-    segmenters = {}
+    segmenters, skipped_levers = {}, {}
     for name, overrides in levers.items():
         seg = Segmenter(base.network, lever_config(base.config, overrides), device="cpu",
-                        model_sha256=base.model_sha256, backend="torch")
-        seg.finish(seg.predict(prepared[0][1]), prepared[0][1])  # warm-up
+                        model_sha256=base.model_sha256)
+        try:
+            seg.finish(seg.predict(prepared[0][1]), prepared[0][1])  # warm-up (exports, quantises once)
+        except Exception as exc:  # a backend that cannot load here (e.g. openvino not installed) is skipped
+            if name == "reference":
+                raise
+            skipped_levers[name] = f"{type(exc).__name__}: {exc}"
+            say(f"  {name}: skipped ({skipped_levers[name]})")
+            continue
         segmenters[name] = seg
+    levers = {name: levers[name] for name in segmenters}
+    window_flops = _window_flops(base)
 
     masks: dict[str, list[np.ndarray]] = {name: [] for name in levers}
     timing: dict[str, list[float]] = {name: [] for name in levers}
     cpu: dict[str, list[float]] = {name: [] for name in levers}
     counts: dict[str, dict] = {}
+    network_seconds: dict[str, list[float]] = {}
     for repeat in range(max(1, repeats)):
         for name, seg in segmenters.items():  # alternating: contention hits every lever alike
-            total, cpu_total, windows, skipped = 0.0, 0.0, 0, 0
+            total, cpu_total, windows, skipped, network = 0.0, 0.0, 0, 0, 0.0
             out = []
             for _, p, _ in prepared:
                 began, began_cpu = time.perf_counter(), time.process_time()
@@ -158,9 +176,11 @@ def run_levers(model: Union[str, Path], data_root: Union[str, Path], repeats: in
                 total += time.perf_counter() - began
                 cpu_total += time.process_time() - began_cpu
                 windows, skipped = windows + prediction.windows, skipped + prediction.skipped
+                network += prediction.network_seconds
                 out.append(result.labels)
             timing[name].append(total)
             cpu[name].append(cpu_total)
+            network_seconds.setdefault(name, []).append(network)
             counts[name] = {"windows": windows, "skipped": skipped}
             if repeat == 0:
                 masks[name] = out
@@ -190,8 +210,12 @@ def run_levers(model: Union[str, Path], data_root: Union[str, Path], repeats: in
         for entry in by_size.values():
             entry["recall"] = entry["found"] / entry["reference_lesions"] if entry["reference_lesions"] else math.nan
         seconds = statistics.median(timing[name])
+        net = statistics.median(network_seconds[name])
         rows[name] = {
             "overrides": list(levers[name]),
+            "backend": segmenters[name].backend, "precision": segmenters[name].runner.precision,
+            "network_seconds": net,
+            "network_gflops": window_flops * counts[name]["windows"] / net / 1e9 if net else math.nan,
             "seconds": seconds, "runs": timing[name], "ratio": seconds / ref_seconds,
             "cpu_seconds": statistics.median(cpu[name]), "cpu_ratio": statistics.median(cpu[name]) / ref_cpu,
             **counts[name],
@@ -208,6 +232,7 @@ def run_levers(model: Union[str, Path], data_root: Union[str, Path], repeats: in
     results = {
         "model": str(model), "data": str(data_root), "cases": [c for c, _, _ in prepared], "repeats": repeats,
         "reference": list(REFERENCE), "contract": CONTRACT, "levers": rows, "best": best,
+        "skipped_levers": skipped_levers, "gflop_per_window": window_flops / 1e9,
         "agreement_dice_min": rows[best]["dice_vs_reference_min"],
         "agreement_lesion_recall": rows[best]["lesion_recall_vs_reference"],
         "speedup_vs_reference_pass_held_out": ref_seconds / rows[best]["seconds"],
@@ -216,6 +241,13 @@ def run_levers(model: Union[str, Path], data_root: Union[str, Path], repeats: in
     if large_shape:
         results.update(time_large(base, levers, passing, large_shape, work_dir, say))
     return results
+
+
+def _window_flops(base) -> float:
+    """FLOPs of the network on one window (:func:`pipeline.benchmarks.measure.network_flops`)."""
+    from pipeline.benchmarks.measure import network_flops
+
+    return float(network_flops(base.network, (base.config.in_channels, *base.config.inference.roi_size)))
 
 
 def _cost(name: str, row: dict) -> tuple:
@@ -253,7 +285,7 @@ def time_large(base, levers: dict[str, Sequence[str]], passing: Sequence[str], s
     reference = None
     for name, extra in levers.items():
         seg = Segmenter(base.network, lever_config(base.config, extra), device="cpu",
-                        model_sha256=base.model_sha256, backend="torch")
+                        model_sha256=base.model_sha256)
         say(f"{tag}: {name}")
         began, began_cpu = time.perf_counter(), time.process_time()
         prepared = seg.load(str(image))
@@ -305,7 +337,7 @@ def print_levers(results: dict, file=None) -> None:
         f"medians of {results.get('repeats')} runs; reference: {' '.join(results.get('reference', []))}",
         "",
         f"  {'lever':<32}{'seconds':>8}{'ratio':>7}{'CPU s':>7}{'ratio':>7}{'windows':>8}{'skipped':>8}{'Dice ref min':>13}"
-        f"{'recall':>8}{'  <100/100-1000/>=1000 mm3':<28}{'GT Dice':>8}{'delta':>8}  contract",
+        f"{'recall':>8}{'  <100/100-1000/>=1000 mm3':<28}{'GT Dice':>8}{'delta':>8}{'GFLOP/s':>8}  contract",
     ]
     for name, row in results.get("levers", {}).items():
         bins = "/".join(_num(b.get("recall"), ".2f") for b in row.get("recall_by_size", {}).values())
@@ -314,7 +346,10 @@ def print_levers(results: dict, file=None) -> None:
             f"{_num(row['cpu_seconds'], '.2f'):>7}{_num(row['cpu_ratio'], '.2f'):>7}{row['windows']:>8}"
             f"{row['skipped']:>8}{_num(row['dice_vs_reference_min'], '.4f'):>13}"
             f"{_num(row['lesion_recall_vs_reference'], '.3f'):>8}  {bins:<26}{_num(row['gt_dice'], '.4f'):>8}"
-            f"{_num(row['gt_dice_delta'], '+.4f'):>8}  {'meets' if row['meets_contract'] else 'FAILS'}")
+            f"{_num(row['gt_dice_delta'], '+.4f'):>8}{_num(row.get('network_gflops'), '.1f'):>8}"
+            f"  {'meets' if row['meets_contract'] else 'FAILS'}")
+    for name, reason in results.get("skipped_levers", {}).items():
+        lines.append(f"  {name:<32}skipped: {reason}")
     lines += ["", f"best lever meeting the contract: {results.get('best')} "
                   f"(x{_num(results.get('speedup_vs_reference_pass_held_out'), '.2f')} on the held-out cases)"]
     large = results.get("large")

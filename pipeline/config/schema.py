@@ -49,12 +49,14 @@ NORMS = ("instance", "batch", "none")
 UPSAMPLES = ("transpose", "interp")
 PADDINGS = ("same", "valid")
 SCHEDULES = ("poly", "cosine")
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+PRECISIONS = ("fp32", "int8")  # inference.precision; int8 runs on onnxruntime or openvino
 SKIP_EMPTY = ("none", "body")
 BLENDS = ("gaussian", "constant")
 TTA_MODES = ("none", "mirror")
 PROBABILITY_DTYPES = ("uint8", "float16")  # segment --probabilities-dtype
 EXPORT_FORMATS = ("onnx", "torchscript", "bundle")  # export --format
+CACHE_KINDS = ("onnx", "int8", "openvino", "backend")  # folders of the model cache; cache clear --what (or all)
 
 
 @dataclass
@@ -332,7 +334,10 @@ class InferenceConfig:
     threshold: Optional[float] = None  # binary models: lesion if p >= threshold; null: argmax
     min_component_mm3: float = 0.0  # remove predicted components smaller than this
     device: str = "auto"
-    backend: str = "auto"  # auto | torch | onnxruntime; auto: the faster one measured on this machine (once)
+    # auto | torch | onnxruntime | openvino; auto: the fastest whose masks agree with torch fp32 (measured once)
+    backend: str = "auto"
+    # fp32 | int8 (static QDQ int8 on onnxruntime/openvino; with auto, int8 is a candidate only when set here)
+    precision: str = "fp32"
     amp: bool = True  # float16 autocast where the device has fast half precision (CUDA); never on a CPU
     # test-time augmentation: none | mirror (softmax probabilities averaged over the flips of the spatial
     # axes: 3D, all 3 = 8 combinations; 2D, the 2 in-plane axes = 4)
@@ -349,6 +354,10 @@ class InferenceConfig:
         _positive("inference.skip_margin_mm", self.skip_margin_mm, allow_zero=True)
         _choice("inference.tta", self.tta, TTA_MODES)
         _choice("inference.backend", self.backend, BACKENDS)
+        _choice("inference.precision", self.precision, PRECISIONS)
+        if self.precision == "int8" and self.backend == "torch":
+            _fail("inference.precision", self.precision,
+                  "fp32 with inference.backend: torch (int8 runs on onnxruntime, openvino or auto)")
         _positive("inference.sw_batch_size", self.sw_batch_size)
         _choice("inference.blend", self.blend, BLENDS)
         if self.threshold is not None:

@@ -35,10 +35,8 @@ Design
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
-import os
 import re
 import statistics
 import time
@@ -50,14 +48,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config.schema import BACKENDS
+from pipeline.config.schema import BACKENDS, PRECISIONS
 from pipeline.errors import ConfigError, first_line
+from pipeline.infer.cache import cache_dir, prune_cache, touch
 from pipeline.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
-CACHE_ENV = "MEDSEG_CACHE_DIR"
 TIMING_REPEATS = 3
 _INPUT_NAME = "x"
 _OUTPUT_NAME = "y"
@@ -66,13 +64,15 @@ _EXPORT_BATCH = 2
 __all__ = [
     "BACKENDS",
     "OPSET",
+    "PRECISIONS",
     "OnnxRunner",
     "cache_dir",
-    "calibration_path",
     "export_onnx",
+    "make_predictor",
     "onnx_path",
     "onnxruntime_available",
     "select_backend",
+    "select_runtime",
 ]
 
 
@@ -92,27 +92,6 @@ def _onnxruntime_version() -> str:
     import onnxruntime
 
     return onnxruntime.__version__
-
-
-def cache_dir() -> Path:
-    """Folder for exported models and calibration results, created on demand.
-
-    ``$MEDSEG_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/medseg``, else ``~/.cache/medseg``.
-    """
-    explicit = os.environ.get(CACHE_ENV)
-    if explicit:
-        root = Path(explicit).expanduser()
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "medseg"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"Cache folder: expected a writable folder at {root}, found an error: {exc}. "
-            f"Set {CACHE_ENV} to a writable folder."
-        ) from exc
-    return root
 
 
 # ---- names -----------------------------------------------------------------------------------------
@@ -278,20 +257,27 @@ class OnnxRunner:
         model_sha256: sha256 of the checkpoint the network was loaded from (the cache key).
         input_shape: the window shape without batch, ``(channels, *roi)``.
         threads: ONNX Runtime intra-op threads; default ``torch.get_num_threads()``.
+        precision: ``fp32`` (the export) or ``int8`` (its static QDQ quantisation, :mod:`pipeline.infer.quantize`).
+        calibration: with ``int8``, the :class:`~pipeline.infer.calibration.Calibration` windows (read only
+            when the int8 model is not cached yet).
 
     Attributes:
-        path: the cached ONNX file.
+        path: the ONNX file run (the int8 one with ``int8``); ``fp32_path``: the cached export.
         exported: True if this construction exported the network (no usable cached file).
     """
 
     def __init__(self, network: nn.Module, model_sha256: str, input_shape: Sequence[int],
-                 threads: int | None = None):
+                 threads: int | None = None, precision: str = "fp32", calibration=None):
         _require_onnxruntime()
         self.input_shape = _check_input_shape(input_shape)
-        self.path = onnx_path(model_sha256, self.input_shape)
+        self.fp32_path = self.path = onnx_path(model_sha256, self.input_shape)
         self.threads = int(threads or torch.get_num_threads())
+        self.precision = precision
         self.exported = False
         self.session = self._load_or_export(network)
+        if precision == "int8":
+            self.path = int8_model(self.fp32_path, model_sha256, self.input_shape, calibration)
+            self.session = _load_int8(self.path, self.fp32_path, self.threads, calibration)
         self._output_name = self.session.get_outputs()[0].name
         self._input_name = self.session.get_inputs()[0].name
 
@@ -300,6 +286,7 @@ class OnnxRunner:
             try:
                 session = _new_session(self.path, self.threads)
                 if _session_input_shape(session) == self.input_shape:
+                    touch(self.path)
                     return session
                 problem = f"input shape {_session_input_shape(session)}, expected {self.input_shape}"
             except Exception as exc:  # onnxruntime raises its own (pybind) exception types
@@ -308,6 +295,7 @@ class OnnxRunner:
             self.path.unlink(missing_ok=True)
         export_onnx(network, self.input_shape, self.path)
         self.exported = True
+        prune_cache(keep=[self.path])
         try:
             return _new_session(self.path, self.threads)
         except Exception as exc:
@@ -333,7 +321,56 @@ class OnnxRunner:
         return out if x.device.type == "cpu" else out.to(x.device)
 
     def __repr__(self) -> str:
-        return f"OnnxRunner(path={str(self.path)!r}, input_shape={self.input_shape}, threads={self.threads})"
+        return (f"OnnxRunner(path={str(self.path)!r}, input_shape={self.input_shape}, threads={self.threads}, "
+                f"precision={self.precision!r})")
+
+
+def int8_model(fp32_path: Path, model_sha256: str, input_shape: Sequence[int], calibration) -> Path:
+    """The cached int8 QDQ model of the export ``fp32_path`` (quantised now if not cached)."""
+    from pipeline.infer.quantize import cached_int8, int8_cpu, int8_key
+
+    if calibration is None:
+        raise ConfigError(
+            "inference.precision int8: expected calibration windows (the checkpoint's training data, or the "
+            "case being segmented), found none. Run through Segmenter/NetworkRunner, or use precision fp32."
+        )
+    key = int8_key(model_sha256, input_shape, calibration, int8_cpu()["reduce_range"])
+    return cached_int8(fp32_path, key, calibration)
+
+
+def _load_int8(path: Path, fp32_path: Path, threads: int, calibration):
+    try:
+        return _new_session(path, threads)
+    except Exception as exc:  # a truncated or foreign cached file: quantised again, once
+        from pipeline.infer.quantize import quantize_onnx
+
+        log.warning("Cached int8 model %s is unusable (%s); quantising again.", path, first_line(exc))
+        path.unlink(missing_ok=True)
+        from pipeline.infer.quantize import int8_cpu
+
+        quantize_onnx(fp32_path, path, calibration.windows(), int8_cpu()["reduce_range"])
+        return _new_session(path, threads)
+
+
+def make_predictor(backend: str, precision: str, network: nn.Module, model_sha256: str,
+                   input_shape: Sequence[int], batch: int, calibration=None,
+                   torch_forward: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """A callable mapping windows ``(B, *input_shape)`` to logits, on ``backend`` at ``precision``."""
+    if backend == "torch":
+        if precision != "fp32":
+            raise ConfigError(f"Backend 'torch': expected precision fp32, found {precision!r}. int8 runs on "
+                              "the 'onnxruntime' or 'openvino' backend.")
+        return torch_forward or network
+    runner = OnnxRunner(network, model_sha256, input_shape, precision=precision, calibration=calibration)
+    if backend == "onnxruntime":
+        return runner
+    if backend == "openvino":
+        from pipeline.infer.ov_runner import OpenVinoRunner
+
+        return OpenVinoRunner(runner.path, input_shape, batch=batch)
+    _check_requested(backend)
+    raise ConfigError(f"backend {backend!r}: expected a concrete backend (torch, onnxruntime, openvino), "
+                      "found 'auto'; choose it with select_runtime() first.")
 
 
 # ---- backend choice --------------------------------------------------------------------------------
@@ -352,61 +389,31 @@ def _time_forward(forward: Callable[[torch.Tensor], object], x: torch.Tensor,
     return statistics.median(times)
 
 
-def _calibration_key(model_sha256: str, input_shape: Sequence[int], batch: int) -> dict:
-    return {
-        "model_sha16": _sha16(model_sha256),
-        "input_shape": list(_check_input_shape(input_shape)),
-        "batch": int(batch),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "onnxruntime": _onnxruntime_version(),
-        "opset": OPSET,
-    }
-
-
-def calibration_path(key: dict) -> Path:
-    """The JSON file holding the backend decision for a calibration ``key``."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / "backend" / f"{key['model_sha16']}-{_shape_tag(key['input_shape'])}-{digest}.json"
-
-
-def _read_calibration(path: Path, key: dict) -> str | None:
-    """The cached choice for ``key``, or None if there is none (or the file is unreadable or stale)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("key") != key:
-        return None
-    choice = data.get("choice")
-    return choice if choice in BACKENDS and choice != "auto" else None
-
-
-def _calibrate(network: nn.Module, torch_forward: Callable, model_sha256: str, input_shape: tuple,
-               batch: int) -> tuple[str, dict]:
-    """Time one ``batch`` of windows on both backends; the faster one and the seconds per batch."""
-    runner = OnnxRunner(network, model_sha256, input_shape)
-    x = torch.randn((batch, *input_shape), generator=torch.Generator().manual_seed(0))
-    seconds = {
-        "torch": _time_forward(torch_forward, x),
-        "onnxruntime": _time_forward(runner, x),
-    }
-    choice = min(seconds, key=seconds.get)
-    return choice, seconds
-
-
 def _check_requested(requested: str) -> None:
     if requested not in BACKENDS:
         listed = ", ".join(repr(b) for b in BACKENDS)
         raise ConfigError(
             f"backend: expected one of {listed}, found {requested!r}. "
             "Set the inference backend to one of them "
-            "('auto' measures both on the first run and keeps the faster)."
+            "('auto' measures them on the first run and keeps the fastest that agrees with torch)."
         )
 
 
-def select_backend(
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision: expected one of {', '.join(PRECISIONS)}, found {precision!r}. "
+                          "Set inference.precision to fp32 (the default) or int8.")
+
+
+def _require_cpu(backend: str, device: torch.device) -> None:
+    if device.type != "cpu":
+        raise ConfigError(
+            f"Backend '{backend}': expected the CPU device, found {device}. It runs here on the CPU only; use "
+            "the 'torch' (or 'auto') backend on a GPU, or run on the CPU."
+        )
+
+
+def select_runtime(
     requested: str,
     network: nn.Module,
     device: torch.device | str,
@@ -414,64 +421,54 @@ def select_backend(
     input_shape: Sequence[int],
     batch: int,
     torch_forward: Callable[[torch.Tensor], object] | None = None,
-) -> str:
-    """The backend to run ``network`` with: ``"torch"`` or ``"onnxruntime"``.
+    precision: str = "fp32",
+    calibration=None,
+    threshold: float | None = None,
+    built: dict | None = None,
+) -> tuple[str, str]:
+    """``(backend, precision)`` to run ``network`` with.
 
-    ``requested`` is one of :data:`BACKENDS`. ``"auto"`` chooses torch on a GPU, without onnxruntime or
-    without ``model_sha256``; otherwise it times ``batch`` windows of ``input_shape`` on both backends
-    once per machine setup (cached in :func:`cache_dir`). ``torch_forward`` is the torch callable to time
-    (e.g. a compiled or channels-last path); default ``network``.
+    ``requested`` is one of :data:`BACKENDS`, ``precision`` one of :data:`PRECISIONS`. Explicit backends
+    are taken as given (after checking the package, the device and, for int8, that the backend is not
+    torch). ``"auto"`` chooses torch fp32 on a GPU or without ``model_sha256``; otherwise it keeps the
+    candidates (torch, onnxruntime, openvino in fp32; with ``precision="int8"`` also both int8 ones)
+    whose masks agree with torch fp32 on the ``calibration`` windows and picks the fastest
+    (:mod:`pipeline.infer.auto`; measured once per machine setup, cached in :func:`cache_dir`). ``built``:
+    a dict that receives the chosen predictor under ``(backend, precision)`` if ``auto`` built it.
     """
     _check_requested(requested)
+    _check_precision(precision)
     device = torch.device(device)
     if requested == "torch":
-        return "torch"
-    if requested == "onnxruntime":
-        _require_onnxruntime()
-        if device.type != "cpu":
-            raise ConfigError(
-                f"Backend 'onnxruntime': expected the CPU device, found {device}. ONNX Runtime runs here on "
-                "the CPU only; use the 'torch' (or 'auto') backend on a GPU, or run on the CPU."
-            )
+        if precision != "fp32":
+            raise ConfigError("Backend 'torch': expected inference.precision fp32, found int8. int8 runs on "
+                              "the 'onnxruntime' or 'openvino' backend (or 'auto').")
+        return "torch", "fp32"
+    if requested in ("onnxruntime", "openvino"):
+        if requested == "onnxruntime" or precision == "int8":
+            _require_onnxruntime()  # the int8 model is quantised by ONNX Runtime
+        if requested == "openvino":
+            from pipeline.infer.ov_runner import require_openvino
+
+            require_openvino()
+        _require_cpu(requested, device)
         _sha16(model_sha256)  # a clear error now rather than at export time
-        return "onnxruntime"
+        if precision == "int8":
+            from pipeline.infer.quantize import int8_cpu
 
-    if device.type != "cpu":
-        log.info("Backend auto: torch (device %s).", device)
-        return "torch"
-    if not onnxruntime_available():
-        log.info("Backend auto: torch (onnxruntime is not installed).")
-        return "torch"
-    if not model_sha256:
-        log.info("Backend auto: torch (the network was not loaded from a checkpoint, nothing to cache by).")
-        return "torch"
+            log.info("int8 on %s: CPU %s (reduce_range=%s).", requested, int8_cpu()["isa"],
+                     int8_cpu()["reduce_range"])
+        return requested, precision
 
-    input_shape = _check_input_shape(input_shape)
-    batch = max(1, int(batch))
-    key = _calibration_key(model_sha256, input_shape, batch)
-    path = calibration_path(key)
-    cached = _read_calibration(path, key)
-    if cached is not None:
-        log.info("Backend auto: %s (measured before, %s).", cached, path)
-        return cached
+    from pipeline.infer.auto import choose
 
-    log.info("Backend auto: timing torch and onnxruntime on %d window(s) of %s (once per machine setup)...",
-             batch, input_shape)
-    try:
-        choice, seconds = _calibrate(network, torch_forward or network, model_sha256, input_shape, batch)
-    except OSError as exc:  # the cache's disk is full or read-only: no export, so torch
-        log.warning("Backend auto: torch (the ONNX export could not be written to the cache %s: %s).",
-                    cache_dir(), exc)
-        return "torch"
-    log.info("Backend auto: torch %.3f s, onnxruntime %.3f s per batch of %d; using %s.",
-             seconds["torch"], seconds["onnxruntime"], batch, choice)
-    try:
-        _write_json_atomic(path, {
-            "key": key,
-            "choice": choice,
-            "seconds_per_batch": seconds,
-            "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
-    except OSError as exc:  # measured again next time
-        log.warning("Backend auto: the choice could not be cached (%s).", exc)
-    return choice
+    return choose(network, device, model_sha256, input_shape, batch, torch_forward or network, precision,
+                  calibration, threshold, built)
+
+
+def select_backend(requested: str, network: nn.Module, device: torch.device | str, model_sha256: str,
+                   input_shape: Sequence[int], batch: int,
+                   torch_forward: Callable[[torch.Tensor], object] | None = None, **kwargs) -> str:
+    """The backend of :func:`select_runtime` (fp32 unless ``precision="int8"`` is passed)."""
+    return select_runtime(requested, network, device, model_sha256, input_shape, batch, torch_forward,
+                          **kwargs)[0]

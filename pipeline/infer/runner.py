@@ -1,4 +1,4 @@
-"""How a network runs on its device: the backend (torch | onnxruntime), the CPU-fused copy of our U-Net,
+"""How a network runs on its device: the backend (torch | onnxruntime | openvino, fp32 | int8), the CPU-fused copy of our U-Net,
 float16 autocast on CUDA, and how many windows go into one network call."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ __all__ = ["NetworkRunner"]
 class NetworkRunner:
     """One network on one device; :meth:`forward` (built at the first call) maps windows to logits.
 
-    ``backend``: ``auto | torch | onnxruntime`` asked for (default: ``inference.backend``); the one
+    ``backend``: ``auto | torch | onnxruntime | openvino`` asked for (default: ``inference.backend``); the one
     chosen is :attr:`backend` once :meth:`forward` has been built.
     """
 
@@ -29,7 +29,8 @@ class NetworkRunner:
         self.network, self.config, self.device = network, config, device
         self.model_sha256 = model_sha256
         self.backend_requested = backend or config.inference.backend
-        self.backend: Optional[str] = None  # torch | onnxruntime, once chosen
+        self.backend: Optional[str] = None  # torch | onnxruntime | openvino, once chosen
+        self.precision: Optional[str] = None  # fp32 | int8, once chosen
         self._forward = None
 
     @property
@@ -38,18 +39,24 @@ class NetworkRunner:
         batch = self.config.inference.sw_batch_size
         return max(batch, 2) if self.device.type == "cpu" else batch
 
-    def forward(self):
+    def forward(self, image: Optional[torch.Tensor] = None):
         """The callable that maps a batch of windows (B, channels, *roi) to logits, built once.
 
         * CUDA: the network under ``inference_mode``, float16 autocast (``inference.amp``), cuDNN autotuning.
         * CPU, torch: the fused channels-last copy of our U-Net (:mod:`pipeline.model.fused`), float32 (no
           CPU autocast: without hardware bf16 it is 100x slower).
         * CPU, onnxruntime: the network exported to ONNX once per checkpoint (cached), run by ONNX Runtime.
-        ``inference.backend: auto`` times both on the first call and keeps the faster (remembered per machine).
+        * CPU, openvino: the same export converted to OpenVINO IR (cached), compiled for the CPU.
+        * ``inference.precision: int8``: the export's static QDQ int8 quantisation (:mod:`pipeline.infer.quantize`)
+          on onnxruntime or openvino.
+        ``inference.backend: auto`` keeps the backends whose masks agree with torch fp32 on the calibration
+        windows and the fastest of them (:mod:`pipeline.infer.auto`; remembered per machine).
+        ``image``: the preprocessed case about to be segmented (C, *spatial): the calibration windows come
+        from it when the checkpoint's training data is not readable (not kept).
         """
         if self._forward is not None:
             return self._forward
-        from pipeline.infer.backend import OnnxRunner, select_backend
+        from pipeline.infer.backend import make_predictor, select_runtime
         from pipeline.model.fused import fuse_for_inference
 
         cfg = self.config.inference
@@ -68,16 +75,33 @@ class NetworkRunner:
 
         roi = list(cfg.roi_size)
         input_shape = (self.config.in_channels, *roi)
-        self.backend = select_backend(self.backend_requested, self.network, device, self.model_sha256,
-                                      input_shape, self.window_batch,
-                                      torch_forward=window_forward(torch_forward, len(roi)))
-        if self.backend == "onnxruntime":
-            runner = OnnxRunner(self.network, self.model_sha256, input_shape)
-            self._forward = lambda x: runner(x.cpu()).to(device)
-        else:
+        calibration = self._calibration(image, device)
+        timed = window_forward(torch_forward, len(roi))
+        built: dict = {}  # auto's chosen predictor, when it built one (not compiled twice)
+        self.backend, self.precision = select_runtime(
+            self.backend_requested, self.network, device, self.model_sha256, input_shape, self.window_batch,
+            torch_forward=timed, precision=cfg.precision, calibration=calibration, threshold=cfg.threshold,
+            built=built)
+        if self.backend == "torch":
             self._forward = torch_forward
-        log.info("inference backend: %s on %s", self.backend, device)
+        else:
+            predictor = built.get((self.backend, self.precision)) or make_predictor(
+                self.backend, self.precision, self.network, self.model_sha256, input_shape, self.window_batch,
+                calibration)
+            self._forward = lambda x: predictor(x.cpu()).to(device)
+        log.info("inference backend: %s %s on %s", self.backend, self.precision, device)
         return self._forward
+
+    def _calibration(self, image, device: torch.device):
+        """Calibration windows (:mod:`pipeline.infer.calibration`) where int8 or ``auto`` can need them."""
+        cfg = self.config.inference
+        if device.type != "cpu" or not self.model_sha256:
+            return None
+        if cfg.precision != "int8" and self.backend_requested != "auto":
+            return None
+        from pipeline.infer.calibration import calibration_for
+
+        return calibration_for(self.config, image)
 
     def valid_padding(self) -> bool:
         """Whether the network shrinks its input (valid convolutions): then MONAI's sliding window runs

@@ -177,9 +177,10 @@ class Segmenter:
         """Windows per network call (:attr:`NetworkRunner.window_batch`)."""
         return self.runner.window_batch
 
-    def forward(self):
-        """The callable that maps a batch of windows to logits (:meth:`NetworkRunner.forward`)."""
-        return self.runner.forward()
+    def forward(self, image: Optional[torch.Tensor] = None):
+        """The callable that maps a batch of windows to logits (:meth:`NetworkRunner.forward`; ``image``: the
+        case about to be segmented, for calibration windows)."""
+        return self.runner.forward(image)
 
     # --- the stages -----------------------------------------------------------------------------
 
@@ -221,11 +222,11 @@ class Segmenter:
 
     def _predict(self, image: torch.Tensor, progress, keep_all: bool, keep_classes: bool = False) -> Prediction:
         cfg, dims = self.config.inference, self.config.model.spatial_dims
-        forward = self.forward()
+        forward = self.forward(image)
         flips = mirror_flips(cfg.tta, cfg.tta_axes, dims)
         averaged = len(self.runners) > 1 or len(flips) > 1
         if averaged:  # every network on every flip of each batch of windows: their probabilities' mean
-            forward = averaged_probabilities([runner.forward() for runner in self.runners], flips)
+            forward = averaged_probabilities([runner.forward(image) for runner in self.runners], flips)
         x = image.as_tensor() if hasattr(image, "as_tensor") else image
         x = x.to(torch.float32)
         spatial = tuple(x.shape[1:])
