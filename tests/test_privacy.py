@@ -75,7 +75,7 @@ def text_of(path: Path, data: bytes) -> str:
                 chunks.append(zlib.decompress(body[body.index(b"\0") + 2:]))
             pos += 12 + length
         return b"\n".join(chunks).decode("latin-1")
-    if name.endswith((".onnx", ".pt", ".dcm")):
+    if name.endswith((".onnx", ".pt", ".dcm", ".bin")):  # weights (.bin: OpenVINO IR's), pixels
         return ""
     return data.decode("utf-8")
 

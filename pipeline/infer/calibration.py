@@ -111,6 +111,11 @@ def _training_items(config) -> Optional[list[dict]]:
 
 
 def _file_facts(value) -> list:
+    """Name, size and mtime of each file of a case's image or label: a path, a list of paths (a DICOM
+    series), or a multi-channel case's :class:`~pipeline.io.channels.Channels` (one such per channel)."""
+    sources = getattr(value, "sources", None)
+    if sources is not None:
+        return [_file_facts(source) for source in sources]
     paths = value if isinstance(value, (list, tuple)) else [value]
     out = []
     for p in paths:
