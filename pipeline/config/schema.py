@@ -263,6 +263,10 @@ class LossConfig:
     gamma: float = 2.0
     include_background: bool = False
     deep_supervision_weights: Optional[list[float]] = None  # default: halves per level
+    # The focal term on the softmax over every class (background included; gamma 0: cross-entropy, as
+    # nnU-Net's Dice + CE), consistent with the softmax inference decides by. False: MONAI's sigmoid focal
+    # on the foreground logits alone.
+    focal_softmax: bool = False
 
     def _check(self) -> None:
         _positive("loss.dice_weight", self.dice_weight, allow_zero=True)

@@ -17,6 +17,23 @@ from monai.losses import DeepSupervisionLoss, DiceFocalLoss
 from pipeline.config import LossConfig
 
 
+class SoftmaxFocalLoss(torch.nn.Module):
+    """Focal loss on the softmax over every class: ``mean(-(1 - p_t) ** gamma * log p_t)`` over the voxels, with
+    ``p_t`` the softmax probability of the voxel's true class (``target`` one-hot, (B, C, *S)). ``gamma = 0``
+    is the cross-entropy. Every class takes part, background included: the softmax the network is judged by
+    at inference is what it learns, not one sigmoid per foreground logit."""
+
+    def __init__(self, gamma: float = 2.0):
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        log_pt = (torch.log_softmax(input.float(), dim=1) * target.float()).sum(dim=1)
+        if self.gamma == 0:
+            return -log_pt.mean()
+        return -(((1 - log_pt.exp()).clamp(min=0) ** self.gamma) * log_pt).mean()
+
+
 class WorldDiceFocalLoss(DiceFocalLoss):
     """MONAI's ``DiceFocalLoss`` whose batch Dice spans every rank's batch under torchrun.
 
@@ -56,6 +73,8 @@ def build_loss(cfg: LossConfig, deep_supervision: bool) -> torch.nn.Module:
         smooth_nr=1e-5,
         smooth_dr=1e-5,
     )
+    if cfg.focal_softmax:  # DiceFocalLoss.forward one-hot encodes the target and calls self.focal with it
+        base.focal = SoftmaxFocalLoss(cfg.gamma)
     weights = DeepSupervisionLoss(base, weight_mode="exp", weights=cfg.deep_supervision_weights)
     return HeadLoss(base, weights if deep_supervision else None)
 

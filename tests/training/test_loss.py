@@ -37,7 +37,8 @@ def loss_config(*overrides):
 
 
 @pytest.mark.parametrize("overrides", [[], ["loss.include_background=true"], ["loss.focal_weight=0"],
-                                       ["loss.dice_weight=0"], ["loss.gamma=0"]])
+                                       ["loss.dice_weight=0"], ["loss.gamma=0"],
+                                       ["loss.focal_softmax=true"], ["loss.focal_softmax=true", "loss.gamma=0"]])
 def test_loss_orders_perfect_background_and_inverted(overrides):
     loss = build_loss(loss_config(*overrides), deep_supervision=False)
     label = lesion_label()
@@ -129,3 +130,34 @@ def test_deep_supervision_accepts_integer_labels_as_the_trainer_gives_them():
     deep = build_loss(loss_config(), deep_supervision=True)
     value = deep(deep_outputs(label), label)
     torch.testing.assert_close(value, deep(deep_outputs(label), label.float()))
+
+
+def test_softmax_focal_with_gamma_0_is_the_cross_entropy_over_every_class():
+    """loss.focal_softmax, gamma 0: the focal term is torch's softmax cross-entropy (background included)."""
+    torch.manual_seed(0)
+    logits, label = torch.randn(2, 2, *SHAPE[2:]), lesion_label()
+    loss = build_loss(loss_config("loss.focal_softmax=true", "loss.gamma=0", "loss.dice_weight=0"),
+                      deep_supervision=False)
+    expected = F.cross_entropy(logits, label[:, 0])
+    assert loss(logits, label).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_softmax_focal_depends_on_the_background_logit():
+    """The sigmoid focal (default) scores the lesion logit alone; the softmax one the difference the
+    inference's softmax decides by: raising the background logit by 3 everywhere changes it, shifting both
+    logits together does not."""
+    torch.manual_seed(1)
+    logits, label = torch.randn(2, 2, *SHAPE[2:]), lesion_label()
+    shift = torch.zeros_like(logits)
+    shift[:, 0] = 3.0
+    sigmoid = build_loss(loss_config("loss.dice_weight=0"), deep_supervision=False)
+    softmax = build_loss(loss_config("loss.focal_softmax=true", "loss.dice_weight=0"), deep_supervision=False)
+    assert sigmoid(logits + shift, label).item() == pytest.approx(sigmoid(logits, label).item())
+    assert abs(softmax(logits + shift, label).item() - softmax(logits, label).item()) > 0.1  # mostly background: lower
+    assert softmax(logits + 5.0, label).item() == pytest.approx(softmax(logits, label).item(), rel=1e-5)
+    # gamma 2 on a confident correct voxel weighs (1 - p)^2 of the cross-entropy: far below it
+    gamma2 = build_loss(loss_config("loss.focal_softmax=true", "loss.dice_weight=0"), deep_supervision=False)
+    ce = build_loss(loss_config("loss.focal_softmax=true", "loss.gamma=0", "loss.dice_weight=0"),
+                    deep_supervision=False)
+    good = logits_for(label, 4.0)
+    assert gamma2(good, label).item() < 0.05 * ce(good, label).item()
