@@ -36,14 +36,17 @@ def held_out(tmp_path):
 
 
 def test_levers_against_the_reference(tmp_path, held_out):
-    model = tiny_checkpoint(tmp_path / "tiny.pt")
+    model = tiny_checkpoint(tmp_path / "tiny.pt", "inference.overlap=0.25")
     chosen = {"same": ("inference.overlap=0.5",), "overlap_0": ("inference.overlap=0",),
-              "skip_body": ("inference.skip_empty=body", "inference.skip_margin_mm=0")}
+              "skip_body": ("inference.skip_empty=body", "inference.skip_margin_mm=0"),
+              levers.DEFAULT: ("inference.backend=torch",)}
     lines = []
     results = levers.run_levers(model, held_out, repeats=1, levers=chosen, progress=lines.append,
                                 large_shape=(48, 40, 24), work_dir=tmp_path / "work")
     rows = results["levers"]
-    assert list(rows) == ["reference", "same", "overlap_0", "skip_body"]
+    assert list(rows) == ["reference", "same", "overlap_0", "skip_body", "default"]
+    # the default lever runs the checkpoint's own settings (its overlap 0.25), not the reference's 0.5
+    assert rows["default"]["windows"] == 2 * len(WindowGrid(SHAPE, (16, 16, 8), 0.25))
     assert results["cases"] == ["case_000", "case_001"]
     ref = rows["reference"]
     assert ref["ratio"] == 1.0 and ref["dice_vs_reference_min"] == 1.0 and ref["gt_dice_delta"] == 0.0
@@ -58,11 +61,13 @@ def test_levers_against_the_reference(tmp_path, held_out):
     assert 0.0 <= ref["gt_dice"] <= 1.0
     assert lines
     large = results["large"]
-    assert list(large["runs"]) == ["reference", "same", "overlap_0", "skip_body"]
+    assert list(large["runs"]) == ["reference", "same", "overlap_0", "skip_body", "default"]
     assert large["runs"]["reference"]["dice_vs_reference"] == 1.0 and large["runs"]["same"]["dice_vs_reference"] == 1.0
     assert large["runs"]["overlap_0"]["windows"] < large["runs"]["reference"]["windows"]
     assert large["lever"] in large["runs"]
-    assert results["segment_seconds_48x40x24"] == large["runs"][large["lever"]]["seconds"]
+    assert large["default"] == "default"
+    assert results["segment_seconds_48x40x24"] == large["runs"]["default"]["seconds"]
+    assert results["segment_seconds_48x40x24_best"] == large["runs"][large["lever"]]["seconds"]
     assert results["speedup_vs_reference_pass"] == pytest.approx(
         results["segment_seconds_48x40x24_reference"] / results["segment_seconds_48x40x24"])
 
