@@ -179,3 +179,20 @@ def test_int8_quantises_the_full_resolution_convolutions_but_the_first_and_the_h
     assert int8 and all(shapes[n.output[0]] == roi for n in int8)  # full resolution only
     assert all(shapes[n.output[0]] != roi for n in convs[1:-1] if n.name in keep)  # the coarser levels
     assert any(n.op_type == "ConvTranspose" for n in int8)  # the last decoder's up-convolution
+
+
+def test_fp32_candidates_must_agree_up_to_rounding_int8_to_the_dice_floor():
+    torch.manual_seed(0)
+    reference = torch.randn(3, 2, 8, 8, 4) * 4
+    rounding = reference + 1e-6 * torch.randn_like(reference)
+    drifted = reference.clone()
+    drifted[0, 1, 0, 0, 0] += 0.2  # one voxel's probability moves by a few hundredths: masks nearly equal
+    shift = auto_module.agreement(reference, drifted)["max_abs_probability_difference"]
+    assert 1e-3 < shift < 0.1
+    fp32 = auto_module.FP32_MAX_DIFFERENCE
+    assert auto_module.agreement(reference, rounding, max_difference=fp32)["agrees"]
+    drifted_fp32 = auto_module.agreement(reference, drifted, max_difference=fp32)
+    assert drifted_fp32["dice_min"] >= auto_module.MIN_DICE and not drifted_fp32["agrees"]
+    assert auto_module.agreement(reference, drifted)["agrees"]  # int8: the Dice floor alone
+    key = auto_module.decision_key("ab" * 32, (1, 8, 8, 4), 2, "fp32", None)
+    assert key["rule"] == auto_module.RULE  # a changed agreement rule measures again
