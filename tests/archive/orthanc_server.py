@@ -75,6 +75,11 @@ class OrthancServer:
             "AuthenticationEnabled": bool(self.users), "RegisteredUsers": self.users,
             "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "HttpThreadsCount": 8, "StableAge": 1, "SaveJobs": False,
+            # One connection per request: with keep-alive, Orthanc closes an idle connection after 1 s, and a
+            # request racing that close is reset rather than timed out; the frozen-archive test (SIGSTOP)
+            # must see the timeout. The client copes with both (it retries a reset), but a test of one
+            # reason must not get the other by chance.
+            "KeepAlive": False,
         }
         if self.lua:
             script = self.root / "filter.lua"
