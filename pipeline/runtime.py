@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Optional
 
 import numpy as np
 import torch
@@ -37,3 +38,25 @@ def epoch_seeds(seed: int, epoch: int, n: int = 3) -> list[int]:
     """
     entropy = [int(seed) % 2**63, int(epoch)]
     return [int(s) for s in np.random.SeedSequence(entropy).generate_state(n)]
+
+
+def _cpuinfo_text() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return handle.read()
+    except OSError:
+        return ""
+
+
+VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags(cpuinfo: Optional[str] = None) -> list[str]:
+    """The vector extensions of :data:`VECTOR_FLAGS` that the CPU's ``flags`` line in ``/proc/cpuinfo``
+    lists (``cpuinfo``: that file's text, for tests); empty where it cannot be read."""
+    text = cpuinfo if cpuinfo is not None else _cpuinfo_text()
+    for line in text.splitlines():
+        if line.startswith("flags") and ":" in line:
+            present = set(line.split(":", 1)[1].split())
+            return [flag for flag in VECTOR_FLAGS if flag in present]
+    return []

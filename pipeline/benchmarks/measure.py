@@ -114,18 +114,7 @@ def conv3d_ceiling(threads: Optional[int] = None, channels: int = 64, spatial: S
     return best
 
 
-VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def cpu_flags(cpuinfo: Optional[str] = None) -> list[str]:
-    """The vector extensions of :data:`VECTOR_FLAGS` that the CPU's ``flags`` line in ``/proc/cpuinfo``
-    lists (``cpuinfo``: that file's text, for tests); empty where it cannot be read."""
-    text = cpuinfo if cpuinfo is not None else _read_text("/proc/cpuinfo")
-    for line in text.splitlines():
-        if line.startswith("flags") and ":" in line:
-            present = set(line.split(":", 1)[1].split())
-            return [flag for flag in VECTOR_FLAGS if flag in present]
-    return []
+from pipeline.runtime import VECTOR_FLAGS, cpu_flags  # noqa: E402,F401  (the CPU's flags: shared with pipeline.infer)
 
 
 def fma_peak(cpuinfo: Optional[str] = None, cores: Optional[int] = None, fma_units: Optional[int] = None,

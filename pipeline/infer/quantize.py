@@ -50,7 +50,7 @@ __all__ = ["QUANTISED_OPS", "int8_cpu", "int8_key", "int8_path", "quantize_onnx"
 
 def int8_cpu() -> dict:
     """The CPU's int8-relevant vector flags (read now, never assumed) and the weight range used."""
-    from pipeline.benchmarks.measure import cpu_flags
+    from pipeline.runtime import cpu_flags
 
     flags = cpu_flags()
     vnni = [f for f in VNNI_FLAGS if f in flags]
