@@ -7,7 +7,9 @@ function here is a no-op on a world of one, so the same code runs single-process
 The process group uses NCCL when the processes compute on CUDA and gloo otherwise, with a timeout on
 every collective (``timeout_s``; the environment variable ``MEDSEG_DIST_TIMEOUT`` overrides it), so a rank
 that stops answering ends the job with :class:`DistributedError` instead of a hang. A rank that *dies*
-is usually noticed sooner: gloo's connections close, and torchrun tears the whole group down.
+is usually noticed sooner: gloo's connections close, and torchrun tears the whole group down. When
+torchrun's SIGTERM reaches a rank before its own collective has failed, that rank still says what it
+was doing (:func:`stage`) and why it stopped, as a :class:`DistributedError`, instead of dying silently.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import contextlib
 import datetime
 import logging
 import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -24,6 +29,10 @@ from pipeline.errors import ConfigError, MedsegError
 log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "MEDSEG_DIST_TIMEOUT"
+PEER_HINT = ("Another rank has probably died or hangs: see its log (torchrun names the failed rank); a slow step "
+             f"longer than the collective timeout can be allowed with {TIMEOUT_ENV}=SECONDS")
+
+_stages: list[str] = []  # what this rank is doing, innermost last (main thread only)
 
 
 class DistributedError(MedsegError):
@@ -121,7 +130,37 @@ def init(device_type: str, timeout_s: float, backend: Optional[str] = None) -> W
             f"{_first_line(exc)}. Start every rank with the same torchrun --rdzv_endpoint") from exc
     log.info("rank %d of %d joined the %s process group (collective timeout %.0f s)", current.rank, current.size,
              backend, timeout.total_seconds())
+    _stop_on_sigterm()
     return world()
+
+
+def _stop_on_sigterm() -> None:
+    """torchrun SIGTERMs the surviving ranks as soon as one dies, often before their own collective has
+    noticed: turn it into a :class:`DistributedError` naming this rank's :func:`stage`, so each rank's log
+    says why it stopped. Only the main thread can install it; elsewhere SIGTERM keeps its default."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stopped(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        if isinstance(sys.exc_info()[1], MedsegError):
+            return  # this rank is already ending with its own error (e.g. its collective failed): let it say so
+        current = World.from_env()
+        during = f" during {_stages[-1]}" if _stages else ""
+        raise DistributedError(f"rank {current.rank} of {current.size}: stopped by the launcher (SIGTERM)"
+                               f"{during}. {PEER_HINT}")
+
+    signal.signal(signal.SIGTERM, stopped)
+
+
+@contextlib.contextmanager
+def stage(what: str) -> Iterator[None]:
+    """Name what this rank is doing (``"step 2 of epoch 1"``) for the message of a launcher's SIGTERM."""
+    _stages.append(what)
+    try:
+        yield
+    finally:
+        _stages.pop()
 
 
 def teardown() -> None:
@@ -136,15 +175,14 @@ def teardown() -> None:
 def collective(what: str) -> Iterator[None]:
     """Turn a failed or timed-out collective into a :class:`DistributedError` saying which rank saw it."""
     try:
-        yield
+        with stage(what):
+            yield
     except Exception as exc:  # gloo/NCCL raise DistError (RuntimeError) on a dead peer or a timeout
         if not is_collective_failure(exc):
             raise
         current = world()
         raise DistributedError(
-            f"rank {current.rank} of {current.size}: {what} failed: {_first_line(exc)}. Another rank has "
-            "probably died or hangs: see its log (torchrun names the failed rank); a slow step longer than "
-            f"the collective timeout can be allowed with {TIMEOUT_ENV}=SECONDS") from exc
+            f"rank {current.rank} of {current.size}: {what} failed: {_first_line(exc)}. {PEER_HINT}") from exc
 
 
 def is_collective_failure(exc: BaseException) -> bool:

@@ -260,10 +260,11 @@ class Trainer:
         steps = range(self.cfg.train.steps_per_epoch)
         bar = _progress(steps, self.progress, f"epoch {epoch + 1}/{self.epochs}")
         for step in bar:
-            batch, waited = self.next_batch()
-            data_seconds += waited
-            with self._guard(f"step {step + 1} of epoch {epoch + 1} (averaging the gradients)"):
-                losses.append(self.train_step(batch))
+            with distributed.stage(f"step {step + 1} of epoch {epoch + 1}"):
+                batch, waited = self.next_batch()
+                data_seconds += waited
+                with self._guard(f"step {step + 1} of epoch {epoch + 1} (averaging the gradients)"):
+                    losses.append(self.train_step(batch))
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{np.mean(losses):.3f}")
         # The epoch's loss over every rank's batches (each rank's mean, averaged; equal batch sizes).

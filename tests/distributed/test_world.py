@@ -87,6 +87,39 @@ def test_only_process_group_failures_become_distributed_errors():
             raise InputError("bad input")
 
 
+def test_a_launchers_sigterm_says_which_rank_stopped_and_during_what(monkeypatch):
+    """torchrun SIGTERMs the surviving ranks as soon as one dies: each says so, naming its stage."""
+    import os
+    import signal
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        distributed._stop_on_sigterm()
+        with pytest.raises(distributed.DistributedError) as caught:
+            with distributed.stage("step 2 of epoch 1"):
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # the handler runs at the next bytecode
+                    pass
+        assert str(caught.value).startswith("rank 0 of 2: stopped by the launcher (SIGTERM) during step 2 of "
+                                            "epoch 1. Another rank has probably died")
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # a second SIGTERM ends the process
+        # a rank already ending with its own error (its collective failed) keeps that error
+        distributed._stop_on_sigterm()
+        with pytest.raises(distributed.DistributedError, match="a step failed: .*Connection reset"):
+            try:
+                with distributed.collective("a step"):
+                    raise RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+            finally:  # as the CLI's teardown runs
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):
+                    pass
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert distributed._stages == []
+
+
 def test_single_process_log_has_world_size_1_and_the_batch(tmp_path):
     root = write_msd_dataset(tmp_path / "data", n_cases=2)
     cfg = load_config(None, tiny_config_overrides(
