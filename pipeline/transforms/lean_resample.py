@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.networks.layers.spatial_transforms import AffineTransform
 from monai.networks.utils import to_norm_affine
-from monai.transforms import MapTransform, Spacingd
+from monai.transforms import InvertibleTransform, MapTransform, Spacingd
 from monai.utils import ensure_tuple
 from scipy import ndimage
 
@@ -242,7 +242,7 @@ def _minus(a: tuple[int, int], b: tuple[int, int]) -> list[tuple[int, int]]:
     return [(x, y) for x, y in out if y > x]
 
 
-class LowpassSpacingd(MapTransform):
+class LowpassSpacingd(MapTransform, InvertibleTransform):
     """``EnsureTyped(float32)``, ``AntiAliasd`` and ``Spacingd`` (bilinear, border) in one step, the same
     voxels and metadata, without a whole float32 copy of the scan: the resampling (:class:`LeanSpacingd`)
     reads a :class:`PlaneSource`, whose planes are made just before the slab of output that reads them.
@@ -259,6 +259,11 @@ class LowpassSpacingd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self._resample(key, d[key])
         return d
+
+    def inverse(self, data):
+        """The resampling's inverse (``Invertd`` of the whole preprocessing passes through here): the
+        record is the inner ``Spacingd``'s."""
+        return self.spacing.inverse(data)
 
     def _resample(self, key, image: MetaTensor) -> MetaTensor:
         array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)

@@ -117,3 +117,26 @@ def test_plane_source_makes_the_filtered_planes_in_any_order_and_drops_the_other
         np.testing.assert_array_equal(planes.tensor[:, w0:w1].numpy(), full[:, w0:w1])
     planes.make_all()
     np.testing.assert_array_equal(planes.tensor.numpy(), full)
+
+
+def test_lowpass_spacingd_is_inverted_as_spacingd():
+    """``Invertd`` of a preprocessing holding it (MONAI's fallback back to the source grid) undoes the
+    resampling as it undoes ``Spacingd``'s: the same shape, affine and values."""
+    from monai.transforms import Compose, EnsureTyped
+
+    from pipeline.transforms.antialias import AntiAliasd
+    from pipeline.transforms.lean_resample import LowpassSpacingd
+
+    pixdim = [1.6, 1.8, 2.5]
+    lean = Compose([LowpassSpacingd(["image"], pixdim=pixdim)])
+    reference = Compose([EnsureTyped(["image"], dtype=torch.float32, track_meta=True),
+                         AntiAliasd(["image"], pixdim=pixdim),
+                         Spacingd(["image"], pixdim=pixdim, mode="bilinear", padding_mode="border",
+                                  dtype=torch.float32)])
+    with torch_threads(1):
+        back = lean.inverse(lean({"image": _scan(np.int16)}))["image"]
+        expected = reference.inverse(reference({"image": _scan(np.int16)}))["image"]
+    assert tuple(back.shape) == tuple(expected.shape) == (1, 37, 30, 14)
+    np.testing.assert_array_equal(np.asarray(back.affine), np.asarray(expected.affine))
+    assert torch.equal(back.as_tensor(), expected.as_tensor())
+    assert back.applied_operations == []
