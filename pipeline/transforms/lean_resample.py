@@ -36,6 +36,7 @@ __all__ = ["LeanSpacingd", "LowpassSpacingd", "PlaneSource", "SlabAffineTransfor
 SLAB_VOXELS = 1 << 18  # output voxels per slab: ~7 MB of base grid + grid (small enough for the heap to reuse)
 CHUNK_VOXELS = 1 << 23  # source voxels made at a time by PlaneSource (32 MB of float32; at most 1/16 of the scan)
 _lazy_sources: dict[int, PlaneSource] = {}  # data pointer -> the planes made on demand
+_PRIVATE_MAPS = all(hasattr(mmap, name) for name in ("MAP_PRIVATE", "MAP_ANONYMOUS", "MADV_DONTNEED"))
 
 
 def _linspace(steps: int, align_corners: bool) -> torch.Tensor:
@@ -190,8 +191,12 @@ class PlaneSource:
         self.chunk = max(1, min(int(chunk_voxels) // max(1, self.plane * self.shape[0]), self.shape[1] // 16))
         self.radius = int(4.0 * float(sigma[0]) + 0.5) if sigma is not None and sigma[0] > 1e-15 else 0
         count = int(np.prod(self.shape, dtype=np.int64))
-        self._map = mmap.mmap(-1, max(1, 4 * count), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.tensor = torch.from_numpy(np.frombuffer(self._map, dtype=np.float32, count=count).reshape(self.shape))
+        if _PRIVATE_MAPS:
+            self._map = mmap.mmap(-1, max(1, 4 * count), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.tensor = torch.from_numpy(np.frombuffer(self._map, dtype=np.float32, count=count).reshape(self.shape))
+        else:  # no anonymous private maps (Windows): an ordinary buffer, its pages kept once written
+            self._map = None
+            self.tensor = torch.empty(self.shape, dtype=torch.float32)
         self.window = (0, 0)  # the planes made and kept
         self.used = False
 
@@ -227,6 +232,8 @@ class PlaneSource:
             del block
 
     def _drop(self, a: int, b: int) -> None:
+        if self._map is None:
+            return
         page = mmap.PAGESIZE
         for channel in range(self.shape[0]):
             start = 4 * (channel * self.shape[1] + a) * self.plane

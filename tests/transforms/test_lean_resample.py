@@ -97,12 +97,15 @@ def test_lowpass_spacingd_equals_ensure_antialias_spacing(monkeypatch, dtype, pi
     assert image.dtype == torch.float32 or torch.equal(image.as_tensor(), _scan(dtype).as_tensor())  # untouched
 
 
-def test_plane_source_makes_the_filtered_planes_in_any_order_and_drops_the_others():
+@pytest.mark.parametrize("private_maps", [True, False])
+def test_plane_source_makes_the_filtered_planes_in_any_order_and_drops_the_others(monkeypatch, private_maps):
     """Planes asked for forwards, backwards and by jumps are those of the whole-volume filter; the window
-    kept holds the planes asked for and at most a chunk more."""
+    kept holds the planes asked for and at most a chunk more (also without anonymous private maps)."""
     from scipy import ndimage
 
     from pipeline.transforms.lean_resample import PlaneSource
+
+    monkeypatch.setattr(lean_resample, "_PRIVATE_MAPS", private_maps)
 
     rng = np.random.default_rng(3)
     source = rng.integers(-1000, 1000, size=(2, 40, 9, 7)).astype(np.int16)
