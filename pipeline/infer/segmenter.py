@@ -194,8 +194,10 @@ class Segmenter:
         # channel 0, the reference scan, in the grid it was read in: a view of the reoriented volume
         loaded_array = oriented_as_read(loaded["image"])
         # Preprocessing goes on with a float32 conversion: a copy, unless the scan already is float32, in
-        # which case later steps (the low-pass, z-score normalisation) work in place on it, so it is copied here.
-        source_image = loaded_array.copy(order="K") if loaded_array.dtype == np.float32 else loaded_array
+        # which case later steps (z-score normalisation) work in place on it, so it is copied here; with a
+        # preprocess.spacing, LowpassSpacingd only reads it (its output is a new grid): no copy then.
+        in_place = loaded_array.dtype == np.float32 and self.config.preprocess.spacing is None
+        source_image = loaded_array.copy(order="K") if in_place else loaded_array
         data = self.preprocess(loaded, start=LEAN_READ_STEPS)
         image = data["image"]
         return Prepared(image=image, source_image=source_image,

@@ -5,11 +5,18 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-neighbourhood
+from pipeline.postprocess.slab_components import FULL_CONNECTIVITY, SlabComponents, slab_step
+
+__all__ = ["FULL_CONNECTIVITY", "class_mask", "foreground_box", "label_components", "present_values",
+           "remove_small_components"]
 
 
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Label the 26-connected components of ``mask > 0`` (uint16 labels when they fit: half of int32's memory)."""
+    """Label the 26-connected components of ``mask > 0`` (uint16 labels when they fit: half of int32's memory).
+
+    A full-size label map: the segment path's rules and lesion statistics use
+    :class:`~pipeline.postprocess.slab_components.SlabComponents` instead (the same components, slab by slab).
+    """
     mask = np.asarray(mask)
     # bool and unsigned masks are labelled as they are (non-zero is > 0 there): no full-size copy
     binary = mask if mask.dtype == bool or mask.dtype.kind == "u" else mask > 0
@@ -33,11 +40,24 @@ def foreground_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
+def present_values(labels: np.ndarray) -> list[int]:
+    """The distinct non-zero values of ``labels``, ascending: ``np.unique`` slab by slab (``np.unique`` of
+    the whole array sorts a full-size copy)."""
+    if labels.ndim == 0 or labels.size == 0:
+        return []
+    step = slab_step(labels.shape) if labels.ndim > 1 else labels.shape[0]
+    found: set[int] = set()
+    for k0 in range(0, labels.shape[0], step):
+        found.update(int(v) for v in np.unique(labels[k0:k0 + step]))
+    return sorted(v for v in found if v != 0)
+
+
 def remove_small_components(labels: np.ndarray, min_voxels: float, in_place: bool = False) -> np.ndarray:
     """Set to 0 every component (per class) of fewer than ``min_voxels`` voxels.
 
-    Works inside the labels' bounding box: a lesion mask is a tiny part of a scan. ``in_place``: in
-    ``labels`` itself (no copy of the volume), which is returned.
+    Works inside the labels' bounding box (a lesion mask is a tiny part of a scan), labelling it slab by
+    slab (:class:`~pipeline.postprocess.slab_components.SlabComponents`: no full-size label map).
+    ``in_place``: in ``labels`` itself (no copy of the volume), which is returned.
     """
     if min_voxels <= 0:
         return labels
@@ -46,20 +66,16 @@ def remove_small_components(labels: np.ndarray, min_voxels: float, in_place: boo
     if box is None:
         return out
     inside = labels[box]
-    values = [int(v) for v in np.unique(inside) if v != 0]
     target = out[box]
-    for value in values:
-        components, count = label_components(class_mask(inside, value, values))
-        if count == 0:
+    for value in present_values(inside):
+        components = SlabComponents(inside, value)
+        small = np.zeros(components.count + 1, dtype=bool)
+        small[1:] = components.sizes < min_voxels
+        if not small.any():
             continue
-        # sizes component by component, inside each one's box: no int64 copy of the label map (bincount)
-        for index, piece in enumerate(ndimage.find_objects(components), start=1):
-            if piece is None:
-                continue
-            own = components[piece] == index
-            if int(np.count_nonzero(own)) < min_voxels:
-                target[piece][own] = 0
-        del components
+        # only the slabs holding a small component are labelled again
+        for k0, k1, slab in components.slabs(only=np.flatnonzero(small)):
+            target[k0:k1][small[slab]] = 0
     return out
 
 

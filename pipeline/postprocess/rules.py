@@ -23,6 +23,7 @@ from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.io.geometry import voxel_volume_mm3
 from pipeline.postprocess.components import foreground_box, label_components, remove_small_components
+from pipeline.postprocess.slab_components import SlabComponents
 
 
 def apply_postprocessing(labels: np.ndarray, affine: np.ndarray, image: Optional[np.ndarray],
@@ -69,13 +70,25 @@ def body_mask(image: np.ndarray, config: Config) -> np.ndarray:
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest connected component of ``mask`` (ties: the first found); ``mask`` itself with one or none."""
-    components, count = label_components(mask)
-    if count <= 1:
+    """The largest connected component of ``mask`` (ties: the first found); ``mask`` itself with one or none.
+
+    Labelled slab by slab (:class:`~pipeline.postprocess.slab_components.SlabComponents`): the result is
+    the only full-size array made (a mask of other than 3 dimensions: one full-volume labelling)."""
+    if mask.ndim != 3:
+        labels, count = label_components(mask)
+        if count <= 1:
+            return mask
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        return labels == int(np.argmax(sizes))
+    components = SlabComponents(mask if mask.dtype == bool or mask.dtype.kind == "u" else mask > 0)
+    if components.count <= 1:
         return mask
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    return components == int(np.argmax(sizes))
+    largest = int(np.argmax(components.sizes)) + 1
+    kept = np.zeros(mask.shape, dtype=bool)
+    for k0, k1, slab in components.slabs(only=[largest]):
+        kept[k0:k1] = slab == largest
+    return kept
 
 
 def keep_largest_component(labels: np.ndarray, value: int) -> np.ndarray:
@@ -83,12 +96,16 @@ def keep_largest_component(labels: np.ndarray, value: int) -> np.ndarray:
     box = foreground_box(labels == value)
     if box is None:
         return labels
-    inside = labels[box] == value
-    kept = largest_component(inside)
-    if kept is inside:
+    inside = labels[box]
+    components = SlabComponents(inside, value)
+    if components.count <= 1:
         return labels
+    largest = int(np.argmax(components.sizes)) + 1
     out = labels.copy()
-    out[box][inside & ~kept] = 0
+    target = out[box]
+    others = [index for index in range(1, components.count + 1) if index != largest]
+    for k0, k1, slab in components.slabs(only=others):
+        target[k0:k1][(slab > 0) & (slab != largest)] = 0
     return out
 
 

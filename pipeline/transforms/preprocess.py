@@ -25,7 +25,7 @@ from monai.transforms import (
 
 from pipeline.config import PreprocessConfig
 from pipeline.transforms.antialias import AntiAliasd
-from pipeline.transforms.lean_resample import LeanSpacingd
+from pipeline.transforms.lean_resample import LeanSpacingd, LowpassSpacingd
 from pipeline.transforms.load import CheckLabelsd, LoadScand
 from pipeline.transforms.normalize import (
     NormalizeChannelsd,
@@ -50,8 +50,11 @@ def preprocess_transforms(
     reoriented in its own dtype before the float32 conversion (a flip copies the volume: an int16 copy,
     not a float32 one), and the low-pass filter works in place on the float32 copy (which the pipeline
     owns, see :meth:`~pipeline.infer.Segmenter.prepare`), and the resampling builds its sampling grid slab
-    by slab (:mod:`pipeline.transforms.lean_resample`). The steps are then ``LoadScand, Orientationd,
-    EnsureTyped, ...``: :data:`LEAN_READ_STEPS` of them make up the read.
+    by slab (:mod:`pipeline.transforms.lean_resample`); with a ``spacing`` and no label, the float32
+    conversion, the low-pass and the resampling are one step that makes the low-passed float32 planes only
+    as the resampling reads them (:class:`~pipeline.transforms.lean_resample.LowpassSpacingd`: no float32
+    copy of the scan). The steps are then ``LoadScand, Orientationd, EnsureTyped, ...`` (or ``LoadScand,
+    Orientationd, LowpassSpacingd, ...``): :data:`LEAN_READ_STEPS` of them make up the read.
     """
     keys: Sequence[str] = [image_key] if label_key is None else [image_key, label_key]
     steps = [LoadScand(keys, channels=max(1, len(channels)), channel_names=channels)]
@@ -59,8 +62,13 @@ def preprocess_transforms(
         steps.append(CheckLabelsd([label_key], num_classes))
     to_float = EnsureTyped(keys, dtype=torch.float32, track_meta=True)  # the reader keeps the file's dtype
     orient = Orientationd(keys, axcodes=cfg.orientation.upper())
-    steps += [orient, to_float] if lean else [to_float, orient]
-    if cfg.spacing is not None:
+    if lean and label_key is None and cfg.spacing is not None:
+        # float32 conversion, low-pass and resampling in one step, a few source planes at a time: the
+        # same voxels without a float32 copy of the scan (pipeline.transforms.lean_resample.LowpassSpacingd)
+        steps += [orient, LowpassSpacingd([image_key], pixdim=cfg.spacing)]
+    else:
+        steps += [orient, to_float] if lean else [to_float, orient]
+    if cfg.spacing is not None and not (lean and label_key is None):
         modes = ["bilinear"] if label_key is None else ["bilinear", "nearest"]
         steps.append(AntiAliasd([image_key], pixdim=cfg.spacing, in_place=lean))
         # float32 resampling: MONAI computes in float64 by default (twice the memory and time, no gain here)
