@@ -26,7 +26,7 @@ It still has to pass this rule for every checkpoint. int8 (an opt-in already) is
 The decision, every candidate's time, agreement
 figures and skip reason, and the CPU's int8 flags are stored as JSON in ``cache_dir()/backend``, keyed by
 everything that changes the answer (checkpoint, window, batch, threads, CPU capability, precision asked,
-calibration digest, the candidates and the OpenVINO export, library versions); another machine, thread
+calibration digest, the candidates, the OpenVINO export and the fused torch path's numerics, library versions); another machine, thread
 count or version measures again.
 """
 
@@ -44,6 +44,7 @@ import torch
 
 from pipeline.infer import backend as B
 from pipeline.infer.cache import cache_dir, prune_cache
+from pipeline.model.fused import NUMERICS as FUSED_NUMERICS
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ def decision_key(model_sha256: str, input_shape, batch: int, precision: str, cal
         "rule": RULE,
         "candidates": _candidates(precision),
         "openvino_export": B.STAGED_NORM_TAG.strip("-"),
+        "torch_fused": FUSED_NUMERICS,
         **_versions(),
     }
 

@@ -35,6 +35,7 @@ CHANNELS_LAST = torch.channels_last_3d
 CHANNELS_FIRST = torch.contiguous_format
 CHANNELS_LAST_LEVELS = 2  # measured: levels 1-2 gain ~1.3x channels-last, deeper levels lose
 SQUARES_CHUNK = 4096  # voxels per matrix product in sum_of_squares (rounding vs speed, module docstring)
+NUMERICS = f"squares-chunk{SQUARES_CHUNK}"  # in auto's decision key: the reference's rounding changed, measure again
 
 
 def fuse_for_inference(network: nn.Module, device: torch.device) -> nn.Module:

@@ -200,3 +200,8 @@ def test_fp32_candidates_must_agree_up_to_rounding_int8_to_the_dice_floor():
     assert auto_module.agreement(reference, drifted)["agrees"]  # int8: the Dice floor alone
     key = auto_module.decision_key("ab" * 32, (1, 8, 8, 4), 2, "fp32", None)
     assert key["rule"] == auto_module.RULE  # a changed agreement rule measures again
+    from pipeline.model.fused import NUMERICS
+
+    # and so do other candidates, another OpenVINO export or a change in the torch reference's rounding
+    assert key["candidates"] == ["torch", "onnxruntime", "openvino"]
+    assert key["openvino_export"] == "stagednorm" and key["torch_fused"] == NUMERICS
