@@ -9,7 +9,6 @@ import torch
 from pipeline.model import UNet
 from pipeline.model.fused import (
     CHANNELS_LAST,
-    SQUARES_CHUNK,
     fuse_for_inference,
     instance_norm_act,
     sum_of_squares,
@@ -51,11 +50,11 @@ def test_sums_of_squares_in_chunks_are_exact_to_float32_rounding():
     x = torch.randn(2, 8, 64, 64, 32) * 1.5 + torch.randn(1, 8, 1, 1, 1)
     flat = x.contiguous(memory_format=CHANNELS_LAST).permute(0, 2, 3, 4, 1).reshape(2, -1, 8)
     exact = (x.double() ** 2).sum((2, 3, 4))
-    got = sum_of_squares(flat)
+    got = sum_of_squares(flat, 64)
     assert got.shape == (2, 8) and got.dtype == torch.float32
     assert float(((got.double() - exact).abs() / exact).max()) < 2e-6
-    torch.testing.assert_close(sum_of_squares(flat[:, :SQUARES_CHUNK - 3]),  # one chunk (and a short one)
-                               (flat[:, :SQUARES_CHUNK - 3].double() ** 2).sum(1).float(), rtol=2e-6, atol=0)
+    torch.testing.assert_close(sum_of_squares(flat[:, :96], 1), (flat[:, :96].double() ** 2).sum(1).float(),
+                               rtol=2e-6, atol=0)  # one slab
     w, b = torch.rand(8) + 0.5, torch.rand(8) - 0.5
     expected = torch.nn.functional.leaky_relu(
         torch.nn.functional.instance_norm(x.double(), weight=w.double(), bias=b.double()), 0.01)
