@@ -126,10 +126,15 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def onnx_path(model_sha256: str, input_shape: Sequence[int]) -> Path:
-    """Cache file of the exported network, e.g. ``onnx/<sha16>-1x128x128x32-op17-torch2.13.0_cpu.onnx``."""
+STAGED_NORM_TAG = "-stagednorm"  # the OpenVINO fp32 export's file name (pipeline.infer.staged_norm)
+
+
+def onnx_path(model_sha256: str, input_shape: Sequence[int], staged_norm: bool = False) -> Path:
+    """Cache file of the exported network, e.g. ``onnx/<sha16>-1x128x128x32-op17-torch2.13.0_cpu.onnx``
+    (``...-stagednorm.onnx`` with ``staged_norm``: the OpenVINO fp32 export)."""
     shape = _check_input_shape(input_shape)
-    name = f"{_sha16(model_sha256)}-{_shape_tag(shape)}-op{OPSET}-torch{_version_tag(torch.__version__)}.onnx"
+    name = (f"{_sha16(model_sha256)}-{_shape_tag(shape)}-op{OPSET}-torch{_version_tag(torch.__version__)}"
+            f"{STAGED_NORM_TAG if staged_norm else ''}.onnx")
     return cache_dir() / "onnx" / name
 
 
@@ -163,17 +168,24 @@ def _cpu_eval_copy(network: nn.Module) -> nn.Module:
 
 
 def export_onnx(network: nn.Module, input_shape: Sequence[int], path: str | Path,
-                dynamic_spatial: bool = False) -> Path:
+                dynamic_spatial: bool = False, staged_norm: bool = False) -> Path:
     """Export ``network`` for windows of shape ``(batch, *input_shape)`` (dynamic batch) to ``path``.
 
     ``dynamic_spatial``: the spatial axes are dynamic too (``medseg export``; the cache keeps them static).
+    ``staged_norm``: instance norms exported with staged reductions (:mod:`pipeline.infer.staged_norm`;
+    the OpenVINO fp32 export) instead of ``InstanceNormalization``.
 
     The file is written atomically and checked before it is moved into place. Exporter warnings are
     silenced (see the module docstring). Raises :class:`ConfigError` if the network cannot be exported.
     """
     shape = _check_input_shape(input_shape)
     path = Path(path)
-    model = _MainOutput(_cpu_eval_copy(network)).eval()
+    copy_ = _cpu_eval_copy(network)
+    if staged_norm:
+        from pipeline.infer.staged_norm import with_staged_norms
+
+        copy_ = with_staged_norms(copy_)
+    model = _MainOutput(copy_).eval()
     example = torch.randn((_EXPORT_BATCH, *shape), generator=torch.Generator().manual_seed(0))
     started = time.perf_counter()
     with atomic_path(path) as tmp:
@@ -325,6 +337,23 @@ class OnnxRunner:
                 f"precision={self.precision!r})")
 
 
+def cached_export(network: nn.Module, model_sha256: str, input_shape: Sequence[int],
+                  staged_norm: bool = False) -> Path:
+    """The cached ONNX export of ``network`` (:func:`onnx_path`), exported now if missing or unreadable."""
+    path = onnx_path(model_sha256, input_shape, staged_norm)
+    if path.is_file():
+        try:
+            _check_onnx_file(path)
+            touch(path)
+            return path
+        except Exception as exc:  # onnx raises its own exception types
+            log.warning("Cached ONNX model %s is unusable (%s); exporting it again.", path, first_line(exc))
+            path.unlink(missing_ok=True)
+    export_onnx(network, input_shape, path, staged_norm=staged_norm)
+    prune_cache(keep=[path])
+    return path
+
+
 def int8_model(fp32_path: Path, model_sha256: str, input_shape: Sequence[int], calibration) -> Path:
     """The cached int8 QDQ model of the export ``fp32_path`` (quantised now if not cached)."""
     from pipeline.infer.quantize import cached_int8, int8_cpu, int8_key
@@ -361,13 +390,17 @@ def make_predictor(backend: str, precision: str, network: nn.Module, model_sha25
             raise ConfigError(f"Backend 'torch': expected precision fp32, found {precision!r}. int8 runs on "
                               "the 'onnxruntime' or 'openvino' backend.")
         return torch_forward or network
-    runner = OnnxRunner(network, model_sha256, input_shape, precision=precision, calibration=calibration)
-    if backend == "onnxruntime":
-        return runner
     if backend == "openvino":
-        from pipeline.infer.ov_runner import OpenVinoRunner
+        from pipeline.infer.ov_runner import OpenVinoRunner, require_openvino
 
+        require_openvino()
+        if precision == "fp32":  # instance norms with staged reductions: OpenVINO's MVN drifts (staged_norm)
+            return OpenVinoRunner(cached_export(network, model_sha256, input_shape, staged_norm=True),
+                                  input_shape, batch=batch)
+        runner = OnnxRunner(network, model_sha256, input_shape, precision=precision, calibration=calibration)
         return OpenVinoRunner(runner.path, input_shape, batch=batch)
+    if backend == "onnxruntime":
+        return OnnxRunner(network, model_sha256, input_shape, precision=precision, calibration=calibration)
     _check_requested(backend)
     raise ConfigError(f"backend {backend!r}: expected a concrete backend (torch, onnxruntime, openvino), "
                       "found 'auto'; choose it with select_runtime() first.")

@@ -68,6 +68,8 @@ def test_backend_masks_agree_with_torch_fp32(trained, case, reference, backend, 
     assert (seg.backend, seg.runner.precision) == (backend, precision)
     assert labels.shape == reference.shape
     assert dice(labels, reference) >= 0.98
+    if (backend, precision) == ("openvino", "fp32"):  # the export with staged instance-norm reductions
+        assert any(p.name.split("-ov")[0].endswith("-stagednorm") for p in (cache_dir() / "openvino").glob("*.xml"))
     if precision == "int8":
         int8_files = list((cache_dir() / "int8").glob("*.onnx"))
         assert int8_files  # quantised once, cached
@@ -124,7 +126,8 @@ def test_auto_rejects_a_backend_that_disagrees_and_one_that_fails(trained, case,
     assert data["agreement"]["onnxruntime"]["dice_min"] < 0.98
     assert data["agreement"]["onnxruntime"]["max_abs_probability_difference"] > 0.5
     assert "disagree" in data["skipped"]["onnxruntime"]
-    assert "openvino" not in data["skipped"] and "openvino" not in data["seconds_per_batch"]  # opt-in only
+    assert "openvino" in data["skipped"] and "openvino" not in data["seconds_per_batch"]  # failed: never timed
+    assert "cannot compile" in data["skipped"]["openvino"] or "not installed" in data["skipped"]["openvino"]
     assert set(data["seconds_per_batch"]) == {"torch", "onnxruntime"}  # the garbage was the fastest
     assert data["seconds_per_batch"]["onnxruntime"] < data["seconds_per_batch"]["torch"]
     assert data["key"]["calibration"].startswith(RULE_CASE)
@@ -134,7 +137,8 @@ def test_auto_rejects_a_backend_that_disagrees_and_one_that_fails(trained, case,
 def test_auto_picks_an_agreeing_backend_and_int8_only_when_asked(trained, case, reference, fresh_cache):
     seg, labels = _auto(trained, case)
     data = _decision()
-    assert data["choice"] in ("torch", "onnxruntime") and seg.runner.precision == "fp32"
+    assert data["choice"] in ("torch", "onnxruntime", "openvino") and seg.runner.precision == "fp32"
+    assert data["key"]["candidates"] == ["torch", "onnxruntime", "openvino"]
     assert not any(name.endswith("int8") for name in [*data["agreement"], *data["skipped"]])  # fp32: no int8 tried
     seconds, choice = data["seconds_per_batch"], data["choice"]
     for figures in data["agreement"].values():  # checked on the 16 calibration windows
@@ -196,3 +200,8 @@ def test_fp32_candidates_must_agree_up_to_rounding_int8_to_the_dice_floor():
     assert auto_module.agreement(reference, drifted)["agrees"]  # int8: the Dice floor alone
     key = auto_module.decision_key("ab" * 32, (1, 8, 8, 4), 2, "fp32", None)
     assert key["rule"] == auto_module.RULE  # a changed agreement rule measures again
+    from pipeline.model.fused import NUMERICS
+
+    # and so do other candidates, another OpenVINO export or a change in the torch reference's rounding
+    assert key["candidates"] == ["torch", "onnxruntime", "openvino"]
+    assert key["openvino_export"] == "stagednorm" and key["torch_fused"] == NUMERICS
