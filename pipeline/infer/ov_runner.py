@@ -8,6 +8,9 @@
   for the CPU with ``INFERENCE_NUM_THREADS`` = torch's thread count, the ``LATENCY`` hint and
   ``INFERENCE_PRECISION_HINT: f32`` (OpenVINO would otherwise run in bf16 on CPUs that have it). A smaller
   last batch is padded (by repeating its last window), a larger one split.
+* **One ``ov.Core`` per process** (:func:`shared_core`), shared by every runner: creating a Core per model
+  load is a known cause of segfaults after repeated loads in one process (it crashed a test run here
+  after dozens of compiled models; openvinotoolkit/openvino#35338, ultralytics/ultralytics#25864).
 * :class:`OpenVinoRunner` is a drop-in predictor like :class:`~pipeline.infer.backend.OnnxRunner`:
   ``runner(x)`` takes and returns torch tensors.
 """
@@ -18,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -51,6 +55,21 @@ def require_openvino() -> None:
     if not openvino_available():
         raise ConfigError("Backend 'openvino': expected the openvino package, found it is not installed. "
                           "Install it (pip install openvino) or use the 'torch' or 'onnxruntime' backend.")
+
+
+_core = None
+_core_lock = threading.Lock()
+
+
+def shared_core():
+    """This process's one ``openvino.Core``, created on first use (see the module docstring)."""
+    global _core
+    with _core_lock:
+        if _core is None:
+            import openvino as ov
+
+            _core = ov.Core()
+        return _core
 
 
 def ir_path(onnx_file: Path) -> Path:
@@ -89,8 +108,6 @@ class OpenVinoRunner:
 
     def __init__(self, onnx_file: Path, input_shape: Sequence[int], batch: int = 2, threads: Optional[int] = None):
         require_openvino()
-        import openvino as ov
-
         self.input_shape = tuple(int(s) for s in input_shape)
         self.batch = max(1, int(batch))
         self.threads = int(threads or torch.get_num_threads())
@@ -100,7 +117,7 @@ class OpenVinoRunner:
             touch(self.path.with_suffix(".bin"))
         else:
             convert_to_ir(Path(onnx_file), self.path)
-        core = ov.Core()
+        core = shared_core()
         try:
             model = core.read_model(str(self.path))
             model.reshape({model.inputs[0].get_any_name(): [self.batch, *self.input_shape]})
