@@ -7,7 +7,7 @@ one voxel in four and all of its noise. The Gaussian's sigma per axis is ``(zoom
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +15,14 @@ from monai.transforms import MapTransform
 from scipy import ndimage
 
 from pipeline.io.geometry import voxel_spacing
+
+
+def lowpass_sigma(affine, pixdim: Sequence[float]) -> Optional[np.ndarray]:
+    """The Gaussian's sigma per axis (voxels) for resampling an image of ``affine`` to ``pixdim`` (mm), or
+    ``None`` where it does not filter (no axis downsampled by more than a sigma of 0.05)."""
+    spacing = voxel_spacing(np.asarray(affine, dtype=np.float64))
+    sigma = np.maximum(0.0, (np.asarray(pixdim, dtype=np.float64) / spacing - 1.0) / 2.0)
+    return sigma if np.any(sigma > 0.05) else None
 
 
 class AntiAliasd(MapTransform):
@@ -31,9 +39,8 @@ class AntiAliasd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
-            spacing = voxel_spacing(np.asarray(image.affine, dtype=np.float64))
-            sigma = np.maximum(0.0, (self.pixdim / spacing - 1.0) / 2.0)
-            if np.any(sigma > 0.05):
+            sigma = lowpass_sigma(image.affine, self.pixdim)
+            if sigma is not None:
                 array = image.detach().cpu().numpy()
                 if self.in_place and image.device.type == "cpu" and array.dtype == np.float32 and array.flags.writeable:
                     for channel in array:

@@ -29,7 +29,7 @@ from monai.transforms import InvertibleTransform, MapTransform, Spacingd
 from monai.utils import ensure_tuple
 from scipy import ndimage
 
-from pipeline.io.geometry import voxel_spacing
+from pipeline.transforms.antialias import lowpass_sigma
 
 __all__ = ["LeanSpacingd", "LowpassSpacingd", "PlaneSource", "SlabAffineTransform", "slab_affine"]
 
@@ -159,14 +159,6 @@ class LeanSpacingd(Spacingd):
 
 
 # --- the low-passed float32 copy of the scan, a few planes at a time ----------------------------------
-
-
-def lowpass_sigma(affine, pixdim: Sequence[float]) -> Optional[np.ndarray]:
-    """:class:`~pipeline.transforms.antialias.AntiAliasd`'s Gaussian sigma per axis (voxels), or ``None``
-    where it does not filter (no axis downsampled by more than a sigma of 0.05)."""
-    spacing = voxel_spacing(np.asarray(affine, dtype=np.float64))
-    sigma = np.maximum(0.0, (np.asarray(pixdim, dtype=np.float64) / spacing - 1.0) / 2.0)
-    return sigma if np.any(sigma > 0.05) else None
 
 
 class PlaneSource:

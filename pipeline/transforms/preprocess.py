@@ -62,13 +62,14 @@ def preprocess_transforms(
         steps.append(CheckLabelsd([label_key], num_classes))
     to_float = EnsureTyped(keys, dtype=torch.float32, track_meta=True)  # the reader keeps the file's dtype
     orient = Orientationd(keys, axcodes=cfg.orientation.upper())
-    if lean and label_key is None and cfg.spacing is not None:
-        # float32 conversion, low-pass and resampling in one step, a few source planes at a time: the
-        # same voxels without a float32 copy of the scan (pipeline.transforms.lean_resample.LowpassSpacingd)
+    # float32 conversion, low-pass and resampling in one step, a few source planes at a time: the same
+    # voxels without a float32 copy of the scan (pipeline.transforms.lean_resample.LowpassSpacingd)
+    one_step = lean and label_key is None and cfg.spacing is not None
+    if one_step:
         steps += [orient, LowpassSpacingd([image_key], pixdim=cfg.spacing)]
     else:
         steps += [orient, to_float] if lean else [to_float, orient]
-    if cfg.spacing is not None and not (lean and label_key is None):
+    if cfg.spacing is not None and not one_step:
         modes = ["bilinear"] if label_key is None else ["bilinear", "nearest"]
         steps.append(AntiAliasd([image_key], pixdim=cfg.spacing, in_place=lean))
         # float32 resampling: MONAI computes in float64 by default (twice the memory and time, no gain here)
